@@ -1,0 +1,182 @@
+"""The `condense` command: synth, run, report, demo (DESIGN.md 7)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from condense.errors import CondenseError
+
+
+def _find_condense_error(exc: BaseException) -> CondenseError | None:
+    """Ray wraps worker exceptions; find the user-facing one inside, if any."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, CondenseError):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from condense.synth import SynthConfig, generate
+
+    cfg = SynthConfig(
+        n=args.n, dim=args.dim, seed=args.seed, rows_per_file=args.rows_per_file, dtype=args.dtype
+    )
+    summary = generate(args.out, cfg)
+    print(json.dumps(summary, indent=2))
+    print(
+        f"wrote {summary['rows']:,} rows in {summary['files']} files to {args.out} (ground truth: truth.parquet)"
+    )
+    return 0
+
+
+def _default_run_dir(config_path: str) -> str:
+    return str(Path("runs") / Path(config_path).stem)
+
+
+def run_config(
+    config_path: str,
+    overrides: list[str],
+    run_dir: str | None,
+    until: str | None,
+    address: str | None,
+    resume: bool,
+) -> int:
+    """Load a config and run the pipeline: shared by `condense run` and jobs/condense.py."""
+    from condense.config import load_config
+    from condense.pipeline.report import format_funnel, funnel
+    from condense.pipeline.runner import run_pipeline
+
+    config = load_config(config_path, overrides)
+    run_dir = run_dir or _default_run_dir(config_path)
+    run_pipeline(config, run_dir, until=until, resume=resume, address=address)
+    print()
+    print(format_funnel(funnel(run_dir)))
+    print(f"\nrun directory: {Path(run_dir).resolve()}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return run_config(args.config, args.set, args.run_dir, args.until, args.address, args.resume)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from condense.pipeline.report import format_funnel, funnel
+
+    rows = funnel(args.run_dir)
+    print(json.dumps(rows, indent=2) if args.json else format_funnel(rows))
+    return 0
+
+
+def demo_config():
+    """The embedded default: a self-contained run on generated LAION-like embeddings."""
+    from condense.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "input": {
+                "kind": "synth",
+                "synth": {"n": 20_000, "dim": 128, "seed": 0, "rows_per_file": 5_000},
+            },
+            "embed": {"rows_per_part": 5_000},
+            "cluster": {"k": 32, "niter": 10, "sample_size": 20_000, "seed": 0},
+            "sample": {"n": 500},
+        },
+        "demo",
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from condense.pipeline.report import format_funnel, funnel
+    from condense.pipeline.runner import run_pipeline
+
+    run_pipeline(demo_config(), args.run_dir)
+    print()
+    print(format_funnel(funnel(args.run_dir)))
+    print(f"\nrun directory: {Path(args.run_dir).resolve()}")
+    print(
+        f"inspect it:    condense report {args.run_dir}   (or read {args.run_dir}/*/part-*.parquet)"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from condense.pipeline.runner import STAGE_NAMES
+
+    parser = argparse.ArgumentParser(prog="condense", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write LAION-like embeddings in the clip-retrieval layout")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=20_000, help="rows (default 20000)")
+    p.add_argument("--dim", type=int, default=64, help="embedding dimension (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--rows-per-file", type=int, default=10_000, help="rows per img_emb_N.npy (default 10000)"
+    )
+    p.add_argument(
+        "--dtype", choices=["float16", "float32"], default="float16", help="stored precision"
+    )
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("run", help="run the pipeline described by a config file")
+    p.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set cluster.k=1000 (repeatable)",
+    )
+    p.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
+    p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the finished parts of an interrupted stage instead of redoing it",
+    )
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="print a run's funnel: rows in/out, kept %%, seconds, rows/s")
+    p.add_argument("run_dir", help="run directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("demo", help="the embedded default, end to end")
+    p.add_argument("--run-dir", default="runs/demo", help="run directory (default runs/demo)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: rerun with --resume to continue where it stopped", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - user-facing errors are printed without a traceback
+        found = _find_condense_error(exc)
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
+        return 2
+    finally:
+        if "ray" in sys.modules:
+            from condense.runtime.ray import shutdown_ray
+
+            shutdown_ray()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure functions over numpy arrays: no Ray, no file I/O, no globals. GPU code takes `device`."""

@@ -1,0 +1,146 @@
+"""k-means training (faiss) and exact nearest-centroid assignment.
+
+Assignment is written to give bit-identical answers whatever the batch a row arrives in: the
+candidate search is a float32 matrix product (fast, batch-shaped), but the winner and its
+distance and cosine are settled per row in float64, with ties broken by the lower centroid id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Rows whose two best float32 squared distances are closer than this are re-ranked in float64:
+# float32 matrix-product error on unit vectors is ~1e-6, so this is a wide safety margin.
+_AMBIGUITY = 1e-4
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes 'cuda' when torch sees a GPU, else 'cpu'."""
+    if device != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def train_kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    niter: int,
+    seed: int,
+    spherical: bool = False,
+    init_centroids: np.ndarray | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> np.ndarray:
+    """Train k-means on the rows of x with faiss; returns float32 centroids of shape (k, d).
+
+    `init_centroids` warm-starts training (the recipe's rounds over fresh samples).
+    `device='cuda'` uses faiss-gpu when it is installed, and fails clearly when it is not.
+    """
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if n < k:
+        raise ValueError(f"k-means needs at least k={k} training rows, got {n}")
+    use_gpu = device.startswith("cuda")
+    if use_gpu and faiss.get_num_gpus() == 0:
+        raise RuntimeError("cluster.device is cuda but faiss sees no GPU (install faiss-gpu)")
+    if threads:
+        faiss.omp_set_num_threads(int(threads))
+    km = faiss.Kmeans(
+        d,
+        k,
+        niter=niter,
+        seed=seed,
+        spherical=spherical,
+        gpu=use_gpu,
+        verbose=False,
+        # Train on every row handed in: the caller already drew the sample it wants.
+        max_points_per_centroid=max(1, -(-n // k)),
+        min_points_per_centroid=1,
+    )
+    init = None if init_centroids is None else np.ascontiguousarray(init_centroids, np.float32)
+    km.train(x, init_centroids=init)
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Nearest centroid of each row: id, Euclidean distance and cosine to the raw centroid."""
+
+    cluster_id: np.ndarray  # int32
+    centroid_dist: np.ndarray  # float32, ||x - c||
+    centroid_cos: np.ndarray  # float32, x.c / (||x|| ||c||)
+
+
+def assign(
+    x: np.ndarray, centroids: np.ndarray, *, device: str = "cpu", chunk_rows: int | None = None
+) -> Assignment:
+    """Assign each row of x to its nearest centroid (squared Euclidean distance, ties to the lower id)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    n = len(x)
+    k = len(c)
+    if x.shape[1] != c.shape[1]:
+        raise ValueError(f"rows have dimension {x.shape[1]}, centroids {c.shape[1]}")
+    c64 = c.astype(np.float64)
+    c_sq = np.einsum("ij,ij->i", c64, c64)
+    # Score at most ~64 MiB of distances at once: memory stays flat whatever k is.
+    step = chunk_rows or max(64, (1 << 24) // max(k, 1))
+    ids = np.empty(n, dtype=np.int64)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        ids[start:stop] = _nearest(x[start:stop], c, c64, c_sq, device)
+    diff = x.astype(np.float64) - c64[ids]
+    dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+    x64 = x.astype(np.float64)
+    dots = np.einsum("ij,ij->i", x64, c64[ids])
+    norms = np.sqrt(np.einsum("ij,ij->i", x64, x64) * c_sq[ids])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(norms > 0, dots / norms, 0.0)
+    return Assignment(ids.astype(np.int32), dist.astype(np.float32), cos.astype(np.float32))
+
+
+def _nearest(
+    x: np.ndarray, c: np.ndarray, c64: np.ndarray, c_sq: np.ndarray, device: str
+) -> np.ndarray:
+    """Nearest centroid ids for one chunk: float32 candidates, float64 re-rank of near ties."""
+    # ||x - c||^2 = ||x||^2 + ||c||^2 - 2 x.c ; ||x||^2 is the same for every centroid of a row.
+    score = _half_sq_dist(x, c, c_sq.astype(np.float32), device)
+    best = np.argmin(score, axis=1)
+    if score.shape[1] == 1:
+        return best
+    rows = np.arange(len(x))
+    best_val = score[rows, best]
+    score[rows, best] = np.inf
+    second = score.min(axis=1)
+    unsure = np.flatnonzero((second - best_val) * 2 <= _AMBIGUITY)
+    for r in unsure:
+        xr = x[r].astype(np.float64)
+        exact = c_sq - 2.0 * (c64 @ xr)
+        best[r] = int(np.argmin(exact))  # argmin returns the first (lowest id) of equal values
+    return best
+
+
+def _half_sq_dist(x: np.ndarray, c: np.ndarray, c_sq32: np.ndarray, device: str) -> np.ndarray:
+    """0.5 ||c||^2 - x.c for every (row, centroid): argmin over it is the nearest centroid."""
+    if device.startswith("cuda"):
+        import torch
+
+        xt = torch.from_numpy(x).to(device)
+        ct = torch.from_numpy(c).to(device)
+        out = 0.5 * torch.from_numpy(c_sq32).to(device)[None, :] - xt @ ct.T
+        return out.cpu().numpy()
+    out = x @ c.T
+    np.subtract(0.5 * c_sq32[None, :], out, out=out)
+    return out

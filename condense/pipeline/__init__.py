@@ -1,0 +1,1 @@
+"""Orchestration: the run directory, the ordered stages and what is skipped, resumed or rerun."""

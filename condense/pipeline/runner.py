@@ -1,0 +1,149 @@
+"""Run the stages in order: skip what is complete with the same settings, rerun what changed
+and everything after it, and resume an interrupted stage part by part when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from condense.config import PipelineConfig
+from condense.errors import CondenseError, StageError
+from condense.pipeline.rundir import CONFIG, RunDir, atomic_write_bytes
+from condense.stages.base import Stage, StageContext, check_columns, part_files
+from condense.stages.cluster import ClusterStage
+from condense.stages.embed import EmbedStage
+from condense.strict import fingerprint
+
+STAGES: list[Stage] = [EmbedStage(), ClusterStage()]
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide results, recorded with every stage."""
+    import numpy
+    import pyarrow
+
+    import condense
+
+    out = {
+        "condense": condense.__version__,
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "pyarrow": pyarrow.__version__,
+    }
+    for name in ("ray", "faiss", "torch"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            continue
+    return out
+
+
+def stage_fingerprints(config: PipelineConfig) -> dict[str, str]:
+    """Each stage's fingerprint: its own settings chained with everything upstream."""
+    out, upstream = {}, ""
+    for stage in STAGES:
+        upstream = fingerprint(stage.name, stage.version, stage.settings(config), upstream)
+        out[stage.name] = upstream
+    return out
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    run_dir: str | Path,
+    *,
+    until: str | None = None,
+    resume: bool = False,
+    address: str | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run (or continue) a pipeline in `run_dir`; returns the manifest."""
+    from condense.runtime.ray import RayExecutor, init_ray
+
+    if until is not None and until not in STAGE_NAMES:
+        raise CondenseError(f"--until {until!r}: no such stage (stages: {', '.join(STAGE_NAMES)})")
+    run = RunDir(run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(run.root / CONFIG, config.to_yaml().encode())
+    init_ray(config.ray, address)
+    ctx = StageContext(
+        run=run,
+        config=config,
+        executor=RayExecutor(),
+        progress=config.ray.progress if progress is None else progress,
+        log=log,
+    )
+    fingerprints = stage_fingerprints(config)
+    for i, stage in enumerate(STAGES):
+        fp = fingerprints[stage.name]
+        mark = run.stage_mark(stage.name)
+        if mark is not None and mark.get("config_hash") == fp:
+            log(f"[{stage.name}] complete with these settings: skipped ({mark['rows_out']:,} rows)")
+        else:
+            for later in STAGES[i + 1 :]:  # their inputs are about to change
+                run.clear_stage(later.name)
+                run.update_manifest(later.name, None)
+            _run_stage(ctx, stage, fp, resume)
+        if stage.name == until:
+            break
+    return run.manifest()
+
+
+def _run_stage(ctx: StageContext, stage: Stage, fp: str, resume: bool) -> None:
+    run = ctx.run
+    check_columns(run, stage)
+    ctx.resumed = run.start_stage(stage.name, fp, resume)
+    ctx.log(f"[{stage.name}] running")
+    start = time.perf_counter()
+    result = stage.run(ctx)
+    seconds = time.perf_counter() - start
+    dropped_total = sum(result.dropped.values())
+    if result.rows_in != result.rows_out + dropped_total:
+        raise StageError(
+            f"stage {stage.name}: rows_in {result.rows_in} != rows_out {result.rows_out} + dropped {dropped_total}"
+        )
+    parts = part_files(run.stage_dir(stage.name))
+    schema = {f.name: str(f.type) for f in pq.read_schema(parts[0])} if parts else {}
+    record = {
+        "stage": stage.name,
+        "status": "complete",
+        "rows_in": result.rows_in,
+        "rows_out": result.rows_out,
+        "dropped": result.dropped,
+        "seconds": round(seconds, 3),
+        "rows_per_second": round(result.rows_in / seconds, 1) if seconds > 0 else None,
+        "parts": len(parts),
+        "schema": schema,
+        "config_hash": fp,
+        "versions": versions(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **result.extra,
+    }
+    run.finish_stage(stage.name, record)
+    run.update_manifest(
+        stage.name,
+        {
+            k: record[k]
+            for k in (
+                "status",
+                "rows_in",
+                "rows_out",
+                "dropped",
+                "seconds",
+                "config_hash",
+                "versions",
+            )
+        },
+    )
+    ctx.log(
+        f"[{stage.name}] done: {result.rows_in:,} rows in, {result.rows_out:,} out"
+        + (f", dropped {json.dumps(result.dropped)}" if result.dropped else "")
+        + f" ({seconds:.1f} s)"
+    )

@@ -1,0 +1,126 @@
+"""Readers turn an input folder into work items and items into rows of embeddings.
+
+A reader plans on the driver from file headers alone (names, row counts, dimensions), so bad
+layouts fail before any work starts; `read(item)` runs on a worker and returns one slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+from pydantic import model_validator
+
+from condense.errors import InputError
+from condense.strict import StrictModel
+from condense.synth import SynthConfig
+
+
+class InputConfig(StrictModel):
+    """What the pipeline reads."""
+
+    kind: Literal["embeddings", "synth", "webdataset", "urls"] = (
+        "embeddings"  # synth: generated into RUN/input/
+    )
+    path: str | None = (
+        None  # folder (embeddings, webdataset) or Parquet file (urls); unused for synth
+    )
+    synth: SynthConfig = SynthConfig()  # the generated corpus, for kind synth
+    format: Literal["auto", "clip_retrieval", "parquet"] = (
+        "auto"  # embeddings layout; auto: img_emb/ folder means clip-retrieval
+    )
+    id_column: str | None = (
+        None  # metadata column holding the sample id; None: "key" (clip-retrieval) or "sample_id" (parquet)
+    )
+    caption_column: str = "caption"  # metadata column with the caption (may be absent)
+    url_column: str = "url"  # metadata column with the url (may be absent)
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.kind != "synth" and not self.path:
+            raise ValueError(f"input.path is required for input.kind {self.kind}")
+        return self
+
+    def fingerprint_dict(self):
+        data = super().fingerprint_dict()
+        if self.kind != "synth":
+            data.pop("synth")
+        return data
+
+
+@dataclass(frozen=True)
+class RawRows:
+    """One slice of input: aligned ids, texts and raw (not yet normalised) embeddings."""
+
+    sample_id: list[str | None] | np.ndarray
+    caption: list[str | None]
+    url: list[str | None]
+    source: str
+    img: np.ndarray
+    txt: np.ndarray
+    first_row: int  # row number of the slice's first row within `source`, for error messages
+
+
+class Reader(Protocol):
+    dim: int
+    total_rows: int
+
+    def plan(self, rows_per_part: int) -> list[dict]: ...
+
+    def read(self, item: dict) -> RawRows: ...
+
+
+def open_reader(cfg: InputConfig) -> Reader:
+    """Pick the reader for `cfg` and validate the input's layout (synth input: call `resolve_input` first)."""
+    from pathlib import Path
+
+    if cfg.kind not in ("embeddings", "synth"):
+        raise InputError(
+            f"input.kind={cfg.kind!r} is not available yet: this version reads precomputed "
+            "embeddings (input.kind: embeddings)"
+        )
+    root = Path(cfg.path)
+    if not root.exists():
+        raise InputError(f"input folder {root} does not exist")
+    if not root.is_dir():
+        raise InputError(f"input.path {root} is not a folder")
+    if not any(root.iterdir()):
+        raise InputError(f"input folder {root} is empty")
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = "clip_retrieval" if (root / "img_emb").is_dir() else "parquet"
+    if fmt == "clip_retrieval":
+        from condense.readers.clip_retrieval import ClipRetrievalReader
+
+        return ClipRetrievalReader(cfg)
+    from condense.readers.parquet import ParquetEmbeddingReader
+
+    return ParquetEmbeddingReader(cfg)
+
+
+def split_rows(total: int, rows_per_part: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of at most rows_per_part rows covering 0..total."""
+    return [(s, min(total, s + rows_per_part)) for s in range(0, total, rows_per_part)]
+
+
+def resolve_input(cfg: InputConfig, run_root, log=print) -> InputConfig:
+    """For `kind: synth`, generate the corpus into RUN/input/ (once) and read it from there."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    if cfg.kind != "synth":
+        return cfg
+    from condense.synth import generate
+
+    folder = Path(run_root) / "input"
+    meta = folder / "synth.json"
+    wanted = cfg.synth.model_dump()
+    if not (meta.exists() and json.loads(meta.read_text()).get("config") == wanted):
+        shutil.rmtree(folder, ignore_errors=True)
+        log(f"[embed] generating {cfg.synth.n:,} synthetic rows ({cfg.synth.dim}-d) in {folder}")
+        generate(folder, cfg.synth)
+    return cfg.model_copy(
+        update={"path": str(folder), "format": "clip_retrieval", "id_column": "key"}
+    )

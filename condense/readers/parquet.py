@@ -1,0 +1,127 @@
+"""Parquet files of embeddings: one row per sample with sample_id, img_emb and txt_emb columns
+(fixed-size or plain lists of float16/float32), caption and url optional."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from condense import schema as S
+from condense.errors import InputError
+from condense.readers import InputConfig, RawRows, split_rows
+from condense.readers.clip_retrieval import _read_parquet_rows
+
+
+def _list_dim(path: Path, pf: pq.ParquetFile, column: str) -> int:
+    field = pf.schema_arrow.field(column)
+    t = field.type
+    if pa.types.is_fixed_size_list(t):
+        value_type = t.value_type
+        dim = t.list_size
+    elif pa.types.is_list(t) or pa.types.is_large_list(t):
+        value_type = t.value_type
+        first = (
+            pf.read_row_group(0, columns=[column]).column(0) if pf.metadata.num_row_groups else None
+        )
+        dim = len(first[0]) if first is not None and len(first) else 0
+    else:
+        raise InputError(f"{path}: column {column!r} must be a list of floats, got {t}")
+    if not (
+        pa.types.is_float16(value_type)
+        or pa.types.is_float32(value_type)
+        or pa.types.is_float64(value_type)
+    ):
+        raise InputError(f"{path}: column {column!r} holds {value_type}, expected floats")
+    return dim
+
+
+class ParquetEmbeddingReader:
+    """Plans (file, row range) items over every *.parquet below the input folder."""
+
+    def __init__(self, cfg: InputConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.path)
+        self.id_column = cfg.id_column or S.SAMPLE_ID
+        paths = sorted(p for p in self.root.rglob("*.parquet") if not p.name.startswith((".", "_")))
+        if not paths:
+            raise InputError(
+                f"{self.root}: no .parquet files (and no img_emb/ folder for the clip-retrieval layout)"
+            )
+        self.files: list[dict] = []
+        self.dim = 0
+        self.total_rows = 0
+        for path in paths:
+            try:
+                pf = pq.ParquetFile(path)
+            except Exception as exc:  # noqa: BLE001
+                raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
+            names = pf.schema_arrow.names
+            for column in (self.id_column, S.IMG_EMB, S.TXT_EMB):
+                if column not in names:
+                    raise InputError(f"{path}: missing column {column!r} (columns: {names})")
+            dims = {c: _list_dim(path, pf, c) for c in (S.IMG_EMB, S.TXT_EMB)}
+            if dims[S.IMG_EMB] != dims[S.TXT_EMB]:
+                raise InputError(
+                    f"{path}: img_emb has dimension {dims[S.IMG_EMB]}, txt_emb {dims[S.TXT_EMB]}"
+                )
+            rows = pf.metadata.num_rows
+            if rows == 0:
+                continue
+            if self.dim and dims[S.IMG_EMB] != self.dim:
+                raise InputError(
+                    f"{path}: dimension {dims[S.IMG_EMB]} differs from earlier files ({self.dim})"
+                )
+            self.dim = dims[S.IMG_EMB]
+            self.files.append({"path": str(path), "rows": rows, "index": len(self.files)})
+            self.total_rows += rows
+
+    def plan(self, rows_per_part: int) -> list[dict]:
+        items = []
+        for f in self.files:
+            for i, (start, stop) in enumerate(split_rows(f["rows"], rows_per_part)):
+                items.append(
+                    {**f, "start": start, "stop": stop, "part": f"{f['index']:05d}-{i:04d}"}
+                )
+        return items
+
+    def read(self, item: dict) -> RawRows:
+        path = item["path"]
+        table = _read_parquet_rows(path, item["start"], item["stop"])
+        names = set(table.column_names)
+        img = _vectors(table, S.IMG_EMB, path)
+        txt = _vectors(table, S.TXT_EMB, path)
+        n = table.num_rows
+
+        def optional(name: str) -> list[str | None]:
+            return table.column(name).cast("string").to_pylist() if name in names else [None] * n
+
+        return RawRows(
+            sample_id=table.column(self.id_column).cast("string").to_pylist(),
+            caption=optional(self.cfg.caption_column),
+            url=optional(self.cfg.url_column),
+            source=str(Path(path).relative_to(self.root)),
+            img=img,
+            txt=txt,
+            first_row=item["start"],
+        )
+
+
+def _vectors(table: pa.Table, column: str, path: str) -> np.ndarray:
+    col = table.column(column)
+    if col.null_count:
+        # A null vector is unusable: give it NaNs so the embed stage counts it as non-finite.
+        col = col.combine_chunks()
+        valid = col.is_valid().to_numpy(zero_copy_only=False)
+        dim = len(col[int(np.flatnonzero(valid)[0])]) if valid.any() else 0
+        out = np.full((len(col), dim), np.nan, dtype=np.float32)
+        if valid.any():
+            out[valid] = S.arrow_to_vectors(col.filter(pa.array(valid)))
+        return out
+    try:
+        vecs = S.arrow_to_vectors(col)
+    except ValueError as exc:
+        raise InputError(f"{path}: column {column!r}: {exc}") from exc
+    return vecs if vecs.dtype in (np.float16, np.float32) else vecs.astype(np.float32)

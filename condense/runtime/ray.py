@@ -1,0 +1,194 @@
+"""Ray: starting or joining a cluster, and running stage processors on it with Ray Data.
+
+Stages never import Ray. They hand this module a list of work items and a processor factory
+(NeMo-Curator style: `setup()` once per worker, `process(item)` per item); this module turns
+that into a Ray Data `map_batches` over an actor pool and streams the results back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+from condense.runtime import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig, address: str | None = None) -> None:
+    """Join the cluster named by `address`, `ray.address` or RAY_ADDRESS, else start a local Ray.
+
+    Under `ray job submit` RAY_ADDRESS is set, so the job attaches to the cluster it was sent to.
+    A local Ray is sized to this machine and keeps its dashboard on 127.0.0.1.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    target = address or cfg.address or os.environ.get("RAY_ADDRESS")
+    common = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if target:
+        ray.init(address=target, **common)
+    else:
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            object_store_memory=cfg.object_store_memory,
+            include_dashboard=cfg.include_dashboard,
+            dashboard_host=cfg.dashboard_host,
+            **common,
+        )
+    _quiet_ray_data()
+
+
+class _DropNoise(logging.Filter):
+    """Ray Data's per-dataset chatter, which would bury condense's own progress lines."""
+
+    NOISE = (
+        "Progress bars disabled",
+        "execution finished in",
+        "Tip: Use",
+        "Registered dataset logger",
+        "Starting execution of Dataset",
+        "Execution plan of Dataset",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(n in message for n in self.NOISE)
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    for name in (
+        "ray.data",
+        "ray.data._internal.execution.streaming_executor",
+        "ray.data.dataset",
+        "ray.data._internal.progress",
+    ):
+        logging.getLogger(name).addFilter(_DropNoise())
+    ctx = DataContext.get_current()
+    # condense draws one progress bar per stage (items and rows/s); Ray Data's own bars and
+    # per-dataset banners would interleave with it.
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.enable_auto_log_stats = False
+
+
+def shutdown_ray() -> None:
+    """Disconnect (and stop a local Ray this process started)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def cluster_resources() -> dict[str, float]:
+    """Total CPUs and GPUs Ray can schedule on."""
+    import ray
+
+    res = ray.cluster_resources()
+    return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
+
+
+class _ProcessorActor:
+    """Ray Data callable class: builds the processor once per actor, runs it per item."""
+
+    def __init__(self, factory: Callable[..., Any], shared_refs: dict[str, list]):
+        import ray
+
+        shared = {name: ray.get(refs[0]) for name, refs in shared_refs.items()}
+        self.processor = factory(**shared)
+        setup = getattr(self.processor, "setup", None)
+        if setup is not None:
+            setup()
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = []
+        for blob in batch["item"]:
+            item = pickle.loads(blob)
+            results.append(pickle.dumps((self.processor.process(item), self.node_id)))
+        return {"result": np.array(results, dtype=object)}
+
+
+def _bind(factory: Callable[..., Any], shared_refs: dict[str, list]) -> type:
+    """An actor class with its arguments built in (Ray Data would otherwise keep constructor
+    arguments in the object store and warn that restarts could lose them)."""
+
+    class BoundProcessorActor(_ProcessorActor):
+        def __init__(self):
+            super().__init__(factory, shared_refs)
+
+    return BoundProcessorActor
+
+
+class RayExecutor:
+    """Runs processors over work items on the Ray cluster this process is attached to."""
+
+    def cpus(self) -> int:
+        return max(1, int(cluster_resources()["CPU"]))
+
+    def gpus(self) -> int:
+        return int(cluster_resources()["GPU"])
+
+    def map_items(
+        self,
+        items: list[dict],
+        factory: Callable[..., Any],
+        *,
+        shared: dict[str, Any] | None = None,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        pool_size: int | None = None,
+    ) -> Iterator[tuple[Any, str]]:
+        """Yield (result, node_id) for every item, in completion order.
+
+        `shared` objects (centroids, a reader) go to the object store once and reach each actor
+        once, in its constructor: never once per item.
+        """
+        import ray
+        import ray.data
+
+        if not items:
+            return
+        if pool_size is None:
+            by_cpu = int(self.cpus() // max(num_cpus, 1e-9)) if num_cpus else len(items)
+            by_gpu = int(self.gpus() // num_gpus) if num_gpus else len(items)
+            pool_size = max(1, min(by_cpu, by_gpu, len(items)))
+        pool_size = max(1, min(pool_size, len(items)))
+        shared_refs = {name: [ray.put(value)] for name, value in (shared or {}).items()}
+        ds = ray.data.from_items(
+            [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
+        )
+        ds = ds.map_batches(
+            _bind(factory, shared_refs),
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=pool_size),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+        )
+        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+            for blob in batch["result"]:
+                yield pickle.loads(blob)
+
+    def call(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        **kwargs: Any,
+    ) -> Any:
+        """Run fn(*args, **kwargs) as one Ray task (for example k-means training on a GPU node)."""
+        import ray
+
+        task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(fn)
+        return ray.get(task.remote(*args, **kwargs))

@@ -1,0 +1,89 @@
+"""Column names and Arrow types shared by every stage: the run directory's contract (DESIGN.md 3).
+
+Stages name the columns they read and write through these constants, so a rename happens here
+once and the pipeline can check each stage's inputs before it starts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+SAMPLE_ID = "sample_id"
+CAPTION = "caption"
+URL = "url"
+SOURCE = "source"  # where a row came from: the input file (or shard) it was read from
+IMG_EMB = "img_emb"
+TXT_EMB = "txt_emb"
+CLIP_SCORE = "clip_score"
+CLUSTER_ID = "cluster_id"
+CENTROID_DIST = "centroid_dist"
+CENTROID_COS = "centroid_cos"
+COMPONENT_ID = "component_id"
+COMPONENT_SIZE = "component_size"
+KEPT = "kept"
+
+_FLOAT_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def embedding_type(dim: int, dtype: str) -> pa.DataType:
+    """Arrow type of one stored embedding: a fixed-size list of `dim` floats."""
+    return pa.list_(_FLOAT_TYPES[dtype], dim)
+
+
+def embed_schema(dim: int, dtype: str) -> pa.Schema:
+    """Schema of `embed/part-*.parquet`."""
+    vec = embedding_type(dim, dtype)
+    return pa.schema(
+        [
+            (SAMPLE_ID, pa.string()),
+            (CAPTION, pa.string()),
+            (URL, pa.string()),
+            (SOURCE, pa.string()),
+            (IMG_EMB, vec),
+            (TXT_EMB, vec),
+            (CLIP_SCORE, pa.float32()),
+        ]
+    )
+
+
+CLUSTER_SCHEMA = pa.schema(
+    [
+        (SAMPLE_ID, pa.string()),
+        (CLUSTER_ID, pa.int32()),
+        (CENTROID_DIST, pa.float32()),
+        (CENTROID_COS, pa.float32()),
+    ]
+)
+
+
+def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """Wrap an (n, d) float array as a fixed-size-list Arrow array without copying."""
+    n, d = vectors.shape
+    flat = pa.array(np.ascontiguousarray(vectors).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, d)
+
+
+def arrow_to_vectors(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Return an (n, d) numpy view of a fixed-size-list (or equal-length list) column."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if pa.types.is_fixed_size_list(column.type):
+        d = column.type.list_size
+        values = column.flatten()  # honours the array's offset
+        return values.to_numpy(zero_copy_only=False).reshape(-1, d)
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        lengths = pc_list_lengths(column)
+        if len(lengths) and (lengths.min() != lengths.max()):
+            raise ValueError(
+                f"embedding rows have different lengths ({lengths.min()}..{lengths.max()})"
+            )
+        d = int(lengths[0]) if len(lengths) else 0
+        return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, d)
+    raise TypeError(f"expected a list column of floats, got {column.type}")
+
+
+def pc_list_lengths(column: pa.Array) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(column).to_numpy(zero_copy_only=False)

@@ -1,0 +1,1 @@
+"""One module per stage: its config dataclass beside its algorithm. Stages never import Ray."""

@@ -1,0 +1,194 @@
+"""What every stage shares: its context, its result, and part-by-part output with resume.
+
+A stage's output is a set of `part-*.parquet` files. Each part is written atomically and then
+recorded in `_parts/<part>.json` with its counts; an interrupted stage resumed with `--resume`
+keeps the recorded parts and does only the rest.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from condense.errors import StageError
+from condense.pipeline.rundir import (
+    PARTS_DIR,
+    RunDir,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+)
+
+if TYPE_CHECKING:
+    from condense.config import PipelineConfig
+    from condense.runtime.ray import RayExecutor
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs to run: where, with what settings, on which executor."""
+
+    run: RunDir
+    config: PipelineConfig
+    executor: RayExecutor
+    resumed: bool = False  # finished parts of an interrupted run were kept
+    progress: bool = True
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class StageResult:
+    """Counts for `_stage.json`: rows_in = rows_out + sum(dropped.values())."""
+
+    rows_in: int
+    rows_out: int
+    dropped: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    """A pipeline step. Subclasses name their inputs and outputs and implement `run`."""
+
+    name: ClassVar[str]
+    version: ClassVar[int] = 1  # bump when the stage computes something different
+    reads: ClassVar[dict[str, tuple[str, ...]]] = {}  # upstream stage -> columns this stage reads
+    writes: ClassVar[tuple[str, ...]] = ()  # columns of this stage's part files
+
+    def settings(self, config: PipelineConfig) -> list[Any]:
+        """The config sections that decide this stage's output (fingerprinted)."""
+        raise NotImplementedError
+
+    def run(self, ctx: StageContext) -> StageResult:
+        raise NotImplementedError
+
+
+def part_files(folder: Path) -> list[Path]:
+    """The stage's part files in a stable order."""
+    return sorted(Path(folder).glob("part-*.parquet"))
+
+
+def check_columns(run: RunDir, stage: Stage) -> None:
+    """Fail before starting when an upstream stage lacks a column this stage reads."""
+    for upstream, columns in stage.reads.items():
+        parts = part_files(run.stage_dir(upstream))
+        if not parts:
+            continue  # an empty upstream is handled by the stage itself
+        names = set(pq.read_schema(parts[0]).names)
+        missing = [c for c in columns if c not in names]
+        if missing:
+            raise StageError(
+                f"stage {stage.name} reads {missing} from {parts[0]}, which lacks them"
+            )
+
+
+def write_part(table: pa.Table, folder: Path, part: str) -> Path:
+    """Write one part file atomically."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", compression_level=1)
+    path = Path(folder) / f"part-{part}.parquet"
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def record_part(folder: Path, part: str, stats: dict) -> None:
+    """Mark a part as finished: written after its Parquet file, so a record means a whole part."""
+    atomic_write_json(Path(folder) / PARTS_DIR / f"{part}.json", stats)
+
+
+def run_parts(
+    ctx: StageContext,
+    stage: str,
+    items: list[dict],
+    factory: Callable[..., Any],
+    *,
+    shared: dict[str, Any] | None = None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    pool_size: int | None = None,
+    unit: str = "rows",
+) -> list[dict]:
+    """Run `factory`'s processor on every item not already recorded; return all part stats.
+
+    Each item has a `part` name; its processor writes `part-<part>.parquet` and returns stats
+    with at least `rows_in`. Stats are recorded here, after the part file exists.
+    """
+    folder = ctx.run.stage_dir(stage)
+    done: dict[str, dict] = {}
+    for item in items:
+        stats = read_json(folder / PARTS_DIR / f"{item['part']}.json")
+        if stats is not None:
+            done[item["part"]] = stats
+    todo = [item for item in items if item["part"] not in done]
+    if done:
+        ctx.log(f"[{stage}] resuming: {len(done)} of {len(items)} parts already written")
+    total_rows = sum(
+        int(item.get("rows", item.get("stop", 0) - item.get("start", 0))) for item in todo
+    )
+    progress = Progress(ctx, stage, len(todo), total_rows, unit)
+    try:
+        for stats, node in ctx.executor.map_items(
+            todo, factory, shared=shared, num_cpus=num_cpus, num_gpus=num_gpus, pool_size=pool_size
+        ):
+            stats = {**stats, "node": node}
+            record_part(folder, stats["part"], stats)
+            done[stats["part"]] = stats
+            progress.update(int(stats["rows_in"]))
+    finally:
+        progress.close()
+    return [done[item["part"]] for item in items]
+
+
+class Progress:
+    """Parts done and rows/s: a live bar on a terminal, a line every 10 s in logs (ray job logs)."""
+
+    def __init__(self, ctx: StageContext, stage: str, parts: int, rows: int, unit: str):
+        import sys
+
+        self.ctx, self.stage, self.parts, self.rows, self.unit = ctx, stage, parts, rows, unit
+        self.done_parts = self.done_rows = 0
+        self.start = self.last_line = time.perf_counter()
+        self.bar = None
+        if ctx.progress and parts and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=parts, desc=f"{stage} ({rows:,} {unit})", unit="part", dynamic_ncols=True
+            )
+
+    def rate(self) -> float:
+        return self.done_rows / max(time.perf_counter() - self.start, 1e-9)
+
+    def update(self, rows: int) -> None:
+        self.done_parts += 1
+        self.done_rows += rows
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{self.rate():,.0f} {self.unit}/s")
+        elif self.ctx.progress and (
+            time.perf_counter() - self.last_line >= 10 or self.done_parts == self.parts
+        ):
+            self.last_line = time.perf_counter()
+            self.ctx.log(
+                f"[{self.stage}] {self.done_parts}/{self.parts} parts, {self.done_rows:,}/{self.rows:,} "
+                f"{self.unit} ({self.rate():,.0f} {self.unit}/s)"
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def merge_dropped(stats: list[dict]) -> dict[str, int]:
+    """Sum per-part drop counts by reason."""
+    total: dict[str, int] = {}
+    for s in stats:
+        for reason, count in s.get("dropped", {}).items():
+            total[reason] = total.get(reason, 0) + int(count)
+    return {k: v for k, v in sorted(total.items()) if v}

@@ -1,0 +1,263 @@
+"""Stage `cluster`: faiss k-means on a seeded sample of image embeddings, then every row assigned
+to its nearest centroid by Ray workers (centroids sent once per worker).
+
+Writes cluster/part-*.parquet (sample_id, cluster_id, centroid_dist, centroid_cos), one per
+embed part, and centroids.npy. The driver holds at most the training sample and the centroids.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from condense import schema as S
+from condense.cores.hashing import hash_ids, smallest_hash_order
+from condense.cores.kmeans import assign, train_kmeans
+from condense.cores.vectors import to_unit_float32
+from condense.errors import StageError
+from condense.pipeline.rundir import atomic_write_bytes
+from condense.stages.base import Stage, StageContext, StageResult, part_files, run_parts, write_part
+from condense.strict import StrictModel
+
+CENTROIDS = "centroids.npy"
+
+
+class ClusterConfig(StrictModel):
+    """k-means over image embeddings (the recipe: k=100,000, 10 iterations, samples of ~20M)."""
+
+    k: int = Field(100, ge=1)  # number of clusters
+    niter: int = Field(10, ge=1)  # k-means iterations per round
+    sample_size: int = Field(1_000_000, ge=1)  # training rows drawn per round (all rows when fewer)
+    rounds: int = Field(
+        1, ge=1
+    )  # rounds over fresh samples, each warm-started from the last centroids
+    spherical: bool = False  # re-normalise centroids after each iteration (cosine k-means)
+    seed: int = 0  # seeds the training samples and faiss
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the Ray cluster has them
+    workers: int | None = None  # assignment actors; None: one per CPU (or GPU)
+    train_threads: int | None = (
+        None  # faiss threads for training; None: all CPUs of the node it runs on
+    )
+
+    runtime_fields = frozenset({"device", "workers", "train_threads"})
+
+
+class SampleDrawer:
+    """Returns the rows of one embed part whose seeded id hash falls under a cutoff."""
+
+    def __init__(self, seed: int, cutoff: int):
+        self.seed = seed
+        self.cutoff = np.uint64(cutoff)
+
+    def process(self, item: dict) -> dict:
+        table = pq.read_table(item["path"], columns=[S.SAMPLE_ID, S.IMG_EMB])
+        hashes = hash_ids(table.column(S.SAMPLE_ID), self.seed)
+        picked = np.flatnonzero(hashes <= self.cutoff)
+        table = table.take(pa.array(picked))
+        return {
+            "hash": hashes[picked],
+            "ids": np.asarray(table.column(S.SAMPLE_ID).to_pylist(), dtype=object),
+            "vectors": np.array(S.arrow_to_vectors(table.column(S.IMG_EMB))),
+        }
+
+
+class Assigner:
+    """Assigns the rows of one embed part to their nearest centroids and writes a cluster part."""
+
+    def __init__(self, centroids: np.ndarray, out_dir: str, device: str):
+        self.centroids = centroids
+        self.out_dir = out_dir
+        self.device = device
+
+    def process(self, item: dict) -> dict:
+        start = time.perf_counter()
+        table = pq.read_table(item["path"], columns=[S.SAMPLE_ID, S.IMG_EMB])
+        vectors = to_unit_float32(S.arrow_to_vectors(table.column(S.IMG_EMB)))
+        result = assign(vectors, self.centroids, device=self.device)
+        out = pa.Table.from_arrays(
+            [
+                table.column(S.SAMPLE_ID),
+                pa.array(result.cluster_id, type=pa.int32()),
+                pa.array(result.centroid_dist, type=pa.float32()),
+                pa.array(result.centroid_cos, type=pa.float32()),
+            ],
+            schema=S.CLUSTER_SCHEMA,
+        )
+        write_part(out, self.out_dir, item["part"])
+        n = table.num_rows
+        return {
+            "part": item["part"],
+            "rows_in": n,
+            "rows_out": n,
+            "seconds": time.perf_counter() - start,
+        }
+
+
+def _train_task(
+    sample: np.ndarray,
+    k: int,
+    niter: int,
+    seed: int,
+    spherical: bool,
+    init: np.ndarray | None,
+    device: str,
+    threads: int | None,
+) -> np.ndarray:
+    """k-means training as one Ray task, so it can run on a GPU node."""
+    if device == "auto":
+        import faiss
+
+        device = "cuda" if faiss.get_num_gpus() > 0 else "cpu"
+    threads = threads or len(os.sched_getaffinity(0))
+    return train_kmeans(
+        sample,
+        k,
+        niter=niter,
+        seed=seed,
+        spherical=spherical,
+        init_centroids=init,
+        device=device,
+        threads=threads,
+    )
+
+
+class ClusterStage(Stage):
+    name = "cluster"
+    reads = {"embed": (S.SAMPLE_ID, S.IMG_EMB)}
+    writes = tuple(S.CLUSTER_SCHEMA.names)
+
+    def settings(self, config):
+        return [config.cluster.fingerprint_dict()]
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg = ctx.config.cluster
+        embed_dir = ctx.run.stage_dir("embed")
+        embed_mark = ctx.run.stage_mark("embed") or {}
+        rows = int(embed_mark.get("rows_out", 0))
+        if rows == 0:
+            raise StageError("cluster: embed/ holds no rows to cluster")
+        if cfg.k > rows:
+            raise StageError(
+                f"cluster.k={cfg.k} is larger than the {rows:,} rows in embed/; lower cluster.k"
+            )
+        items = [
+            {"part": p.stem.removeprefix("part-"), "path": str(p), "rows": n}
+            for p, n in _part_rows(embed_dir)
+        ]
+        out_dir = ctx.run.stage_dir(self.name)
+        centroids_path = out_dir / CENTROIDS
+        gpus = ctx.executor.gpus()
+        if cfg.device == "cuda" and gpus == 0:
+            raise StageError("cluster.device is cuda but the Ray cluster has no GPUs")
+        use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+
+        t0 = time.perf_counter()
+        if ctx.resumed and centroids_path.exists():
+            centroids = np.load(centroids_path)
+            ctx.log(f"[cluster] resuming with the trained centroids in {centroids_path}")
+            rounds = []
+        else:
+            centroids, rounds = self._train(ctx, items, rows, use_gpu)
+            _save_npy(centroids_path, centroids)
+        train_seconds = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        stats = run_parts(
+            ctx,
+            self.name,
+            items,
+            Assigner,
+            shared={
+                "centroids": centroids,
+                "out_dir": str(out_dir),
+                "device": "cuda" if use_gpu else "cpu",
+            },
+            num_cpus=0.5 if use_gpu else 1.0,
+            num_gpus=1.0 if use_gpu else 0.0,
+            pool_size=cfg.workers,
+        )
+        rows_in = sum(s["rows_in"] for s in stats)
+        extra = {
+            "k": cfg.k,
+            "train_rounds": rounds,
+            "train_seconds": round(train_seconds, 3),
+            "assign_seconds": round(time.perf_counter() - t1, 3),
+            "nodes": sorted({s["node"] for s in stats if "node" in s}),
+        }
+        return StageResult(rows_in, rows_in, {}, extra)
+
+    def _train(self, ctx: StageContext, items: list[dict], rows: int, use_gpu: bool):
+        cfg = ctx.config.cluster
+        centroids = None
+        rounds = []
+        for r in range(cfg.rounds):
+            t = time.perf_counter()
+            sample = draw_sample(ctx, items, rows, min(cfg.sample_size, rows), cfg.seed + r)
+            if len(sample) < cfg.k:
+                raise StageError(
+                    f"cluster: the training sample has {len(sample)} rows, fewer than k={cfg.k}"
+                )
+            ctx.log(
+                f"[cluster] round {r + 1}/{cfg.rounds}: k-means k={cfg.k} on {len(sample):,} rows"
+            )
+            centroids = ctx.executor.call(
+                _train_task,
+                sample,
+                cfg.k,
+                cfg.niter,
+                cfg.seed + r,
+                cfg.spherical,
+                centroids,
+                "cuda" if use_gpu else ("cpu" if cfg.device == "cpu" else "auto"),
+                cfg.train_threads,
+                num_cpus=1.0,
+                num_gpus=1.0 if use_gpu else 0.0,
+            )
+            rounds.append({"rows": len(sample), "seconds": round(time.perf_counter() - t, 3)})
+        return centroids, rounds
+
+
+def draw_sample(
+    ctx: StageContext, items: list[dict], rows: int, size: int, seed: int
+) -> np.ndarray:
+    """The `size` rows with the smallest hash(seed, sample_id), as unit float32 vectors.
+
+    Each worker returns only rows under a hash cutoff set a few standard deviations above the
+    expected need; the driver keeps the smallest `size`. The set does not depend on how the
+    rows are split into parts.
+    """
+    fraction = 1.0 if size >= rows else min(1.0, (size + 6 * math.sqrt(size) + 64) / rows)
+    while True:
+        cutoff = (1 << 64) - 1 if fraction >= 1.0 else int(fraction * float(1 << 64))
+        got = list(
+            ctx.executor.map_items(items, SampleDrawer, shared={"seed": seed, "cutoff": cutoff})
+        )
+        hashes = np.concatenate([g["hash"] for g, _ in got])
+        if len(hashes) >= size or fraction >= 1.0:
+            break
+        fraction = min(1.0, fraction * 2)  # a rare shortfall: widen the cutoff and draw again
+    ids = np.concatenate([g["ids"] for g, _ in got])
+    order = smallest_hash_order(hashes, ids)[:size]
+    vectors = np.concatenate([g["vectors"] for g, _ in got])[order]
+    return to_unit_float32(vectors)
+
+
+def _part_rows(embed_dir: Path) -> list[tuple[Path, int]]:
+    """Embed part files with their row counts (read from the Parquet footers)."""
+    return [(path, pq.ParquetFile(path).metadata.num_rows) for path in part_files(embed_dir)]
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())

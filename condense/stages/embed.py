@@ -1,0 +1,143 @@
+"""Stage `embed`: input rows -> embed/part-*.parquet with unit embeddings and clip_score.
+
+This version reads precomputed embeddings (clip-retrieval folders or Parquet); the image path
+(open_clip on image shards) will write the same columns, so every later stage is shared.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+
+from condense import schema as S
+from condense.cores.vectors import (
+    DROP_MISSING_ID,
+    as_stored,
+    clip_scores,
+    invalid_rows,
+    normalize,
+    to_unit_float32,
+)
+from condense.errors import InputError
+from condense.readers import Reader, open_reader, resolve_input
+from condense.stages.base import (
+    Stage,
+    StageContext,
+    StageResult,
+    merge_dropped,
+    run_parts,
+    write_part,
+)
+from condense.stages.unique_ids import check_unique_ids, write_id_hashes
+from condense.strict import StrictModel
+
+
+class EmbedConfig(StrictModel):
+    """How embeddings are stored in embed/."""
+
+    dim: int | None = None  # expected embedding dimension; None: taken from the input
+    dtype: Literal["float16", "float32"] = (
+        "float32"  # stored precision; float16 halves the disk, later stages re-normalise
+    )
+    rows_per_part: int = 100_000  # rows per output part file (and per unit of work / resume)
+    check_duplicate_ids: bool = True  # fail when a sample_id occurs twice (rows are joined by id)
+    workers: int | None = None  # parallel readers; None: one per CPU
+
+    runtime_fields = frozenset({"workers"})
+
+
+class EmbedPartWriter:
+    """Reads one input slice, drops unusable rows by reason, writes one part file."""
+
+    def __init__(self, reader: Reader, dtype: str, out_dir: str):
+        self.reader = reader
+        self.dtype = dtype
+        self.out_dir = out_dir
+
+    def process(self, item: dict) -> dict:
+        start = time.perf_counter()
+        raw = self.reader.read(item)
+        n = len(raw.img)
+        ids = np.asarray(raw.sample_id, dtype=object)
+        missing = np.array([i is None or i == "" for i in ids], dtype=bool)
+        masks = invalid_rows(raw.img, raw.txt)
+        dropped = {DROP_MISSING_ID: int(missing.sum())}
+        keep = ~missing
+        for reason, mask in masks.items():
+            mask = mask & keep
+            dropped[reason] = int(mask.sum())
+            keep &= ~mask
+        img = as_stored(normalize(raw.img[keep]), self.dtype)
+        txt = as_stored(normalize(raw.txt[keep]), self.dtype)
+        # Scored from the stored vectors, exactly as later stages will see them.
+        score = clip_scores(to_unit_float32(img), to_unit_float32(txt))
+        idx = np.flatnonzero(keep)
+        table = pa.Table.from_arrays(
+            [
+                pa.array(ids[idx].tolist(), type=pa.string()),
+                pa.array([raw.caption[i] for i in idx], type=pa.string()),
+                pa.array([raw.url[i] for i in idx], type=pa.string()),
+                pa.array([raw.source] * len(idx), type=pa.string()),
+                S.vectors_to_arrow(img),
+                S.vectors_to_arrow(txt),
+                pa.array(score, type=pa.float32()),
+            ],
+            schema=S.embed_schema(img.shape[1] if img.ndim == 2 else raw.img.shape[1], self.dtype),
+        )
+        write_id_hashes(
+            Path(self.out_dir),
+            item["part"],
+            table.column(S.SAMPLE_ID).to_pylist(),
+            raw.first_row + idx,
+        )
+        write_part(table, self.out_dir, item["part"])
+        return {
+            "part": item["part"],
+            "rows_in": n,
+            "rows_out": int(keep.sum()),
+            "dropped": {k: v for k, v in dropped.items() if v},
+            "seconds": time.perf_counter() - start,
+        }
+
+
+class EmbedStage(Stage):
+    name = "embed"
+    writes = tuple(S.embed_schema(1, "float32").names)
+
+    def settings(self, config):
+        return [config.input.fingerprint_dict(), config.embed.fingerprint_dict()]
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg = ctx.config
+        input_cfg = resolve_input(cfg.input, ctx.run.root, ctx.log)
+        reader = open_reader(input_cfg)
+        if cfg.embed.dim is not None and reader.dim != cfg.embed.dim:
+            raise InputError(
+                f"{input_cfg.path}: embeddings have dimension {reader.dim}, embed.dim is {cfg.embed.dim}"
+            )
+        items = reader.plan(cfg.embed.rows_per_part)
+        if not items:
+            raise InputError(f"{input_cfg.path}: the input holds no rows")
+        out_dir = ctx.run.stage_dir(self.name)
+        stats = run_parts(
+            ctx,
+            self.name,
+            items,
+            EmbedPartWriter,
+            shared={"reader": reader, "dtype": cfg.embed.dtype, "out_dir": str(out_dir)},
+            num_cpus=1.0,
+            pool_size=cfg.embed.workers,
+        )
+        if cfg.embed.check_duplicate_ids:
+            check_unique_ids(
+                ctx.executor, out_dir, [i["part"] for i in items], sum(s["rows_out"] for s in stats)
+            )
+        rows_in = sum(s["rows_in"] for s in stats)
+        rows_out = sum(s["rows_out"] for s in stats)
+        return StageResult(
+            rows_in, rows_out, merge_dropped(stats), {"dim": reader.dim, "dtype": cfg.embed.dtype}
+        )

@@ -1,0 +1,121 @@
+"""Distributed check that every sample_id of embed/ is unique (rows are joined by id).
+
+Each embed part also writes `_ids/<part>.npy`: its rows' 64-bit id hashes, sorted, with their
+row numbers. The check splits the hash range into buckets; one worker per bucket slices every
+part's sorted hashes to its range (binary search on a memory map, so each byte is read once),
+and reports hashes that repeat. Only those few candidates reach the driver, which confirms them
+against the real ids (a 64-bit collision is not a duplicate) and names file and row.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from condense import schema as S
+from condense.cores.hashing import hash_ids, repeated
+from condense.errors import InputError
+from condense.pipeline.rundir import atomic_write_bytes
+
+IDS_DIR = "_ids"
+ID_HASH_SEED = 0x5EED
+ID_RECORD = np.dtype([("hash", "<u8"), ("part_row", "<i8"), ("source_row", "<i8")])
+ROWS_PER_BUCKET = 50_000_000  # hashes one worker sorts at once (1.2 GB of records)
+
+
+def write_id_hashes(folder: Path, part: str, ids: list[str], source_rows: np.ndarray) -> None:
+    """Write one part's sorted id hashes with their row numbers (called by the embed writer)."""
+    import io
+
+    records = np.empty(len(ids), dtype=ID_RECORD)
+    records["hash"] = hash_ids(ids, ID_HASH_SEED) if ids else np.zeros(0, np.uint64)
+    records["part_row"] = np.arange(len(ids))
+    records["source_row"] = source_rows
+    records.sort(order=["hash", "part_row"])
+    buf = io.BytesIO()
+    np.save(buf, records)
+    atomic_write_bytes(Path(folder) / IDS_DIR / f"{part}.npy", buf.getvalue())
+
+
+class RepeatFinder:
+    """For one hash bucket: the records of every part whose hash occurs more than once."""
+
+    def __init__(self, id_files: list[str]):
+        self.id_files = id_files
+
+    def process(self, item: dict) -> dict:
+        lo, hi = np.uint64(item["lo"]), item["hi"]
+        chunks, owners = [], []
+        for index, path in enumerate(self.id_files):
+            records = np.load(path, mmap_mode="r")
+            hashes = records["hash"]
+            start = np.searchsorted(hashes, lo, side="left")
+            stop = (
+                len(hashes) if hi is None else np.searchsorted(hashes, np.uint64(hi), side="left")
+            )
+            if stop > start:
+                chunks.append(np.asarray(records[start:stop]))
+                owners.append(np.full(stop - start, index, dtype=np.int32))
+        if not chunks:
+            return {"part": item["part"], "rows_in": 0, "repeats": []}
+        records = np.concatenate(chunks)
+        owner = np.concatenate(owners)
+        order = np.argsort(records["hash"], kind="stable")
+        records, owner = records[order], owner[order]
+        mask = repeated(records["hash"])
+        found = [
+            (int(r["hash"]), int(o), int(r["part_row"]), int(r["source_row"]))
+            for r, o in zip(
+                records[mask][: item["limit"]], owner[mask][: item["limit"]], strict=True
+            )
+        ]
+        return {"part": item["part"], "rows_in": len(records), "repeats": found}
+
+
+def check_unique_ids(
+    executor,
+    folder: Path,
+    parts: list[str],
+    total_rows: int,
+    *,
+    limit: int = 5,
+    rows_per_bucket: int = ROWS_PER_BUCKET,
+) -> None:
+    """Raise InputError naming ids, files and rows when a sample_id occurs more than once."""
+    id_files = [str(Path(folder) / IDS_DIR / f"{part}.npy") for part in parts]
+    buckets = max(1, -(-total_rows // rows_per_bucket))
+    edges = [int(b * (1 << 64) // buckets) for b in range(buckets)] + [None]
+    items = [
+        {"part": f"bucket-{b}", "lo": edges[b], "hi": edges[b + 1], "limit": 1000}
+        for b in range(buckets)
+    ]
+    candidates = []
+    for result, _node in executor.map_items(
+        items, RepeatFinder, shared={"id_files": id_files}, num_cpus=1.0
+    ):
+        candidates += result["repeats"]
+    if not candidates:
+        return
+    # Confirm against the real ids: read only the parts that hold candidates.
+    by_id: dict[str, list[tuple[str, int]]] = {}
+    tables: dict[int, dict] = {}
+    for _hash, owner, part_row, source_row in candidates:
+        if owner not in tables:
+            path = Path(folder) / f"part-{parts[owner]}.parquet"
+            tables[owner] = pq.read_table(path, columns=[S.SAMPLE_ID, S.SOURCE]).to_pydict()
+        sid = tables[owner][S.SAMPLE_ID][part_row]
+        by_id.setdefault(sid, []).append((tables[owner][S.SOURCE][part_row], source_row))
+    dupes = sorted((sid, places) for sid, places in by_id.items() if len(places) > 1)
+    if dupes:
+        lines = [
+            f"  {sid!r} in " + ", ".join(f"{src} row {row}" for src, row in sorted(places))
+            for sid, places in dupes[:limit]
+        ]
+        more = f"\n  ... and {len(dupes) - limit} more" if len(dupes) > limit else ""
+        raise InputError(
+            "duplicate sample_id values in the input (rows are joined by sample_id, so each must be unique):\n"
+            + "\n".join(lines)
+            + more
+        )

@@ -1,0 +1,44 @@
+"""The condense pipeline as a Ray job.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/condense.py configs/demo.yaml --run-dir /shared/runs/demo
+
+Under `ray job submit` RAY_ADDRESS is set and the job joins that cluster. The run directory
+must be on storage every node sees (NFS, a shared disk) when the cluster has several nodes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# The working dir shipped by `ray job submit` is the repo: make the package importable even
+# where condense is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from condense.cli import _find_condense_error, run_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("config")
+    parser.add_argument("--run-dir")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--until")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        return run_config(args.config, args.set, args.run_dir, args.until, None, args.resume)
+    except Exception as exc:
+        found = _find_condense_error(exc)
+        if found is None:
+            raise
+        print(f"error: {found}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

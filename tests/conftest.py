@@ -1,0 +1,78 @@
+"""Shared fixtures: one local Ray for the whole session, small synthetic corpora."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from condense.config import config_from_dict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray (2 CPUs, no dashboard) shared by every Ray test."""
+    import ray
+
+    from condense.runtime import RayConfig
+    from condense.runtime.ray import init_ray
+
+    init_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()
+
+
+def write_clip_retrieval(root: Path, files: list[dict], dtype=np.float16) -> Path:
+    """Write a clip-retrieval folder from [{"ids", "img", "txt"}] (one dict per file number)."""
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for n, f in enumerate(files):
+        np.save(root / "img_emb" / f"img_emb_{n}.npy", np.asarray(f["img"], dtype=dtype))
+        np.save(root / "text_emb" / f"text_emb_{n}.npy", np.asarray(f["txt"], dtype=dtype))
+        captions = f.get("captions", [f"caption {i}" for i in f["ids"]])
+        pq.write_table(
+            pa.table(
+                {"key": f["ids"], "caption": captions, "url": [f"http://x/{i}" for i in f["ids"]]}
+            ),
+            root / "metadata" / f"metadata_{n}.parquet",
+        )
+    return root
+
+
+def random_unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def make_config(input_path: Path | str | None = None, **sections):
+    """A pipeline config for tests: small parts, quiet, on the session's Ray."""
+    data = {
+        "input": {"kind": "embeddings", "path": str(input_path)}
+        if input_path
+        else {"kind": "synth"},
+        "embed": {"rows_per_part": 1000},
+        "cluster": {"k": 8, "niter": 10, "sample_size": 100_000},
+        "ray": {"progress": False},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return config_from_dict(data, "test")
+
+
+def quiet_log(_: str) -> None:
+    pass
+
+
+@pytest.fixture
+def venv_env():
+    """Environment for subprocesses that run the project's own Python and Ray CLI."""
+    env = dict(os.environ)
+    env["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    return env

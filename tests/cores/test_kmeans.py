@@ -1,0 +1,60 @@
+import numpy as np
+import pytest
+
+from condense.cores.kmeans import assign, train_kmeans
+
+
+def test_assign_hand_computed():
+    centroids = np.array([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]], np.float32)
+    x = np.array([[0.6, 0.8], [-0.8, 0.6], [1.0, 0.0]], np.float32)
+    out = assign(x, centroids)
+    # Row 0: squared distances 0.8, 1.8, 3.2 -> centroid 0; row 1: 3.2, 2.0, 0.4 -> centroid 2.
+    assert out.cluster_id.tolist() == [0, 2, 0]
+    assert np.allclose(out.centroid_dist, [np.sqrt(0.8), np.sqrt(0.4), 0.0], atol=1e-6)
+    assert np.allclose(out.centroid_cos, [0.6, 0.8, 1.0], atol=1e-6)
+
+
+def test_exact_ties_go_to_the_lower_centroid_id():
+    centroids = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+    x = np.array([[np.sqrt(0.5), np.sqrt(0.5)], [0.0, 1.0]], np.float32)
+    assert assign(x, centroids).cluster_id.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 10_000])
+def test_assign_is_identical_at_every_chunk_size(chunk_rows):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((500, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    c = rng.standard_normal((20, 32)).astype(np.float32)
+    ref = assign(x, c, chunk_rows=10_000)
+    out = assign(x, c, chunk_rows=chunk_rows)
+    assert np.array_equal(out.cluster_id, ref.cluster_id)
+    assert np.array_equal(out.centroid_dist, ref.centroid_dist)
+    assert np.array_equal(out.centroid_cos, ref.centroid_cos)
+    # And each row alone gives the same bits as in a batch.
+    for i in (0, 137, 499):
+        one = assign(x[i : i + 1], c)
+        assert one.cluster_id[0] == ref.cluster_id[i]
+        assert one.centroid_dist[0] == ref.centroid_dist[i]
+    brute = np.argmin(((x[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
+    assert np.array_equal(ref.cluster_id, brute)
+
+
+def test_train_recovers_separated_blobs_and_warm_start():
+    rng = np.random.default_rng(1)
+    centers = rng.standard_normal((4, 16)).astype(np.float32) * 5
+    labels = rng.integers(0, 4, 2000)
+    x = centers[labels] + rng.standard_normal((2000, 16)).astype(np.float32) * 0.1
+    cent = train_kmeans(x, 4, niter=20, seed=0, init_centroids=centers + 0.5)
+    ids = assign(x, cent).cluster_id
+    # Warm-started from near the truth, each blob is one cluster.
+    for c in range(4):
+        assert len(np.unique(ids[labels == c])) == 1
+    assert len(np.unique(ids)) == 4
+    again = train_kmeans(x, 4, niter=20, seed=0, init_centroids=centers + 0.5)
+    assert np.array_equal(cent, again)
+
+
+def test_train_needs_k_rows():
+    with pytest.raises(ValueError, match="at least k=5"):
+        train_kmeans(np.zeros((3, 4), np.float32), 5, niter=1, seed=0)
