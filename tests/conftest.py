@@ -18,12 +18,14 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray (2 CPUs, no dashboard) shared by every Ray test."""
+    import logging
+
     import ray
 
-    from condense.runtime import RayConfig
-    from condense.runtime.ray import init_ray
+    from condense.runtime.ray import _quiet_ray_data
 
-    init_ray(RayConfig(num_cpus=2))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    _quiet_ray_data()
     yield ray
     ray.shutdown()
 

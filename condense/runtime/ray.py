@@ -20,6 +20,9 @@ from condense.runtime import RayConfig
 log = logging.getLogger(__name__)
 
 
+_STARTED_HERE = False  # whether init_ray connected this process (so shutdown_ray may disconnect it)
+
+
 def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     """Join the cluster named by `address`, `ray.address` or RAY_ADDRESS, else start a local Ray.
 
@@ -28,8 +31,10 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     """
     import ray
 
+    global _STARTED_HERE
     if ray.is_initialized():
         return
+    _STARTED_HERE = True
     target = address or cfg.address or os.environ.get("RAY_ADDRESS")
     common = {"logging_level": logging.WARNING, "log_to_driver": True}
     if target:
@@ -82,11 +87,13 @@ def _quiet_ray_data() -> None:
 
 
 def shutdown_ray() -> None:
-    """Disconnect (and stop a local Ray this process started)."""
+    """Disconnect from Ray if init_ray connected (stopping a local Ray it started); else leave it."""
     import ray
 
-    if ray.is_initialized():
+    global _STARTED_HERE
+    if _STARTED_HERE and ray.is_initialized():
         ray.shutdown()
+    _STARTED_HERE = False
 
 
 def cluster_resources() -> dict[str, float]:

@@ -1,0 +1,165 @@
+"""Run-directory contract: skip what is done, rerun what changed and everything after it,
+never trust a half-written stage, resume a killed run to the same output."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from condense.pipeline.runner import run_pipeline
+from condense.synth import SynthConfig, generate
+from tests.conftest import REPO, make_config
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    generate(out, SynthConfig(n=3000, dim=32, seed=2, rows_per_file=1500))
+    return out
+
+
+class Log(list):
+    def __call__(self, line):
+        self.append(line)
+
+
+def run(cfg, run_dir, **kw):
+    log = Log()
+    run_pipeline(cfg, run_dir, log=log, progress=False, **kw)
+    return log
+
+
+def marks(run_dir):
+    return {
+        s: json.loads((run_dir / s / "_stage.json").read_text())
+        for s in ("embed", "cluster")
+        if (run_dir / s / "_stage.json").exists()
+    }
+
+
+def table(run_dir, stage):
+    files = sorted((run_dir / stage).glob("part-*.parquet"))
+    return pq.read_table(files).to_pandas().sort_values("sample_id").reset_index(drop=True)
+
+
+def test_rerun_skips_and_changes_rerun_downstream(ray_session, corpus, tmp_path):
+    cfg = make_config(corpus, cluster={"k": 6})
+    run(cfg, tmp_path)
+    first = marks(tmp_path)
+    assert set(first) == {"embed", "cluster"}
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == cfg.model_dump(mode="json")
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["stages"]["cluster"]["rows_out"] == 3000
+    assert manifest["stages"]["embed"]["config_hash"] == first["embed"]["config_hash"]
+
+    log = run(cfg, tmp_path)  # same settings: nothing runs
+    assert marks(tmp_path) == first
+    assert sum("skipped" in line for line in log) == 2
+
+    log = run(make_config(corpus, cluster={"k": 6, "workers": 1}), tmp_path)  # runtime-only change
+    assert marks(tmp_path) == first
+
+    log = run(make_config(corpus, cluster={"k": 5}), tmp_path)  # cluster changes, embed does not
+    now = marks(tmp_path)
+    assert now["embed"] == first["embed"]
+    assert now["cluster"]["finished"] >= first["cluster"]["finished"]
+    assert now["cluster"]["config_hash"] != first["cluster"]["config_hash"]
+    assert table(tmp_path, "cluster").cluster_id.max() == 4
+
+    run(
+        make_config(corpus, cluster={"k": 5}, embed={"dtype": "float16"}), tmp_path
+    )  # upstream change
+    again = marks(tmp_path)
+    assert again["embed"]["config_hash"] != first["embed"]["config_hash"]
+    assert again["cluster"]["config_hash"] != now["cluster"]["config_hash"]
+
+
+def test_until_stops_and_upstream_rerun_clears_downstream(ray_session, corpus, tmp_path):
+    run(make_config(corpus), tmp_path, until="embed")
+    assert set(marks(tmp_path)) == {"embed"} and not (tmp_path / "cluster").exists()
+    run(make_config(corpus), tmp_path)
+    assert set(marks(tmp_path)) == {"embed", "cluster"}
+    # Rerunning embed alone (--until) must not leave the old cluster output looking valid.
+    run(make_config(corpus, embed={"rows_per_part": 700}), tmp_path, until="embed")
+    assert not (tmp_path / "cluster").exists()
+    assert "cluster" not in json.loads((tmp_path / "manifest.json").read_text())["stages"]
+
+
+def test_half_written_stage_is_not_trusted(ray_session, corpus, tmp_path):
+    cfg = make_config(corpus)
+    run(cfg, tmp_path, until="embed")
+    reference = table(tmp_path, "embed")
+    # Simulate a crash: the completion mark is gone and a stray partial file is left behind.
+    (tmp_path / "embed" / "_stage.json").unlink()
+    (tmp_path / "embed" / "part-99999-0000.parquet").write_bytes(b"half a file")
+    run(cfg, tmp_path, until="embed")
+    assert not (tmp_path / "embed" / "part-99999-0000.parquet").exists()
+    pd.testing.assert_frame_equal(table(tmp_path, "embed"), reference)
+
+
+def test_resume_with_other_settings_starts_over(ray_session, corpus, tmp_path):
+    run(make_config(corpus), tmp_path, until="embed")
+    (tmp_path / "embed" / "_stage.json").unlink()
+    progress = {"fingerprint": "something-else"}
+    (tmp_path / "embed" / "_progress.json").write_text(json.dumps(progress))
+    log = run(make_config(corpus), tmp_path, until="embed", resume=True)
+    assert not any("resuming" in line for line in log)
+    assert marks(tmp_path)["embed"]["rows_out"] == 3000
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_output(ray_session, corpus, tmp_path, venv_env):
+    overrides = ["embed.rows_per_part=60", "cluster.k=6", "ray.num_cpus=2", "ray.progress=false"]
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"input": {"kind": "embeddings", "path": str(corpus)}}))
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "condense.cli",
+            "run",
+            str(config),
+            "--run-dir",
+            str(killed),
+            *sum((["--set", o] for o in overrides), []),
+        ],
+        cwd=REPO,
+        env=venv_env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    parts = killed / "cluster" / "_parts"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and not (parts.exists() and any(parts.iterdir())):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    finally:
+        proc.wait(timeout=60)
+    assert parts.exists(), "the cluster stage never started"
+    done_before = len(list(parts.iterdir()))
+    assert 0 < done_before < 50, done_before  # 3,000 rows in parts of 60: killed mid-stage
+    assert not (killed / "cluster" / "_stage.json").exists()
+
+    from condense.config import load_config
+
+    cfg = load_config(config, overrides)
+    log = run(cfg, killed, resume=True)
+    assert f"[cluster] resuming: {done_before} of 50 parts already written" in log
+    reference = tmp_path / "reference"
+    run(cfg, reference)
+    for stage in ("embed", "cluster"):
+        pd.testing.assert_frame_equal(
+            table(killed, stage), table(reference, stage), check_exact=True
+        )
+    assert marks(killed)["cluster"]["rows_out"] == 3000

@@ -1,0 +1,117 @@
+"""Stage cluster on a real Ray and real faiss: planted topics found, and the same answer at any
+block count or worker count."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from condense.errors import StageError
+from condense.pipeline.runner import run_pipeline
+from condense.synth import SynthConfig, generate
+from tests.conftest import make_config, quiet_log
+
+
+def run(cfg, run_dir, **kw):
+    return run_pipeline(cfg, run_dir, log=quiet_log, progress=False, **kw)
+
+
+def cluster_table(run_dir) -> pd.DataFrame:
+    files = sorted((run_dir / "cluster").glob("part-*.parquet"))
+    return pq.read_table(files).to_pandas().sort_values("sample_id").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    generate(out, SynthConfig(n=4000, dim=64, seed=5, topics=6, rows_per_file=4000))
+    return out
+
+
+def test_kmeans_finds_the_planted_topics(ray_session, corpus, tmp_path):
+    # 6 topics + the giant near-identical cluster = 7 planted clusters; k = 14 leaves room for
+    # random initialisation to split a topic, but no cluster may mix two topics.
+    cfg = make_config(corpus, cluster={"k": 14, "niter": 20, "seed": 0})
+    run(cfg, tmp_path)
+    df = cluster_table(tmp_path).merge(
+        pq.read_table(corpus / "truth.parquet").to_pandas(), on="sample_id"
+    )
+    assert len(df) == 4000
+    purity = df.groupby("cluster_id").topic.agg(lambda t: t.value_counts().iloc[0] / len(t))
+    assert purity.min() > 0.98, purity
+    # Rows sit nearer their own centroid than any other, and the columns agree with centroids.npy.
+    centroids = np.load(tmp_path / "cluster" / "centroids.npy")
+    assert centroids.shape == (14, 64)
+    emb = (
+        pq.read_table(sorted((tmp_path / "embed").glob("part-*.parquet")))
+        .to_pandas()
+        .sort_values("sample_id")
+    )
+    x = np.stack(emb.img_emb.to_numpy()).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    table = cluster_table(tmp_path)
+    d2 = ((x[:, None, :] - centroids[None]) ** 2).sum(-1)
+    assert np.array_equal(table.cluster_id.to_numpy(), d2.argmin(1))
+    assert np.allclose(table.centroid_dist, np.sqrt(d2.min(1)), atol=1e-5)
+    c = centroids[table.cluster_id.to_numpy()]
+    cos = (x * c).sum(1) / np.linalg.norm(c, axis=1)
+    assert np.allclose(table.centroid_cos, cos, atol=1e-5)
+    mark = json.loads((tmp_path / "cluster" / "_stage.json").read_text())
+    assert mark["rows_in"] == mark["rows_out"] == 4000
+    assert mark["train_rounds"] == [{"rows": 4000, "seconds": mark["train_rounds"][0]["seconds"]}]
+
+
+def test_same_output_at_1_2_4_blocks_and_any_worker_count(ray_session, corpus, tmp_path):
+    # The training sample (1,500 of 4,000 rows) and the assignment must not see the split.
+    tables, centroids = [], []
+    for i, (rows_per_part, workers) in enumerate([(4000, 1), (2000, 2), (1000, 1)]):
+        cfg = make_config(
+            corpus,
+            embed={"rows_per_part": rows_per_part},
+            cluster={"k": 10, "sample_size": 1500, "workers": workers},
+        )
+        run(cfg, tmp_path / str(i))
+        parts = sorted((tmp_path / str(i) / "cluster").glob("part-*.parquet"))
+        assert len(parts) == 4000 // rows_per_part
+        tables.append(cluster_table(tmp_path / str(i)))
+        centroids.append(np.load(tmp_path / str(i) / "cluster" / "centroids.npy"))
+    for table, cent in zip(tables[1:], centroids[1:], strict=True):
+        assert np.array_equal(cent, centroids[0])
+        pd.testing.assert_frame_equal(table, tables[0], check_exact=True)
+
+
+def test_spherical_and_warm_started_rounds(ray_session, corpus, tmp_path):
+    cfg = make_config(corpus, cluster={"k": 7, "spherical": True, "rounds": 3, "sample_size": 1000})
+    run(cfg, tmp_path)
+    centroids = np.load(tmp_path / "cluster" / "centroids.npy")
+    assert np.allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
+    mark = json.loads((tmp_path / "cluster" / "_stage.json").read_text())
+    assert [r["rows"] for r in mark["train_rounds"]] == [1000, 1000, 1000]
+
+
+def test_training_sample_does_not_depend_on_parts(ray_session, corpus, tmp_path):
+    from condense.runtime.ray import RayExecutor
+    from condense.stages.base import StageContext
+    from condense.stages.cluster import draw_sample
+
+    samples = []
+    for rows_per_part in (4000, 700):
+        cfg = make_config(corpus, embed={"rows_per_part": rows_per_part})
+        run(cfg, tmp_path / str(rows_per_part), until="embed")
+        parts = sorted((tmp_path / str(rows_per_part) / "embed").glob("part-*.parquet"))
+        items = [{"part": p.stem, "path": str(p)} for p in parts]
+        ctx = StageContext(
+            run=None, config=cfg, executor=RayExecutor(), progress=False, log=quiet_log
+        )
+        samples.append(draw_sample(ctx, items, 4000, 321, seed=9))
+    assert samples[0].shape == (321, 64)
+    assert np.array_equal(samples[0], samples[1])
+
+
+def test_k_larger_than_rows_is_a_clear_error(ray_session, corpus, tmp_path):
+    with pytest.raises(StageError, match=r"cluster.k=5000 is larger than the 4,000 rows in embed/"):
+        run(make_config(corpus, cluster={"k": 5000}), tmp_path)
+    assert (tmp_path / "embed" / "_stage.json").exists()
+    assert not (tmp_path / "cluster" / "_stage.json").exists()

@@ -1,0 +1,121 @@
+"""A real `ray start --head` on 127.0.0.1 and a real `ray job submit` of jobs/condense.py."""
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import REPO
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head(venv_env):
+    """Start a head node on 127.0.0.1 with its own ports and temp dir; stop only it afterwards."""
+    # Ray's token authentication: the head and the job CLI both use the token in ~/.ray.
+    venv_env["RAY_AUTH_MODE"] = "token"
+    gcs, dash, client, agent, agent_grpc, metrics, runtime_env, node_mgr, obj_mgr = free_ports(9)
+    temp_dir = tempfile.mkdtemp(prefix="cr-")  # short: Ray's socket paths must fit in 107 bytes
+    cmd = [
+        "ray",
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--node-manager-port={node_mgr}",
+        f"--object-manager-port={obj_mgr}",
+        "--num-cpus=2",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    head = subprocess.Popen(
+        cmd, env=venv_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert head.poll() is None, head.stdout.read()
+            probe = subprocess.run(
+                ["ray", "job", "list", "--address", address],
+                env=venv_env,
+                capture_output=True,
+                text=True,
+            )
+            if probe.returncode == 0:
+                break
+            time.sleep(2)
+        else:
+            pytest.fail("the Ray job server did not come up on 127.0.0.1")
+        yield address
+    finally:
+        head.terminate()  # `ray start --block` stops the processes it started, and only those
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_pipeline(ray_head, venv_env, tmp_path):
+    run_dir = tmp_path / "run"
+    submit = subprocess.run(
+        [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            ray_head,
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "jobs/condense.py",
+            "configs/demo.yaml",
+            "--run-dir",
+            str(run_dir),
+            "--set",
+            "input.synth.n=3000",
+            "--set",
+            "cluster.k=8",
+        ],
+        cwd=REPO,
+        env=venv_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "succeeded" in submit.stdout
+    assert "embed" in submit.stdout and "cluster" in submit.stdout  # the funnel, from the job's log
+    for stage in ("embed", "cluster"):
+        mark = json.loads((run_dir / stage / "_stage.json").read_text())
+        assert mark["status"] == "complete" and mark["rows_out"] == 3000
+    clusters = pq.read_table(sorted((run_dir / "cluster").glob("part-*.parquet"))).to_pandas()
+    assert len(clusters) == 3000 and clusters.cluster_id.nunique() == 8
+    assert Path(run_dir / "config.yaml").exists() and Path(run_dir / "manifest.json").exists()
