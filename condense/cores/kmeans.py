@@ -95,19 +95,26 @@ def assign(
         raise ValueError(f"rows have dimension {x.shape[1]}, centroids {c.shape[1]}")
     c64 = c.astype(np.float64)
     c_sq = np.einsum("ij,ij->i", c64, c64)
-    # Score at most ~64 MiB of distances at once: memory stays flat whatever k is.
-    step = chunk_rows or max(64, (1 << 24) // max(k, 1))
+    # Chunks of at most 4,096 rows and ~64 MiB of scores: memory stays flat whatever k is, and
+    # the per-row temporaries stay in cache.
+    step = chunk_rows or max(64, min(4096, (1 << 24) // max(k, 1)))
     ids = np.empty(n, dtype=np.int64)
+    dist = np.empty(n, dtype=np.float64)
+    cos = np.empty(n, dtype=np.float64)
     for start in range(0, n, step):
         stop = min(n, start + step)
-        ids[start:stop] = _nearest(x[start:stop], c, c64, c_sq, device)
-    diff = x.astype(np.float64) - c64[ids]
-    dist = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-    x64 = x.astype(np.float64)
-    dots = np.einsum("ij,ij->i", x64, c64[ids])
-    norms = np.sqrt(np.einsum("ij,ij->i", x64, x64) * c_sq[ids])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(norms > 0, dots / norms, 0.0)
+        xs = x[start:stop]
+        chosen = _nearest(xs, c, c64, c_sq, device)
+        ids[start:stop] = chosen
+        # Per row: float32 element-wise terms, float64 sums. No term depends on the other rows
+        # of the chunk, so these bits are the same whatever batch a row arrives in.
+        cg = c[chosen]
+        diff = xs - cg
+        dist[start:stop] = np.sqrt(np.sum(diff * diff, axis=1, dtype=np.float64))
+        dots = np.sum(xs * cg, axis=1, dtype=np.float64)
+        norms = np.sqrt(np.sum(xs * xs, axis=1, dtype=np.float64) * c_sq[chosen])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            cos[start:stop] = np.where(norms > 0, dots / norms, 0.0)
     return Assignment(ids.astype(np.int32), dist.astype(np.float32), cos.astype(np.float32))
 
 
@@ -125,10 +132,11 @@ def _nearest(
     score[rows, best] = np.inf
     second = score.min(axis=1)
     unsure = np.flatnonzero((second - best_val) * 2 <= _AMBIGUITY)
-    for r in unsure:
-        xr = x[r].astype(np.float64)
-        exact = c_sq - 2.0 * (c64 @ xr)
-        best[r] = int(np.argmin(exact))  # argmin returns the first (lowest id) of equal values
+    if len(unsure):
+        # Near ties (often two centroids faiss split from one) are settled in float64;
+        # argmin returns the first, so exact ties go to the lower centroid id.
+        exact = c_sq[None, :] - 2.0 * (x[unsure].astype(np.float64) @ c64.T)
+        best[unsure] = np.argmin(exact, axis=1)
     return best
 
 

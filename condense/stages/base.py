@@ -89,9 +89,23 @@ def check_columns(run: RunDir, stage: Stage) -> None:
 
 
 def write_part(table: pa.Table, folder: Path, part: str) -> Path:
-    """Write one part file atomically."""
+    """Write one part file atomically.
+
+    Text and key columns are zstd-compressed; float vectors are stored plain (their mantissas do
+    not compress, and decompressing them would cost every later stage CPU time).
+    """
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd", compression_level=1)
+    compression = {
+        f.name: "none" if pa.types.is_fixed_size_list(f.type) else "zstd" for f in table.schema
+    }
+    levels = {name: 1 for name, codec in compression.items() if codec == "zstd"}
+    pq.write_table(
+        table,
+        buf,
+        compression=compression,
+        compression_level=levels or None,
+        use_dictionary=[name for name, codec in compression.items() if codec == "zstd"],
+    )
     path = Path(folder) / f"part-{part}.parquet"
     atomic_write_bytes(path, buf.getvalue())
     return path

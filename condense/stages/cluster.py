@@ -7,8 +7,10 @@ embed part, and centroids.npy. The driver holds at most the training sample and 
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -28,6 +30,7 @@ from condense.stages.base import Stage, StageContext, StageResult, part_files, r
 from condense.strict import StrictModel
 
 CENTROIDS = "centroids.npy"
+SAMPLE_DIR = "_sample"  # training samples while the stage runs; removed once centroids exist
 
 
 class ClusterConfig(StrictModel):
@@ -51,22 +54,38 @@ class ClusterConfig(StrictModel):
 
 
 class SampleDrawer:
-    """Returns the rows of one embed part whose seeded id hash falls under a cutoff."""
+    """Writes, for each training round, the rows of one embed part whose hash(seed, sample_id)
+    falls under that round's cutoff: vectors to `r<round>/<part>.npy`, keys to `.keys.parquet`.
 
-    def __init__(self, seed: int, cutoff: int):
-        self.seed = seed
-        self.cutoff = np.uint64(cutoff)
+    Files rather than return values: the sample can be far larger than a message should be, and
+    the driver then loads one round at a time.
+    """
+
+    def __init__(self, seeds: list[int], cutoffs: list[int], out_dir: str):
+        self.seeds = seeds
+        self.cutoffs = [np.uint64(c) for c in cutoffs]
+        self.out_dir = Path(out_dir)
 
     def process(self, item: dict) -> dict:
         table = pq.read_table(item["path"], columns=[S.SAMPLE_ID, S.IMG_EMB])
-        hashes = hash_ids(table.column(S.SAMPLE_ID), self.seed)
-        picked = np.flatnonzero(hashes <= self.cutoff)
-        table = table.take(pa.array(picked))
-        return {
-            "hash": hashes[picked],
-            "ids": np.asarray(table.column(S.SAMPLE_ID).to_pylist(), dtype=object),
-            "vectors": np.array(S.arrow_to_vectors(table.column(S.IMG_EMB))),
-        }
+        ids = table.column(S.SAMPLE_ID)
+        vectors = S.arrow_to_vectors(table.column(S.IMG_EMB))
+        counts = []
+        for r, (seed, cutoff) in enumerate(zip(self.seeds, self.cutoffs, strict=True)):
+            hashes = hash_ids(ids, seed)
+            picked = np.flatnonzero(hashes <= cutoff)
+            folder = self.out_dir / f"r{r}"
+            keys = pa.table(
+                {S.SAMPLE_ID: ids.take(pa.array(picked)), "hash": pa.array(hashes[picked])}
+            )
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(vectors[picked]))
+            atomic_write_bytes(folder / f"{item['part']}.npy", buf.getvalue())
+            buf = io.BytesIO()
+            pq.write_table(keys, buf)
+            atomic_write_bytes(folder / f"{item['part']}.keys.parquet", buf.getvalue())
+            counts.append(len(picked))
+        return {"part": item["part"], "rows_in": table.num_rows, "picked": counts}
 
 
 class Assigner:
@@ -163,9 +182,9 @@ class ClusterStage(Stage):
         if ctx.resumed and centroids_path.exists():
             centroids = np.load(centroids_path)
             ctx.log(f"[cluster] resuming with the trained centroids in {centroids_path}")
-            rounds = []
+            rounds, sample_seconds = [], 0.0
         else:
-            centroids, rounds = self._train(ctx, items, rows, use_gpu)
+            centroids, rounds, sample_seconds = self._train(ctx, items, rows, use_gpu)
             _save_npy(centroids_path, centroids)
         train_seconds = time.perf_counter() - t0
 
@@ -187,6 +206,7 @@ class ClusterStage(Stage):
         rows_in = sum(s["rows_in"] for s in stats)
         extra = {
             "k": cfg.k,
+            "sample_seconds": round(sample_seconds, 3),
             "train_rounds": rounds,
             "train_seconds": round(train_seconds, 3),
             "assign_seconds": round(time.perf_counter() - t1, 3),
@@ -196,11 +216,17 @@ class ClusterStage(Stage):
 
     def _train(self, ctx: StageContext, items: list[dict], rows: int, use_gpu: bool):
         cfg = ctx.config.cluster
+        size = min(cfg.sample_size, rows)
+        seeds = [cfg.seed + r for r in range(cfg.rounds)]
+        folder = ctx.run.stage_dir(self.name) / SAMPLE_DIR
+        t = time.perf_counter()
+        draw_samples(ctx, items, rows, size, seeds, folder)
+        sampled = time.perf_counter() - t
         centroids = None
         rounds = []
-        for r in range(cfg.rounds):
+        for r, seed in enumerate(seeds):
             t = time.perf_counter()
-            sample = draw_sample(ctx, items, rows, min(cfg.sample_size, rows), cfg.seed + r)
+            sample = load_sample(folder, r, size)
             if len(sample) < cfg.k:
                 raise StageError(
                     f"cluster: the training sample has {len(sample)} rows, fewer than k={cfg.k}"
@@ -213,7 +239,7 @@ class ClusterStage(Stage):
                 sample,
                 cfg.k,
                 cfg.niter,
-                cfg.seed + r,
+                seed,
                 cfg.spherical,
                 centroids,
                 "cuda" if use_gpu else ("cpu" if cfg.device == "cpu" else "auto"),
@@ -221,33 +247,56 @@ class ClusterStage(Stage):
                 num_cpus=1.0,
                 num_gpus=1.0 if use_gpu else 0.0,
             )
-            rounds.append({"rows": len(sample), "seconds": round(time.perf_counter() - t, 3)})
-        return centroids, rounds
+            del sample
+            rounds.append({"rows": size, "seconds": round(time.perf_counter() - t, 3)})
+        shutil.rmtree(folder, ignore_errors=True)  # the centroids are what was worth keeping
+        return centroids, rounds, sampled
 
 
-def draw_sample(
-    ctx: StageContext, items: list[dict], rows: int, size: int, seed: int
-) -> np.ndarray:
-    """The `size` rows with the smallest hash(seed, sample_id), as unit float32 vectors.
+def draw_samples(
+    ctx: StageContext, items: list[dict], rows: int, size: int, seeds: list[int], folder: Path
+) -> None:
+    """One pass over embed/ writing, per seed, a superset of the `size` smallest-hash rows.
 
-    Each worker returns only rows under a hash cutoff set a few standard deviations above the
-    expected need; the driver keeps the smallest `size`. The set does not depend on how the
-    rows are split into parts.
+    Each worker keeps rows under a hash cutoff set a few standard deviations above the expected
+    need; `load_sample` then keeps the smallest `size`. Neither depends on how rows are split
+    into parts.
     """
     fraction = 1.0 if size >= rows else min(1.0, (size + 6 * math.sqrt(size) + 64) / rows)
     while True:
         cutoff = (1 << 64) - 1 if fraction >= 1.0 else int(fraction * float(1 << 64))
-        got = list(
-            ctx.executor.map_items(items, SampleDrawer, shared={"seed": seed, "cutoff": cutoff})
-        )
-        hashes = np.concatenate([g["hash"] for g, _ in got])
-        if len(hashes) >= size or fraction >= 1.0:
-            break
+        shutil.rmtree(folder, ignore_errors=True)
+        shared = {"seeds": seeds, "cutoffs": [cutoff] * len(seeds), "out_dir": str(folder)}
+        got = [stats for stats, _ in ctx.executor.map_items(items, SampleDrawer, shared=shared)]
+        picked = np.sum([g["picked"] for g in got], axis=0)
+        if picked.min() >= size or fraction >= 1.0:
+            return
         fraction = min(1.0, fraction * 2)  # a rare shortfall: widen the cutoff and draw again
-    ids = np.concatenate([g["ids"] for g, _ in got])
-    order = smallest_hash_order(hashes, ids)[:size]
-    vectors = np.concatenate([g["vectors"] for g, _ in got])[order]
-    return to_unit_float32(vectors)
+
+
+def load_sample(folder: Path, round_index: int, size: int) -> np.ndarray:
+    """The `size` rows with the smallest (hash, sample_id) of one round, as unit float32 vectors."""
+    round_dir = Path(folder) / f"r{round_index}"
+    key_files = sorted(round_dir.glob("*.keys.parquet"))
+    hashes, ids, owner, row = [], [], [], []
+    for index, path in enumerate(key_files):
+        keys = pq.read_table(path)
+        hashes.append(keys.column("hash").to_numpy())
+        ids.append(np.asarray(keys.column(S.SAMPLE_ID).to_pylist(), dtype=object))
+        owner.append(np.full(keys.num_rows, index, dtype=np.int64))
+        row.append(np.arange(keys.num_rows))
+    order = smallest_hash_order(np.concatenate(hashes), np.concatenate(ids))[:size]
+    owner_sel, row_sel = np.concatenate(owner)[order], np.concatenate(row)[order]
+    out = None
+    for index, path in enumerate(key_files):
+        mine = np.flatnonzero(owner_sel == index)
+        if not len(mine):
+            continue
+        vectors = np.load(str(path).removesuffix(".keys.parquet") + ".npy", mmap_mode="r")
+        if out is None:
+            out = np.empty((len(order), vectors.shape[1]), dtype=np.float32)
+        out[mine] = to_unit_float32(np.asarray(vectors[row_sel[mine]]))
+    return out if out is not None else np.zeros((0, 0), np.float32)
 
 
 def _part_rows(embed_dir: Path) -> list[tuple[Path, int]]:
@@ -256,8 +305,6 @@ def _part_rows(embed_dir: Path) -> list[tuple[Path, int]]:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, array)
     atomic_write_bytes(path, buf.getvalue())
