@@ -28,21 +28,35 @@ def bare_faiss(x: np.ndarray, k: int, niter: int, sample: int, seed: int) -> dic
     t0 = time.perf_counter()
     rng = np.random.default_rng(seed)
     train = x[np.sort(rng.choice(len(x), size=min(sample, len(x)), replace=False))]
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, max_points_per_centroid=-(-len(train) // k))
+    km = faiss.Kmeans(
+        x.shape[1], k, niter=niter, seed=seed, max_points_per_centroid=-(-len(train) // k)
+    )
     km.train(train)
     t1 = time.perf_counter()
     _, ids = km.index.search(x, 1)
     t2 = time.perf_counter()
-    return {"train_s": t1 - t0, "assign_s": t2 - t1, "total_s": t2 - t0, "clusters": int(len(np.unique(ids)))}
+    return {
+        "train_s": t1 - t0,
+        "assign_s": t2 - t1,
+        "total_s": t2 - t0,
+        "clusters": int(len(np.unique(ids))),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--k", type=int, default=1000)
     parser.add_argument("--niter", type=int, default=10)
-    parser.add_argument("--sample", type=int, default=256_000, help="training rows (faiss's default: 256 per centroid)")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=256_000,
+        help="training rows (faiss's default: 256 per centroid)",
+    )
     parser.add_argument("--out", default="bench/out")
     args = parser.parse_args(argv)
 
@@ -62,12 +76,15 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
     cpus = os.cpu_count() or 1
     init_ray(RayConfig(num_cpus=cpus))
-    cfg = config_from_dict({
-        "input": {"kind": "embeddings", "path": str(data)},
-        "embed": {"rows_per_part": 100_000},
-        "cluster": {"k": args.k, "niter": args.niter, "sample_size": args.sample, "seed": 0},
-        "ray": {"progress": False},
-    }, "bench")
+    cfg = config_from_dict(
+        {
+            "input": {"kind": "embeddings", "path": str(data)},
+            "embed": {"rows_per_part": 100_000},
+            "cluster": {"k": args.k, "niter": args.niter, "sample_size": args.sample, "seed": 0},
+            "ray": {"progress": False},
+        },
+        "bench",
+    )
     run_pipeline(cfg, run_dir, log=print, progress=False)
     embed = json.loads((run_dir / "embed" / "_stage.json").read_text())
     cluster = json.loads((run_dir / "cluster" / "_stage.json").read_text())
@@ -84,12 +101,18 @@ def main(argv: list[str] | None = None) -> None:
     base = bare_faiss(x, args.k, args.niter, args.sample, seed=0)
     ratio = cluster["seconds"] / base["total_s"]
     print()
-    print(f"machine: {cpus} CPUs; rows {args.rows:,} x {args.dim}, k {args.k}, niter {args.niter}, "
-          f"training rows {args.sample:,}")
+    print(
+        f"machine: {cpus} CPUs; rows {args.rows:,} x {args.dim}, k {args.k}, niter {args.niter}, "
+        f"training rows {args.sample:,}"
+    )
     print(f"embed stage:   {embed['seconds']:8.1f} s  {embed['rows_per_second']:>12,.0f} rows/s")
-    print(f"cluster stage: {cluster['seconds']:8.1f} s  (train {cluster['train_seconds']:.1f} s incl. sampling, "
-          f"assign {cluster['assign_seconds']:.1f} s)")
-    print(f"bare faiss:    {base['total_s']:8.1f} s  (train {base['train_s']:.1f} s, assign {base['assign_s']:.1f} s)")
+    print(
+        f"cluster stage: {cluster['seconds']:8.1f} s  (train {cluster['train_seconds']:.1f} s incl. sampling, "
+        f"assign {cluster['assign_seconds']:.1f} s)"
+    )
+    print(
+        f"bare faiss:    {base['total_s']:8.1f} s  (train {base['train_s']:.1f} s, assign {base['assign_s']:.1f} s)"
+    )
     print(f"ratio cluster stage / bare faiss: {ratio:.2f}x (target <= 1.30)")
 
 

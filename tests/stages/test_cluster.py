@@ -102,7 +102,9 @@ def test_training_sample_does_not_depend_on_parts(ray_session, corpus, tmp_path)
         run(cfg, tmp_path / str(rows_per_part), until="embed")
         parts = sorted((tmp_path / str(rows_per_part) / "embed").glob("part-*.parquet"))
         items = [{"part": p.stem, "path": str(p)} for p in parts]
-        ctx = StageContext(run=None, config=cfg, executor=RayExecutor(), progress=False, log=quiet_log)
+        ctx = StageContext(
+            run=None, config=cfg, executor=RayExecutor(), progress=False, log=quiet_log
+        )
         folder = tmp_path / f"sample-{rows_per_part}"
         draw_samples(ctx, items, 4000, 321, [9, 10], folder)
         samples.append([load_sample(folder, r, 321) for r in (0, 1)])
