@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         generate(data, SynthConfig(n=args.rows, dim=args.dim, seed=0, rows_per_file=100_000))
         print(f"generated {args.rows:,} x {args.dim} in {time.perf_counter() - t:.1f} s")
     run_dir = out / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)
+    # embed/ is reused when it was built from the same data; the cluster stage always reruns.
+    shutil.rmtree(run_dir / "cluster", ignore_errors=True)
     cpus = os.cpu_count() or 1
     init_ray(RayConfig(num_cpus=cpus))
     cfg = config_from_dict(

@@ -5,7 +5,7 @@
 What it plants (all seeded):
 - semantic topics: every row is near one of `topics` random directions (k-means should find them);
 - near-duplicate groups with heavy-tailed (Zipf) sizes, members pairwise cos ~0.93;
-- chains A~B~C~...: neighbours cos ~0.92, two apart ~0.70, so only the graph joins them;
+- chains A~B~C(~D) of 3-4 rows: neighbours cos ~0.92, two apart ~0.70, so only the graph joins them;
 - one giant cluster of near-identical rows (LAION's "no object" images), a few % of rows;
 - singletons, pairwise cos ~0.5 within a topic;
 - text embeddings with cos(image, text) ~ N(0.30, 0.07): clip scores spread like real ones.
@@ -75,7 +75,7 @@ def plan_rows(cfg: SynthConfig, rng: np.random.Generator) -> dict[str, np.ndarra
     n_groups = len(sizes)
     is_chain = rng.random(n_groups) < cfg.chain_fraction
     for g in np.flatnonzero(is_chain):
-        sizes[g] = max(3, min(sizes[g], 6))  # chains of 3..6: long enough to need the graph
+        sizes[g] = max(3, min(sizes[g], 4))  # chains of 3..4: long enough to need the graph
     group_rows = int(sum(sizes))
     if group_rows > n - n_giant:  # chains grew a few groups: give the rows back from the largest
         largest = int(np.argmax(sizes))
@@ -129,6 +129,12 @@ def plan_rows(cfg: SynthConfig, rng: np.random.Generator) -> dict[str, np.ndarra
 KIND_NAMES = np.array(["single", "dup", "chain", "giant"])
 
 
+def _chain_lengths(plan: dict[str, np.ndarray], n_groups: int) -> np.ndarray:
+    """Members per group id (over the whole corpus, not one file)."""
+    groups = plan["group"][plan["group"] >= 0]
+    return np.bincount(groups, minlength=n_groups + 1)
+
+
 def generate(out: str | Path, cfg: SynthConfig) -> dict:
     """Write a synthetic clip-retrieval folder at `out`; returns a summary."""
     out = Path(out)
@@ -171,7 +177,9 @@ def generate(out: str | Path, cfg: SynthConfig) -> dict:
         dup = kind == 1
         img[dup] = bases[group[dup]] + dup_eps * noise[dup]
         chain = kind == 2
-        angle = (member[chain] * theta)[:, None]
+        # Members sit at angles centred on the base, so a chain stays inside its topic.
+        chain_len = _chain_lengths(plan, n_groups)[group[chain]]
+        angle = ((member[chain] - (chain_len - 1) / 2) * theta)[:, None]
         img[chain] = (
             np.cos(angle) * bases[group[chain]]
             + np.sin(angle) * turn[group[chain]]

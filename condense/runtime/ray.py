@@ -125,17 +125,6 @@ class _ProcessorActor:
         return {"result": np.array(results, dtype=object)}
 
 
-def _bind(factory: Callable[..., Any], shared_refs: dict[str, list]) -> type:
-    """An actor class with its arguments built in (Ray Data would otherwise keep constructor
-    arguments in the object store and warn that restarts could lose them)."""
-
-    class BoundProcessorActor(_ProcessorActor):
-        def __init__(self):
-            super().__init__(factory, shared_refs)
-
-    return BoundProcessorActor
-
-
 class RayExecutor:
     """Runs processors over work items on the Ray cluster this process is attached to."""
 
@@ -175,7 +164,8 @@ class RayExecutor:
             [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
         )
         ds = ds.map_batches(
-            _bind(factory, shared_refs),
+            _ProcessorActor,
+            fn_constructor_kwargs={"factory": factory, "shared_refs": shared_refs},
             batch_size=1,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=pool_size),

@@ -88,7 +88,7 @@ def check_columns(run: RunDir, stage: Stage) -> None:
             )
 
 
-def write_part(table: pa.Table, folder: Path, part: str) -> Path:
+def write_part(table: pa.Table, folder: Path, part: str, row_group_rows: int | None = None) -> Path:
     """Write one part file atomically.
 
     Text and key columns are zstd-compressed; float vectors are stored plain (their mantissas do
@@ -105,10 +105,17 @@ def write_part(table: pa.Table, folder: Path, part: str) -> Path:
         compression=compression,
         compression_level=levels or None,
         use_dictionary=[name for name, codec in compression.items() if codec == "zstd"],
+        row_group_size=row_group_rows,
     )
     path = Path(folder) / f"part-{part}.parquet"
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def read_columns(path: str | Path, columns: list[str]) -> pa.Table:
+    """Read columns of one part file in a worker. Single-threaded on purpose: a worker is one
+    CPU's share, and Arrow's decoding threads would only contend with the other workers."""
+    return pq.read_table(path, columns=columns, use_threads=False)
 
 
 def record_part(folder: Path, part: str, stats: dict) -> None:

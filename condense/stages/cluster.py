@@ -26,10 +26,20 @@ from condense.cores.kmeans import assign, train_kmeans
 from condense.cores.vectors import to_unit_float32
 from condense.errors import StageError
 from condense.pipeline.rundir import atomic_write_bytes
-from condense.stages.base import Stage, StageContext, StageResult, part_files, run_parts, write_part
+from condense.stages.base import (
+    Stage,
+    StageContext,
+    StageResult,
+    part_files,
+    read_columns,
+    run_parts,
+    write_part,
+)
+from condense.stages.unique_ids import id_hash_file
 from condense.strict import StrictModel
 
 CENTROIDS = "centroids.npy"
+RING = 1 << 64  # id hashes are points on a ring of this size
 SAMPLE_DIR = "_sample"  # training samples while the stage runs; removed once centroids exist
 
 
@@ -54,38 +64,79 @@ class ClusterConfig(StrictModel):
 
 
 class SampleDrawer:
-    """Writes, for each training round, the rows of one embed part whose hash(seed, sample_id)
-    falls under that round's cutoff: vectors to `r<round>/<part>.npy`, keys to `.keys.parquet`.
+    """Writes, for each training round, the rows of one embed part inside that round's window
+    of the id-hash ring: vectors to `r<round>/<part>.npy`, keys to `r<round>/<part>.keys.parquet`.
 
-    Files rather than return values: the sample can be far larger than a message should be, and
-    the driver then loads one round at a time.
+    Embed parts are stored in id-hash order, so a window is a contiguous run of rows and only
+    the row groups holding it are read. Files rather than return values: a sample can be far
+    larger than a message should be, and the driver then loads one round at a time.
     """
 
-    def __init__(self, seeds: list[int], cutoffs: list[int], out_dir: str):
-        self.seeds = seeds
-        self.cutoffs = [np.uint64(c) for c in cutoffs]
+    def __init__(self, starts: list[int], width: int, embed_dir: str, out_dir: str):
+        self.starts = starts
+        self.width = width
+        self.embed_dir = Path(embed_dir)
         self.out_dir = Path(out_dir)
 
     def process(self, item: dict) -> dict:
-        table = pq.read_table(item["path"], columns=[S.SAMPLE_ID, S.IMG_EMB])
-        ids = table.column(S.SAMPLE_ID)
+        hashes = np.load(id_hash_file(self.embed_dir, item["part"]), mmap_mode="r")["hash"]
+        windows = [_window_rows(hashes, start, self.width) for start in self.starts]
+        needed = np.unique(np.concatenate(windows)) if windows else np.zeros(0, np.int64)
+        table = _read_rows(item["path"], needed, [S.SAMPLE_ID, S.IMG_EMB])
         vectors = S.arrow_to_vectors(table.column(S.IMG_EMB))
         counts = []
-        for r, (seed, cutoff) in enumerate(zip(self.seeds, self.cutoffs, strict=True)):
-            hashes = hash_ids(ids, seed)
-            picked = np.flatnonzero(hashes <= cutoff)
-            folder = self.out_dir / f"r{r}"
+        for r, (start, rows) in enumerate(zip(self.starts, windows, strict=True)):
+            at = np.searchsorted(needed, rows)
             keys = pa.table(
-                {S.SAMPLE_ID: ids.take(pa.array(picked)), "hash": pa.array(hashes[picked])}
+                {
+                    S.SAMPLE_ID: table.column(S.SAMPLE_ID).take(pa.array(at)),
+                    "ring_key": pa.array(ring_offset(np.asarray(hashes[rows]), start)),
+                }
             )
+            folder = self.out_dir / f"r{r}"
             buf = io.BytesIO()
-            np.save(buf, np.ascontiguousarray(vectors[picked]))
+            np.save(buf, np.ascontiguousarray(vectors[at]))
             atomic_write_bytes(folder / f"{item['part']}.npy", buf.getvalue())
             buf = io.BytesIO()
             pq.write_table(keys, buf)
             atomic_write_bytes(folder / f"{item['part']}.keys.parquet", buf.getvalue())
-            counts.append(len(picked))
-        return {"part": item["part"], "rows_in": table.num_rows, "picked": counts}
+            counts.append(len(rows))
+        return {"part": item["part"], "rows_in": len(hashes), "picked": counts, "read": len(needed)}
+
+
+def ring_offset(hashes: np.ndarray, start: int) -> np.ndarray:
+    """(hash - start) mod 2^64: a row's position on the id-hash ring counted from `start`."""
+    with np.errstate(over="ignore"):
+        return np.asarray(hashes, dtype=np.uint64) - np.uint64(start)
+
+
+def _window_rows(sorted_hashes: np.ndarray, start: int, width: int) -> np.ndarray:
+    """Rows whose hash lies in [start, start + width) on the ring (width 2^64: every row)."""
+    n = len(sorted_hashes)
+    if width >= RING:
+        return np.arange(n)
+    lo = int(np.searchsorted(sorted_hashes, np.uint64(start), side="left"))
+    end = start + width
+    if end <= RING - 1:
+        hi = int(np.searchsorted(sorted_hashes, np.uint64(end), side="left"))
+        return np.arange(lo, hi)
+    hi = int(np.searchsorted(sorted_hashes, np.uint64(end - RING), side="left"))
+    return np.concatenate([np.arange(lo, n), np.arange(0, hi)])
+
+
+def _read_rows(path: str, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """The given rows (sorted) of a Parquet file, reading only the row groups that hold them."""
+    f = pq.ParquetFile(path)
+    sizes = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
+    if not len(groups):
+        return f.schema_arrow.empty_table().select(columns)
+    table = f.read_row_groups(groups.tolist(), columns=columns, use_threads=False)
+    read_starts = np.concatenate([[0], np.cumsum([sizes[g] for g in groups])])
+    group_of = np.searchsorted(groups, np.searchsorted(starts, rows, side="right") - 1)
+    positions = read_starts[group_of] + (rows - starts[groups[group_of]])
+    return table.take(pa.array(positions))
 
 
 class Assigner:
@@ -98,7 +149,7 @@ class Assigner:
 
     def process(self, item: dict) -> dict:
         start = time.perf_counter()
-        table = pq.read_table(item["path"], columns=[S.SAMPLE_ID, S.IMG_EMB])
+        table = read_columns(item["path"], [S.SAMPLE_ID, S.IMG_EMB])
         vectors = to_unit_float32(S.arrow_to_vectors(table.column(S.IMG_EMB)))
         result = assign(vectors, self.centroids, device=self.device)
         out = pa.Table.from_arrays(
@@ -150,6 +201,7 @@ def _train_task(
 
 class ClusterStage(Stage):
     name = "cluster"
+    version = 2  # 2: training samples are windows of the id-hash ring
     reads = {"embed": (S.SAMPLE_ID, S.IMG_EMB)}
     writes = tuple(S.CLUSTER_SCHEMA.names)
 
@@ -220,7 +272,7 @@ class ClusterStage(Stage):
         seeds = [cfg.seed + r for r in range(cfg.rounds)]
         folder = ctx.run.stage_dir(self.name) / SAMPLE_DIR
         t = time.perf_counter()
-        draw_samples(ctx, items, rows, size, seeds, folder)
+        draw_samples(ctx, items, rows, size, seeds, ctx.run.stage_dir("embed"), folder)
         sampled = time.perf_counter() - t
         centroids = None
         rounds = []
@@ -253,39 +305,57 @@ class ClusterStage(Stage):
         return centroids, rounds, sampled
 
 
-def draw_samples(
-    ctx: StageContext, items: list[dict], rows: int, size: int, seeds: list[int], folder: Path
-) -> None:
-    """One pass over embed/ writing, per seed, a superset of the `size` smallest-hash rows.
+def window_start(seed: int) -> int:
+    """Where a seed's sample starts on the id-hash ring."""
+    return int(hash_ids([f"condense-sample-{seed}"], seed)[0])
 
-    Each worker keeps rows under a hash cutoff set a few standard deviations above the expected
-    need; `load_sample` then keeps the smallest `size`. Neither depends on how rows are split
-    into parts.
+
+def draw_samples(
+    ctx: StageContext,
+    items: list[dict],
+    rows: int,
+    size: int,
+    seeds: list[int],
+    embed_dir: Path,
+    folder: Path,
+) -> None:
+    """One pass over embed/ writing, per seed, a superset of that seed's `size`-row sample.
+
+    A seed's sample is the `size` rows that follow window_start(seed) on the ring of id hashes
+    (ties by sample_id): a uniform random sample, the same however the rows are split into
+    parts. Workers keep a window a few standard deviations wider than needed; `load_sample`
+    trims it to `size`.
     """
     fraction = 1.0 if size >= rows else min(1.0, (size + 6 * math.sqrt(size) + 64) / rows)
+    starts = [window_start(seed) for seed in seeds]
     while True:
-        cutoff = (1 << 64) - 1 if fraction >= 1.0 else int(fraction * float(1 << 64))
+        width = RING if fraction >= 1.0 else int(fraction * float(RING))
         shutil.rmtree(folder, ignore_errors=True)
-        shared = {"seeds": seeds, "cutoffs": [cutoff] * len(seeds), "out_dir": str(folder)}
+        shared = {
+            "starts": starts,
+            "width": width,
+            "embed_dir": str(embed_dir),
+            "out_dir": str(folder),
+        }
         got = [stats for stats, _ in ctx.executor.map_items(items, SampleDrawer, shared=shared)]
         picked = np.sum([g["picked"] for g in got], axis=0)
         if picked.min() >= size or fraction >= 1.0:
             return
-        fraction = min(1.0, fraction * 2)  # a rare shortfall: widen the cutoff and draw again
+        fraction = min(1.0, fraction * 2)  # a rare shortfall: widen the window and draw again
 
 
 def load_sample(folder: Path, round_index: int, size: int) -> np.ndarray:
-    """The `size` rows with the smallest (hash, sample_id) of one round, as unit float32 vectors."""
+    """One round's sample: the `size` rows nearest its window start, as unit float32 vectors."""
     round_dir = Path(folder) / f"r{round_index}"
     key_files = sorted(round_dir.glob("*.keys.parquet"))
-    hashes, ids, owner, row = [], [], [], []
+    keys, ids, owner, row = [], [], [], []
     for index, path in enumerate(key_files):
-        keys = pq.read_table(path)
-        hashes.append(keys.column("hash").to_numpy())
-        ids.append(np.asarray(keys.column(S.SAMPLE_ID).to_pylist(), dtype=object))
-        owner.append(np.full(keys.num_rows, index, dtype=np.int64))
-        row.append(np.arange(keys.num_rows))
-    order = smallest_hash_order(np.concatenate(hashes), np.concatenate(ids))[:size]
+        table = pq.read_table(path)
+        keys.append(table.column("ring_key").to_numpy())
+        ids.append(np.asarray(table.column(S.SAMPLE_ID).to_pylist(), dtype=object))
+        owner.append(np.full(table.num_rows, index, dtype=np.int64))
+        row.append(np.arange(table.num_rows))
+    order = smallest_hash_order(np.concatenate(keys), np.concatenate(ids))[:size]
     owner_sel, row_sel = np.concatenate(owner)[order], np.concatenate(row)[order]
     out = None
     for index, path in enumerate(key_files):

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from condense import schema as S
+from condense.cores.hashing import hash_ids
 from condense.cores.vectors import (
     DROP_MISSING_ID,
     as_stored,
@@ -32,8 +33,10 @@ from condense.stages.base import (
     run_parts,
     write_part,
 )
-from condense.stages.unique_ids import check_unique_ids, write_id_hashes
+from condense.stages.unique_ids import ID_HASH_SEED, check_unique_ids, write_id_hashes
 from condense.strict import StrictModel
+
+EMBED_ROW_GROUP = 8192  # rows per Parquet row group: the unit a partial read (a sample) fetches
 
 
 class EmbedConfig(StrictModel):
@@ -71,11 +74,18 @@ class EmbedPartWriter:
             mask = mask & keep
             dropped[reason] = int(mask.sum())
             keep &= ~mask
-        img = as_stored(normalize(raw.img[keep]), self.dtype)
-        txt = as_stored(normalize(raw.txt[keep]), self.dtype)
+        # Rows are stored in the order of their id hash: any seeded window of that order is a
+        # uniform sample that a reader can fetch without scanning the part (see cluster).
+        kept_ids = ids[keep]
+        hashes = (
+            hash_ids(kept_ids.tolist(), ID_HASH_SEED) if len(kept_ids) else np.zeros(0, np.uint64)
+        )
+        order = np.lexsort((kept_ids, hashes))
+        idx = np.flatnonzero(keep)[order]
+        img = as_stored(normalize(raw.img[idx]), self.dtype)
+        txt = as_stored(normalize(raw.txt[idx]), self.dtype)
         # Scored from the stored vectors, exactly as later stages will see them.
         score = clip_scores(to_unit_float32(img), to_unit_float32(txt))
-        idx = np.flatnonzero(keep)
         table = pa.Table.from_arrays(
             [
                 pa.array(ids[idx].tolist(), type=pa.string()),
@@ -86,15 +96,10 @@ class EmbedPartWriter:
                 S.vectors_to_arrow(txt),
                 pa.array(score, type=pa.float32()),
             ],
-            schema=S.embed_schema(img.shape[1] if img.ndim == 2 else raw.img.shape[1], self.dtype),
+            schema=S.embed_schema(raw.img.shape[1], self.dtype),
         )
-        write_id_hashes(
-            Path(self.out_dir),
-            item["part"],
-            table.column(S.SAMPLE_ID).to_pylist(),
-            raw.first_row + idx,
-        )
-        write_part(table, self.out_dir, item["part"])
+        write_id_hashes(Path(self.out_dir), item["part"], hashes[order], raw.first_row + idx)
+        write_part(table, self.out_dir, item["part"], row_group_rows=EMBED_ROW_GROUP)
         return {
             "part": item["part"],
             "rows_in": n,
@@ -106,6 +111,7 @@ class EmbedPartWriter:
 
 class EmbedStage(Stage):
     name = "embed"
+    version = 2  # 2: rows stored in id-hash order, with _ids/ side files
     writes = tuple(S.embed_schema(1, "float32").names)
 
     def settings(self, config):

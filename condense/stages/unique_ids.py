@@ -1,7 +1,7 @@
 """Distributed check that every sample_id of embed/ is unique (rows are joined by id).
 
-Each embed part also writes `_ids/<part>.npy`: its rows' 64-bit id hashes, sorted, with their
-row numbers. The check splits the hash range into buckets; one worker per bucket slices every
+Each embed part stores its rows in id-hash order and writes `_ids/<part>.npy`: the rows'
+64-bit id hashes (so, sorted) with their row numbers. The check splits the hash range into buckets; one worker per bucket slices every
 part's sorted hashes to its range (binary search on a memory map, so each byte is read once),
 and reports hashes that repeat. Only those few candidates reach the driver, which confirms them
 against the real ids (a 64-bit collision is not a duplicate) and names file and row.
@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from condense import schema as S
-from condense.cores.hashing import hash_ids, repeated
+from condense.cores.hashing import repeated
 from condense.errors import InputError
 from condense.pipeline.rundir import atomic_write_bytes
 
@@ -25,18 +25,24 @@ ID_RECORD = np.dtype([("hash", "<u8"), ("part_row", "<i8"), ("source_row", "<i8"
 ROWS_PER_BUCKET = 50_000_000  # hashes one worker sorts at once (1.2 GB of records)
 
 
-def write_id_hashes(folder: Path, part: str, ids: list[str], source_rows: np.ndarray) -> None:
-    """Write one part's sorted id hashes with their row numbers (called by the embed writer)."""
+def write_id_hashes(folder: Path, part: str, hashes: np.ndarray, source_rows: np.ndarray) -> None:
+    """Write one part's id hashes, in part order, which the embed writer makes hash order."""
     import io
 
-    records = np.empty(len(ids), dtype=ID_RECORD)
-    records["hash"] = hash_ids(ids, ID_HASH_SEED) if ids else np.zeros(0, np.uint64)
-    records["part_row"] = np.arange(len(ids))
+    if len(hashes) > 1 and not np.all(hashes[1:] >= hashes[:-1]):
+        raise ValueError("write_id_hashes expects the part's rows in hash order")
+    records = np.empty(len(hashes), dtype=ID_RECORD)
+    records["hash"] = hashes
+    records["part_row"] = np.arange(len(hashes))
     records["source_row"] = source_rows
-    records.sort(order=["hash", "part_row"])
     buf = io.BytesIO()
     np.save(buf, records)
     atomic_write_bytes(Path(folder) / IDS_DIR / f"{part}.npy", buf.getvalue())
+
+
+def id_hash_file(folder: Path, part: str) -> Path:
+    """Where embed keeps a part's sorted id hashes."""
+    return Path(folder) / IDS_DIR / f"{part}.npy"
 
 
 class RepeatFinder:
@@ -84,7 +90,7 @@ def check_unique_ids(
     rows_per_bucket: int = ROWS_PER_BUCKET,
 ) -> None:
     """Raise InputError naming ids, files and rows when a sample_id occurs more than once."""
-    id_files = [str(Path(folder) / IDS_DIR / f"{part}.npy") for part in parts]
+    id_files = [str(id_hash_file(folder, part)) for part in parts]
     buckets = max(1, -(-total_rows // rows_per_bucket))
     edges = [int(b * (1 << 64) // buckets) for b in range(buckets)] + [None]
     items = [

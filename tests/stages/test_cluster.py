@@ -94,29 +94,31 @@ def test_spherical_and_warm_started_rounds(ray_session, corpus, tmp_path):
 def test_training_sample_does_not_depend_on_parts(ray_session, corpus, tmp_path):
     from condense.runtime.ray import RayExecutor
     from condense.stages.base import StageContext
-    from condense.stages.cluster import draw_samples, load_sample
+    from condense.stages.cluster import draw_samples, load_sample, ring_offset, window_start
 
     samples = []
     for rows_per_part in (4000, 700):
         cfg = make_config(corpus, embed={"rows_per_part": rows_per_part})
         run(cfg, tmp_path / str(rows_per_part), until="embed")
         parts = sorted((tmp_path / str(rows_per_part) / "embed").glob("part-*.parquet"))
-        items = [{"part": p.stem, "path": str(p)} for p in parts]
+        items = [{"part": p.stem.removeprefix("part-"), "path": str(p)} for p in parts]
         ctx = StageContext(
             run=None, config=cfg, executor=RayExecutor(), progress=False, log=quiet_log
         )
         folder = tmp_path / f"sample-{rows_per_part}"
-        draw_samples(ctx, items, 4000, 321, [9, 10], folder)
+        embed_dir = tmp_path / str(rows_per_part) / "embed"
+        draw_samples(ctx, items, 4000, 321, [9, 10], embed_dir, folder)
         samples.append([load_sample(folder, r, 321) for r in (0, 1)])
     assert samples[0][0].shape == (321, 64)
     assert np.array_equal(samples[0][0], samples[1][0])
     assert np.array_equal(samples[0][1], samples[1][1])
     assert not np.array_equal(samples[0][0], samples[0][1])  # a fresh sample per round
-    # The sample is exactly the 321 smallest hash(seed, sample_id).
+    # The sample is exactly the 321 rows that follow the seed's start on the id-hash ring.
     from condense.cores.hashing import hash_ids
+    from condense.stages.unique_ids import ID_HASH_SEED
 
     emb = pq.read_table(sorted((tmp_path / "4000" / "embed").glob("part-*.parquet"))).to_pandas()
-    emb["h"] = hash_ids(emb.sample_id.tolist(), 9)
+    emb["h"] = ring_offset(hash_ids(emb.sample_id.tolist(), ID_HASH_SEED), window_start(9))
     chosen = emb.sort_values(["h", "sample_id"]).head(321)
     expect = np.stack(chosen.img_emb.to_numpy()).astype(np.float32)
     assert np.array_equal(samples[0][0], expect)

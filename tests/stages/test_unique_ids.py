@@ -4,11 +4,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from condense.cores.hashing import repeated
+from condense.cores.hashing import hash_ids, repeated
 from condense.errors import InputError
 from condense.runtime.ray import RayExecutor
 from condense.stages.base import write_part
-from condense.stages.unique_ids import check_unique_ids, write_id_hashes
+from condense.stages.unique_ids import ID_HASH_SEED, check_unique_ids, write_id_hashes
 
 
 def test_repeated_marks_every_copy():
@@ -18,10 +18,15 @@ def test_repeated_marks_every_copy():
 
 
 def _write(folder, parts):
+    """Parts as embed writes them: rows in id-hash order; source rows 100 + input position."""
     for name, ids in parts.items():
-        table = pa.table({"sample_id": ids, "source": [f"{name}.src"] * len(ids)})
+        hashes = hash_ids(ids, ID_HASH_SEED) if ids else np.zeros(0, np.uint64)
+        order = np.argsort(hashes, kind="stable")
+        table = pa.table(
+            {"sample_id": [ids[i] for i in order], "source": [f"{name}.src"] * len(ids)}
+        )
         write_part(table, folder, name)
-        write_id_hashes(folder, name, ids, np.arange(len(ids)) + 100)
+        write_id_hashes(folder, name, hashes[order], order + 100)
 
 
 @pytest.mark.parametrize("rows_per_bucket", [1, 3, 1000])
