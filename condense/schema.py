@@ -67,7 +67,15 @@ def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
 def arrow_to_vectors(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Return an (n, d) numpy view of a fixed-size-list (or equal-length list) column."""
     if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+        if column.num_chunks == 1:
+            column = column.chunk(0)
+        elif pa.types.is_fixed_size_list(column.type):
+            # One memcpy per chunk (row group): far cheaper than Arrow's combine_chunks on lists.
+            d = column.type.list_size
+            pieces = [arrow_to_vectors(chunk) for chunk in column.chunks]
+            return np.concatenate(pieces) if pieces else np.zeros((0, d), np.float32)
+        else:
+            column = column.combine_chunks()
     if pa.types.is_fixed_size_list(column.type):
         d = column.type.list_size
         values = column.flatten()  # honours the array's offset

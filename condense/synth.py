@@ -39,9 +39,7 @@ class SynthConfig(StrictModel):
     n: int = Field(20_000, ge=1)  # rows
     dim: int = Field(64, ge=8)  # embedding dimension
     seed: int = 0  # everything below is drawn from this seed
-    topics: int | None = Field(
-        None, ge=1
-    )  # semantic topics; None: about one per 2,000 rows (at least 8)
+    topics: int | None = Field(None, ge=1)  # semantic topics; None: n / 2,000 (at least 8)
     rows_per_file: int = Field(10_000, ge=1)  # rows per img_emb_N.npy file
     dup_fraction: float = Field(0.62, ge=0.0, le=1.0)  # rows inside duplicate groups and chains
     chain_fraction: float = Field(0.1, ge=0.0, le=1.0)  # share of groups that are chains

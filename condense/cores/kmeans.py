@@ -44,7 +44,12 @@ def train_kmeans(
     `init_centroids` warm-starts training (the recipe's rounds over fresh samples).
     `device='cuda'` uses faiss-gpu when it is installed, and fails clearly when it is not.
     """
-    import faiss
+    try:
+        import faiss
+    except ImportError as exc:
+        raise ImportError(
+            "k-means needs faiss: pip install 'condense[cpu]' (faiss-cpu) or 'condense[gpu]' (faiss-gpu)"
+        ) from exc
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
@@ -108,11 +113,12 @@ def assign(
         ids[start:stop] = chosen
         # Per row: float32 element-wise terms, float64 sums. No term depends on the other rows
         # of the chunk, so these bits are the same whatever batch a row arrives in.
-        cg = c[chosen]
-        diff = xs - cg
-        dist[start:stop] = np.sqrt(np.sum(diff * diff, axis=1, dtype=np.float64))
-        dots = np.sum(xs * cg, axis=1, dtype=np.float64)
-        norms = np.sqrt(np.sum(xs * xs, axis=1, dtype=np.float64) * c_sq[chosen])
+        dots = np.sum(xs * c[chosen], axis=1, dtype=np.float64)
+        x_sq = np.sum(xs * xs, axis=1, dtype=np.float64)
+        cc = c_sq[chosen]
+        # float64 keeps ||x||^2 + ||c||^2 - 2 x.c accurate even for rows sitting on a centroid.
+        dist[start:stop] = np.sqrt(np.maximum(x_sq + cc - 2.0 * dots, 0.0))
+        norms = np.sqrt(x_sq * cc)
         with np.errstate(invalid="ignore", divide="ignore"):
             cos[start:stop] = np.where(norms > 0, dots / norms, 0.0)
     return Assignment(ids.astype(np.int32), dist.astype(np.float32), cos.astype(np.float32))
@@ -122,16 +128,10 @@ def _nearest(
     x: np.ndarray, c: np.ndarray, c64: np.ndarray, c_sq: np.ndarray, device: str
 ) -> np.ndarray:
     """Nearest centroid ids for one chunk: float32 candidates, float64 re-rank of near ties."""
-    # ||x - c||^2 = ||x||^2 + ||c||^2 - 2 x.c ; ||x||^2 is the same for every centroid of a row.
-    score = _half_sq_dist(x, c, c_sq.astype(np.float32), device)
-    best = np.argmin(score, axis=1)
-    if score.shape[1] == 1:
+    best, gap = _two_nearest(x, c, c_sq, device)
+    if len(c) == 1:
         return best
-    rows = np.arange(len(x))
-    best_val = score[rows, best]
-    score[rows, best] = np.inf
-    second = score.min(axis=1)
-    unsure = np.flatnonzero((second - best_val) * 2 <= _AMBIGUITY)
+    unsure = np.flatnonzero(gap <= _AMBIGUITY)
     if len(unsure):
         # Near ties (often two centroids faiss split from one) are settled in float64;
         # argmin returns the first, so exact ties go to the lower centroid id.
@@ -140,15 +140,36 @@ def _nearest(
     return best
 
 
-def _half_sq_dist(x: np.ndarray, c: np.ndarray, c_sq32: np.ndarray, device: str) -> np.ndarray:
-    """0.5 ||c||^2 - x.c for every (row, centroid): argmin over it is the nearest centroid."""
+def _two_nearest(
+    x: np.ndarray, c: np.ndarray, c_sq: np.ndarray, device: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best centroid per row by float32 arithmetic, and the squared-distance gap to the runner-up."""
     if device.startswith("cuda"):
         import torch
 
         xt = torch.from_numpy(x).to(device)
         ct = torch.from_numpy(c).to(device)
-        out = 0.5 * torch.from_numpy(c_sq32).to(device)[None, :] - xt @ ct.T
-        return out.cpu().numpy()
-    out = x @ c.T
-    np.subtract(0.5 * c_sq32[None, :], out, out=out)
-    return out
+        half = 0.5 * torch.from_numpy(c_sq.astype(np.float32)).to(device)[None, :] - xt @ ct.T
+        vals, ids = torch.topk(half, k=min(2, len(c)), dim=1, largest=False)
+        vals, ids = vals.cpu().numpy(), ids.cpu().numpy()
+        gap = 2 * (vals[:, -1] - vals[:, 0]) if len(c) > 1 else np.full(len(x), np.inf)
+        return ids[:, 0].astype(np.int64), gap
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    if faiss is not None:
+        # faiss's fused BLAS + top-k is the fastest CPU search; exactness comes from the re-rank.
+        index = faiss.IndexFlatL2(c.shape[1])
+        index.add(c)
+        dist, ids = index.search(x, min(2, len(c)))
+        gap = dist[:, -1] - dist[:, 0] if len(c) > 1 else np.full(len(x), np.inf)
+        return ids[:, 0].astype(np.int64), gap
+    half = x @ c.T
+    np.subtract(0.5 * c_sq.astype(np.float32)[None, :], half, out=half)
+    best = np.argmin(half, axis=1)
+    rows = np.arange(len(x))
+    best_val = half[rows, best]
+    half[rows, best] = np.inf
+    gap = 2 * (half.min(axis=1) - best_val) if len(c) > 1 else np.full(len(x), np.inf)
+    return best, gap

@@ -20,19 +20,14 @@ from condense.synth import SynthConfig
 class InputConfig(StrictModel):
     """What the pipeline reads."""
 
-    kind: Literal["embeddings", "synth", "webdataset", "urls"] = (
-        "embeddings"  # synth: generated into RUN/input/
-    )
-    path: str | None = (
-        None  # folder (embeddings, webdataset) or Parquet file (urls); unused for synth
-    )
+    # embeddings: precomputed; synth: generated into RUN/input/; webdataset, urls: images.
+    kind: Literal["embeddings", "synth", "webdataset", "urls"] = "embeddings"
+    path: str | None = None  # input folder (a Parquet file for urls); unused for synth
     synth: SynthConfig = SynthConfig()  # the generated corpus, for kind synth
-    format: Literal["auto", "clip_retrieval", "parquet"] = (
-        "auto"  # embeddings layout; auto: img_emb/ folder means clip-retrieval
-    )
-    id_column: str | None = (
-        None  # metadata column holding the sample id; None: "key" (clip-retrieval) or "sample_id" (parquet)
-    )
+    # Embeddings layout; auto: an img_emb/ folder means clip-retrieval, else Parquet files.
+    format: Literal["auto", "clip_retrieval", "parquet"] = "auto"
+    # Column holding the sample id; None: "key" (clip-retrieval) or "sample_id" (Parquet).
+    id_column: str | None = None
     caption_column: str = "caption"  # metadata column with the caption (may be absent)
     url_column: str = "url"  # metadata column with the url (may be absent)
 

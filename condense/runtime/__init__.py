@@ -8,14 +8,11 @@ from condense.strict import StrictModel
 class RayConfig(StrictModel):
     """How condense finds or starts Ray."""
 
-    address: str | None = (
-        None  # existing cluster ("auto", "ray://host:10001", "127.0.0.1:6379"); None: RAY_ADDRESS or a new local Ray
-    )
+    # Cluster to join ("auto", "ray://host:10001", "host:6379"); None: RAY_ADDRESS, else a local Ray.
+    address: str | None = None
     num_cpus: int | None = None  # CPUs of a new local Ray; None: all of this machine's
     num_gpus: int | None = None  # GPUs of a new local Ray; None: Ray's own detection
-    object_store_memory: int | None = (
-        None  # bytes for a new local Ray's object store; None: Ray's default
-    )
+    object_store_memory: int | None = None  # bytes, new local Ray's object store; None: default
     include_dashboard: bool = False  # start the dashboard with a new local Ray
     dashboard_host: str = "127.0.0.1"  # interface the dashboard binds to (local Ray only)
     progress: bool = True  # show a progress bar per stage

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -116,6 +116,26 @@ def read_columns(path: str | Path, columns: list[str]) -> pa.Table:
     """Read columns of one part file in a worker. Single-threaded on purpose: a worker is one
     CPU's share, and Arrow's decoding threads would only contend with the other workers."""
     return pq.read_table(path, columns=columns, use_threads=False)
+
+
+def iter_row_groups(path: str | Path, columns: list[str]) -> Iterator[pa.Table]:
+    """Yield a part file's row groups in order, reading the next one while the caller works on
+    the current (Arrow and numpy release the GIL, so disk and CPU overlap in one worker)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = pq.ParquetFile(path)
+    n = f.metadata.num_row_groups
+
+    def read(g: int) -> pa.Table:
+        return f.read_row_group(g, columns=columns, use_threads=False)
+
+    with ThreadPoolExecutor(max_workers=1) as io:
+        pending = io.submit(read, 0) if n else None
+        for g in range(n):
+            table = pending.result()
+            if g + 1 < n:
+                pending = io.submit(read, g + 1)
+            yield table
 
 
 def record_part(folder: Path, part: str, stats: dict) -> None:

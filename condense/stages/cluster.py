@@ -2,7 +2,8 @@
 to its nearest centroid by Ray workers (centroids sent once per worker).
 
 Writes cluster/part-*.parquet (sample_id, cluster_id, centroid_dist, centroid_cos), one per
-embed part, and centroids.npy. The driver holds at most the training sample and the centroids.
+embed part, and centroids.npy. The driver holds only the centroids: training samples go from
+the sampling workers to the training task through files in cluster/_sample/.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from condense.stages.base import (
     Stage,
     StageContext,
     StageResult,
+    iter_row_groups,
     part_files,
-    read_columns,
     run_parts,
     write_part,
 )
@@ -49,16 +50,12 @@ class ClusterConfig(StrictModel):
     k: int = Field(100, ge=1)  # number of clusters
     niter: int = Field(10, ge=1)  # k-means iterations per round
     sample_size: int = Field(1_000_000, ge=1)  # training rows drawn per round (all rows when fewer)
-    rounds: int = Field(
-        1, ge=1
-    )  # rounds over fresh samples, each warm-started from the last centroids
+    rounds: int = Field(1, ge=1)  # fresh samples, each warm-started from the last centroids
     spherical: bool = False  # re-normalise centroids after each iteration (cosine k-means)
     seed: int = 0  # seeds the training samples and faiss
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the Ray cluster has them
-    workers: int | None = None  # assignment actors; None: one per CPU (or GPU)
-    train_threads: int | None = (
-        None  # faiss threads for training; None: all CPUs of the node it runs on
-    )
+    workers: int | None = None  # assignment actors; None: one per CPU (or per GPU)
+    train_threads: int | None = None  # faiss training threads; None: the node's CPUs
 
     runtime_fields = frozenset({"device", "workers", "train_threads"})
 
@@ -149,20 +146,23 @@ class Assigner:
 
     def process(self, item: dict) -> dict:
         start = time.perf_counter()
-        table = read_columns(item["path"], [S.SAMPLE_ID, S.IMG_EMB])
-        vectors = to_unit_float32(S.arrow_to_vectors(table.column(S.IMG_EMB)))
-        result = assign(vectors, self.centroids, device=self.device)
+        # Row group by row group, the next one read while this one is assigned; zero-copy views.
+        ids, results = [], []
+        for group in iter_row_groups(item["path"], [S.SAMPLE_ID, S.IMG_EMB]):
+            vectors = to_unit_float32(S.arrow_to_vectors(group.column(S.IMG_EMB)))
+            results.append(assign(vectors, self.centroids, device=self.device))
+            ids.append(group.column(S.SAMPLE_ID))
+        n = sum(len(r.cluster_id) for r in results)
         out = pa.Table.from_arrays(
             [
-                table.column(S.SAMPLE_ID),
-                pa.array(result.cluster_id, type=pa.int32()),
-                pa.array(result.centroid_dist, type=pa.float32()),
-                pa.array(result.centroid_cos, type=pa.float32()),
+                pa.chunked_array([c for chunk in ids for c in chunk.chunks], type=pa.string()),
+                pa.array(_concat(r.cluster_id for r in results), type=pa.int32()),
+                pa.array(_concat(r.centroid_dist for r in results), type=pa.float32()),
+                pa.array(_concat(r.centroid_cos for r in results), type=pa.float32()),
             ],
             schema=S.CLUSTER_SCHEMA,
         )
         write_part(out, self.out_dir, item["part"])
-        n = table.num_rows
         return {
             "part": item["part"],
             "rows_in": n,
@@ -171,8 +171,15 @@ class Assigner:
         }
 
 
+def _concat(arrays) -> np.ndarray:
+    arrays = list(arrays)
+    return np.concatenate(arrays) if arrays else np.zeros(0)
+
+
 def _train_task(
-    sample: np.ndarray,
+    sample_dir: str,
+    round_index: int,
+    size: int,
     k: int,
     niter: int,
     seed: int,
@@ -181,7 +188,11 @@ def _train_task(
     device: str,
     threads: int | None,
 ) -> np.ndarray:
-    """k-means training as one Ray task, so it can run on a GPU node."""
+    """One k-means round as a Ray task (so it can run on a GPU node). It loads its sample from
+    the files the sampling pass wrote, so the sample never travels through the driver."""
+    sample = load_sample(Path(sample_dir), round_index, size)
+    if len(sample) < k:
+        raise StageError(f"cluster: the training sample has {len(sample)} rows, fewer than k={k}")
     if device == "auto":
         import faiss
 
@@ -251,7 +262,7 @@ class ClusterStage(Stage):
                 "out_dir": str(out_dir),
                 "device": "cuda" if use_gpu else "cpu",
             },
-            num_cpus=0.5 if use_gpu else 1.0,
+            num_cpus=1.0,
             num_gpus=1.0 if use_gpu else 0.0,
             pool_size=cfg.workers,
         )
@@ -278,17 +289,12 @@ class ClusterStage(Stage):
         rounds = []
         for r, seed in enumerate(seeds):
             t = time.perf_counter()
-            sample = load_sample(folder, r, size)
-            if len(sample) < cfg.k:
-                raise StageError(
-                    f"cluster: the training sample has {len(sample)} rows, fewer than k={cfg.k}"
-                )
-            ctx.log(
-                f"[cluster] round {r + 1}/{cfg.rounds}: k-means k={cfg.k} on {len(sample):,} rows"
-            )
+            ctx.log(f"[cluster] round {r + 1}/{cfg.rounds}: k-means k={cfg.k} on {size:,} rows")
             centroids = ctx.executor.call(
                 _train_task,
-                sample,
+                str(folder),
+                r,
+                size,
                 cfg.k,
                 cfg.niter,
                 seed,
@@ -299,7 +305,6 @@ class ClusterStage(Stage):
                 num_cpus=1.0,
                 num_gpus=1.0 if use_gpu else 0.0,
             )
-            del sample
             rounds.append({"rows": size, "seconds": round(time.perf_counter() - t, 3)})
         shutil.rmtree(folder, ignore_errors=True)  # the centroids are what was worth keeping
         return centroids, rounds, sampled

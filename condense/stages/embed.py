@@ -43,9 +43,8 @@ class EmbedConfig(StrictModel):
     """How embeddings are stored in embed/."""
 
     dim: int | None = None  # expected embedding dimension; None: taken from the input
-    dtype: Literal["float16", "float32"] = (
-        "float32"  # stored precision; float16 halves the disk, later stages re-normalise
-    )
+    # Stored precision; float16 halves the disk (later stages re-normalise after the upcast).
+    dtype: Literal["float16", "float32"] = "float32"
     rows_per_part: int = 100_000  # rows per output part file (and per unit of work / resume)
     check_duplicate_ids: bool = True  # fail when a sample_id occurs twice (rows are joined by id)
     workers: int | None = None  # parallel readers; None: one per CPU
