@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"embed stage:   {embed['seconds']:8.1f} s  {embed['rows_per_second']:>12,.0f} rows/s")
     print(
-        f"cluster stage: {cluster['seconds']:8.1f} s  (sample {cluster['sample_seconds']:.1f} s, "
-        f"train {cluster['train_seconds'] - cluster['sample_seconds']:.1f} s, "
+        f"cluster stage: {cluster['seconds']:8.1f} s  (train {cluster['train_seconds']:.1f} s, "
+        f"of which drawing the sample {sum(r['sample_seconds'] for r in cluster['train_rounds']):.1f} s, "
         f"assign {cluster['assign_seconds']:.1f} s)   runs: "
         + ", ".join(f"{r['seconds']:.1f}" for r in stage_runs)
     )

@@ -27,8 +27,9 @@ _FLOAT_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
 def embedding_type(dim: int, dtype: str) -> pa.DataType:
-    """Arrow type of one stored embedding: a fixed-size list of `dim` floats."""
-    return pa.list_(_FLOAT_TYPES[dtype], dim)
+    """Arrow type of one stored embedding: a fixed-size list of `dim` non-null floats
+    (non-null items spare Parquet readers the per-value definition levels)."""
+    return pa.list_(pa.field("item", _FLOAT_TYPES[dtype], nullable=False), dim)
 
 
 def embed_schema(dim: int, dtype: str) -> pa.Schema:
@@ -40,8 +41,8 @@ def embed_schema(dim: int, dtype: str) -> pa.Schema:
             (CAPTION, pa.string()),
             (URL, pa.string()),
             (SOURCE, pa.string()),
-            (IMG_EMB, vec),
-            (TXT_EMB, vec),
+            pa.field(IMG_EMB, vec, nullable=False),
+            pa.field(TXT_EMB, vec, nullable=False),
             (CLIP_SCORE, pa.float32()),
         ]
     )
@@ -61,7 +62,7 @@ def vectors_to_arrow(vectors: np.ndarray) -> pa.FixedSizeListArray:
     """Wrap an (n, d) float array as a fixed-size-list Arrow array without copying."""
     n, d = vectors.shape
     flat = pa.array(np.ascontiguousarray(vectors).reshape(-1))
-    return pa.FixedSizeListArray.from_arrays(flat, d)
+    return pa.FixedSizeListArray.from_arrays(flat, type=embedding_type(d, str(vectors.dtype)))
 
 
 def arrow_to_vectors(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

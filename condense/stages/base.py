@@ -112,12 +112,6 @@ def write_part(table: pa.Table, folder: Path, part: str, row_group_rows: int | N
     return path
 
 
-def read_columns(path: str | Path, columns: list[str]) -> pa.Table:
-    """Read columns of one part file in a worker. Single-threaded on purpose: a worker is one
-    CPU's share, and Arrow's decoding threads would only contend with the other workers."""
-    return pq.read_table(path, columns=columns, use_threads=False)
-
-
 def iter_row_groups(path: str | Path, columns: list[str]) -> Iterator[pa.Table]:
     """Yield a part file's row groups in order, reading the next one while the caller works on
     the current (Arrow and numpy release the GIL, so disk and CPU overlap in one worker)."""

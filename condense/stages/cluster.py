@@ -2,8 +2,8 @@
 to its nearest centroid by Ray workers (centroids sent once per worker).
 
 Writes cluster/part-*.parquet (sample_id, cluster_id, centroid_dist, centroid_cos), one per
-embed part, and centroids.npy. The driver holds only the centroids: training samples go from
-the sampling workers to the training task through files in cluster/_sample/.
+embed part, and centroids.npy. The driver holds only the centroids: each training task draws
+its own sample from embed/, reading only the row groups its window of the id-hash ring needs.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -41,7 +40,6 @@ from condense.strict import StrictModel
 
 CENTROIDS = "centroids.npy"
 RING = 1 << 64  # id hashes are points on a ring of this size
-SAMPLE_DIR = "_sample"  # training samples while the stage runs; removed once centroids exist
 
 
 class ClusterConfig(StrictModel):
@@ -58,47 +56,6 @@ class ClusterConfig(StrictModel):
     train_threads: int | None = None  # faiss training threads; None: the node's CPUs
 
     runtime_fields = frozenset({"device", "workers", "train_threads"})
-
-
-class SampleDrawer:
-    """Writes, for each training round, the rows of one embed part inside that round's window
-    of the id-hash ring: vectors to `r<round>/<part>.npy`, keys to `r<round>/<part>.keys.parquet`.
-
-    Embed parts are stored in id-hash order, so a window is a contiguous run of rows and only
-    the row groups holding it are read. Files rather than return values: a sample can be far
-    larger than a message should be, and the driver then loads one round at a time.
-    """
-
-    def __init__(self, starts: list[int], width: int, embed_dir: str, out_dir: str):
-        self.starts = starts
-        self.width = width
-        self.embed_dir = Path(embed_dir)
-        self.out_dir = Path(out_dir)
-
-    def process(self, item: dict) -> dict:
-        hashes = np.load(id_hash_file(self.embed_dir, item["part"]), mmap_mode="r")["hash"]
-        windows = [_window_rows(hashes, start, self.width) for start in self.starts]
-        needed = np.unique(np.concatenate(windows)) if windows else np.zeros(0, np.int64)
-        table = _read_rows(item["path"], needed, [S.SAMPLE_ID, S.IMG_EMB])
-        vectors = S.arrow_to_vectors(table.column(S.IMG_EMB))
-        counts = []
-        for r, (start, rows) in enumerate(zip(self.starts, windows, strict=True)):
-            at = np.searchsorted(needed, rows)
-            keys = pa.table(
-                {
-                    S.SAMPLE_ID: table.column(S.SAMPLE_ID).take(pa.array(at)),
-                    "ring_key": pa.array(ring_offset(np.asarray(hashes[rows]), start)),
-                }
-            )
-            folder = self.out_dir / f"r{r}"
-            buf = io.BytesIO()
-            np.save(buf, np.ascontiguousarray(vectors[at]))
-            atomic_write_bytes(folder / f"{item['part']}.npy", buf.getvalue())
-            buf = io.BytesIO()
-            pq.write_table(keys, buf)
-            atomic_write_bytes(folder / f"{item['part']}.keys.parquet", buf.getvalue())
-            counts.append(len(rows))
-        return {"part": item["part"], "rows_in": len(hashes), "picked": counts, "read": len(needed)}
 
 
 def ring_offset(hashes: np.ndarray, start: int) -> np.ndarray:
@@ -177,8 +134,9 @@ def _concat(arrays) -> np.ndarray:
 
 
 def _train_task(
-    sample_dir: str,
-    round_index: int,
+    parts: list[str],
+    embed_dir: str,
+    rows: int,
     size: int,
     k: int,
     niter: int,
@@ -187,10 +145,12 @@ def _train_task(
     init: np.ndarray | None,
     device: str,
     threads: int | None,
-) -> np.ndarray:
-    """One k-means round as a Ray task (so it can run on a GPU node). It loads its sample from
-    the files the sampling pass wrote, so the sample never travels through the driver."""
-    sample = load_sample(Path(sample_dir), round_index, size)
+) -> tuple[np.ndarray, float]:
+    """One k-means round as a Ray task (so it can run on a GPU node). It draws its own sample
+    from embed/, so the sample never travels through the driver."""
+    started = time.perf_counter()
+    sample = draw_sample(parts, Path(embed_dir), rows, size, seed)
+    sample_seconds = time.perf_counter() - started
     if len(sample) < k:
         raise StageError(f"cluster: the training sample has {len(sample)} rows, fewer than k={k}")
     if device == "auto":
@@ -198,7 +158,7 @@ def _train_task(
 
         device = "cuda" if faiss.get_num_gpus() > 0 else "cpu"
     threads = threads or len(os.sched_getaffinity(0))
-    return train_kmeans(
+    centroids = train_kmeans(
         sample,
         k,
         niter=niter,
@@ -208,6 +168,7 @@ def _train_task(
         device=device,
         threads=threads,
     )
+    return centroids, sample_seconds
 
 
 class ClusterStage(Stage):
@@ -245,9 +206,9 @@ class ClusterStage(Stage):
         if ctx.resumed and centroids_path.exists():
             centroids = np.load(centroids_path)
             ctx.log(f"[cluster] resuming with the trained centroids in {centroids_path}")
-            rounds, sample_seconds = [], 0.0
+            rounds = []
         else:
-            centroids, rounds, sample_seconds = self._train(ctx, items, rows, use_gpu)
+            centroids, rounds = self._train(ctx, items, rows, use_gpu)
             _save_npy(centroids_path, centroids)
         train_seconds = time.perf_counter() - t0
 
@@ -269,7 +230,6 @@ class ClusterStage(Stage):
         rows_in = sum(s["rows_in"] for s in stats)
         extra = {
             "k": cfg.k,
-            "sample_seconds": round(sample_seconds, 3),
             "train_rounds": rounds,
             "train_seconds": round(train_seconds, 3),
             "assign_seconds": round(time.perf_counter() - t1, 3),
@@ -280,24 +240,22 @@ class ClusterStage(Stage):
     def _train(self, ctx: StageContext, items: list[dict], rows: int, use_gpu: bool):
         cfg = ctx.config.cluster
         size = min(cfg.sample_size, rows)
-        seeds = [cfg.seed + r for r in range(cfg.rounds)]
-        folder = ctx.run.stage_dir(self.name) / SAMPLE_DIR
-        t = time.perf_counter()
-        draw_samples(ctx, items, rows, size, seeds, ctx.run.stage_dir("embed"), folder)
-        sampled = time.perf_counter() - t
+        parts = [item["part"] for item in items]
+        embed_dir = str(ctx.run.stage_dir("embed"))
         centroids = None
         rounds = []
-        for r, seed in enumerate(seeds):
+        for r in range(cfg.rounds):
             t = time.perf_counter()
             ctx.log(f"[cluster] round {r + 1}/{cfg.rounds}: k-means k={cfg.k} on {size:,} rows")
-            centroids = ctx.executor.call(
+            centroids, sample_seconds = ctx.executor.call(
                 _train_task,
-                str(folder),
-                r,
+                parts,
+                embed_dir,
+                rows,
                 size,
                 cfg.k,
                 cfg.niter,
-                seed,
+                cfg.seed + r,
                 cfg.spherical,
                 centroids,
                 "cuda" if use_gpu else ("cpu" if cfg.device == "cpu" else "auto"),
@@ -305,9 +263,15 @@ class ClusterStage(Stage):
                 num_cpus=1.0,
                 num_gpus=1.0 if use_gpu else 0.0,
             )
-            rounds.append({"rows": size, "seconds": round(time.perf_counter() - t, 3)})
-        shutil.rmtree(folder, ignore_errors=True)  # the centroids are what was worth keeping
-        return centroids, rounds, sampled
+            seconds = time.perf_counter() - t
+            rounds.append(
+                {
+                    "rows": size,
+                    "sample_seconds": round(sample_seconds, 3),
+                    "seconds": round(seconds, 3),
+                }
+            )
+        return centroids, rounds
 
 
 def window_start(seed: int) -> int:
@@ -315,63 +279,44 @@ def window_start(seed: int) -> int:
     return int(hash_ids([f"condense-sample-{seed}"], seed)[0])
 
 
-def draw_samples(
-    ctx: StageContext,
-    items: list[dict],
-    rows: int,
-    size: int,
-    seeds: list[int],
-    embed_dir: Path,
-    folder: Path,
-) -> None:
-    """One pass over embed/ writing, per seed, a superset of that seed's `size`-row sample.
+def draw_sample(parts: list[str], embed_dir: Path, rows: int, size: int, seed: int) -> np.ndarray:
+    """The training sample of one seed, as unit float32 vectors.
 
-    A seed's sample is the `size` rows that follow window_start(seed) on the ring of id hashes
-    (ties by sample_id): a uniform random sample, the same however the rows are split into
-    parts. Workers keep a window a few standard deviations wider than needed; `load_sample`
-    trims it to `size`.
+    It is the `size` rows that follow window_start(seed) on the ring of id hashes (ties by
+    sample_id): a uniform random sample, the same however the rows are split into parts.
+    Embed parts are stored in id-hash order, so each part's share of the window is a run of
+    rows and only the row groups holding it are read (a 1% sample reads ~1% of embed/). The
+    window is set a few standard deviations wider than needed, then trimmed.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     fraction = 1.0 if size >= rows else min(1.0, (size + 6 * math.sqrt(size) + 64) / rows)
-    starts = [window_start(seed) for seed in seeds]
+    start = window_start(seed)
     while True:
         width = RING if fraction >= 1.0 else int(fraction * float(RING))
-        shutil.rmtree(folder, ignore_errors=True)
-        shared = {
-            "starts": starts,
-            "width": width,
-            "embed_dir": str(embed_dir),
-            "out_dir": str(folder),
-        }
-        got = [stats for stats, _ in ctx.executor.map_items(items, SampleDrawer, shared=shared)]
-        picked = np.sum([g["picked"] for g in got], axis=0)
-        if picked.min() >= size or fraction >= 1.0:
-            return
-        fraction = min(1.0, fraction * 2)  # a rare shortfall: widen the window and draw again
+
+        with ThreadPoolExecutor(max_workers=4) as pool:  # overlap the parts' disk reads
+            got = list(pool.map(lambda p, w=width: _window_of_part(embed_dir, p, start, w), parts))
+        keys = np.concatenate([g[0] for g in got]) if got else np.zeros(0, np.uint64)
+        if len(keys) >= size or fraction >= 1.0:
+            break
+        fraction = min(1.0, fraction * 2)  # a rare shortfall: widen the window and read again
+    ids = np.asarray([i for g in got for i in g[1]], dtype=object)
+    order = smallest_hash_order(keys, ids)[:size]
+    return to_unit_float32(np.concatenate([g[2] for g in got])[order])
 
 
-def load_sample(folder: Path, round_index: int, size: int) -> np.ndarray:
-    """One round's sample: the `size` rows nearest its window start, as unit float32 vectors."""
-    round_dir = Path(folder) / f"r{round_index}"
-    key_files = sorted(round_dir.glob("*.keys.parquet"))
-    keys, ids, owner, row = [], [], [], []
-    for index, path in enumerate(key_files):
-        table = pq.read_table(path)
-        keys.append(table.column("ring_key").to_numpy())
-        ids.append(np.asarray(table.column(S.SAMPLE_ID).to_pylist(), dtype=object))
-        owner.append(np.full(table.num_rows, index, dtype=np.int64))
-        row.append(np.arange(table.num_rows))
-    order = smallest_hash_order(np.concatenate(keys), np.concatenate(ids))[:size]
-    owner_sel, row_sel = np.concatenate(owner)[order], np.concatenate(row)[order]
-    out = None
-    for index, path in enumerate(key_files):
-        mine = np.flatnonzero(owner_sel == index)
-        if not len(mine):
-            continue
-        vectors = np.load(str(path).removesuffix(".keys.parquet") + ".npy", mmap_mode="r")
-        if out is None:
-            out = np.empty((len(order), vectors.shape[1]), dtype=np.float32)
-        out[mine] = to_unit_float32(np.asarray(vectors[row_sel[mine]]))
-    return out if out is not None else np.zeros((0, 0), np.float32)
+def _window_of_part(embed_dir: Path, part: str, start: int, width: int):
+    """Ring keys, ids and stored vectors of one part's rows inside [start, start + width)."""
+    hashes = np.load(id_hash_file(embed_dir, part), mmap_mode="r")["hash"]
+    picked = _window_rows(hashes, start, width)
+    table = _read_rows(str(embed_dir / f"part-{part}.parquet"), picked, [S.SAMPLE_ID, S.IMG_EMB])
+    vectors = S.arrow_to_vectors(table.column(S.IMG_EMB))
+    return (
+        ring_offset(np.asarray(hashes[picked]), start),
+        table.column(S.SAMPLE_ID).to_pylist(),
+        vectors,
+    )
 
 
 def _part_rows(embed_dir: Path) -> list[tuple[Path, int]]:
