@@ -1,6 +1,7 @@
 """Cluster stage on Ray against bare faiss (train + assign), same data, same run, same machine.
 
-    python bench/bench_cluster.py                       # 1M x 768, k = 1,000 (~10 min on 2 cores)
+    python bench/bench_cluster.py                       # 1M x 768, k = 1,000 (~12 min on 2 cores)
+    python bench/bench_cluster.py --dtype float32       # embed/ in float32 instead of the recipe's float16
     python bench/bench_cluster.py --rows 100000 --k 100  # a quick look
 
 Prints the embed stage's rows/s (reading clip-retrieval .npy + metadata into embed/), the
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dtype",
         choices=["float32", "float16"],
-        default="float32",
+        default="float16",
         help="embed.dtype: how embed/ stores vectors (the LAION recipe uses float16)",
     )
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of each side")

@@ -29,10 +29,12 @@ def invalid_rows(img: np.ndarray, txt: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
-    """L2-normalise rows in float32 (norms accumulated in float64 so they do not overflow float16 input)."""
+    """L2-normalise rows in float32."""
     x32 = np.asarray(x, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x32, x32, dtype=np.float64))
-    return (x32 / norms[:, None]).astype(np.float32, copy=False)
+    # Squares in float32 (float16's range cannot overflow them), summed per row in float64:
+    # each row's result depends only on that row, whatever batch it arrives in.
+    norms = np.sqrt(np.sum(x32 * x32, axis=1, dtype=np.float64)).astype(np.float32)
+    return x32 / norms[:, None]
 
 
 def as_stored(x: np.ndarray, dtype: str) -> np.ndarray:

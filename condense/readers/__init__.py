@@ -99,6 +99,43 @@ def split_rows(total: int, rows_per_part: int) -> list[tuple[int, int]]:
     return [(s, min(total, s + rows_per_part)) for s in range(0, total, rows_per_part)]
 
 
+def plan_items(files: list[dict], number_key: str, rows_per_part: int) -> list[dict]:
+    """One work item per slice of at most rows_per_part rows of each input file; the part name
+    (file number, slice number) is stable, so reruns and resumes find their parts again."""
+    items = []
+    for f in files:
+        for i, (start, stop) in enumerate(split_rows(f["rows"], rows_per_part)):
+            items.append(
+                {**f, "start": start, "stop": stop, "part": f"{f[number_key]:05d}-{i:04d}"}
+            )
+    return items
+
+
+def optional_strings(table, name: str) -> list[str | None]:
+    """A text column as Python strings, or all None when the input has no such column."""
+    if name in table.column_names:
+        return table.column(name).cast("string").to_pylist()
+    return [None] * table.num_rows
+
+
+def read_parquet_rows(path: str, start: int, stop: int):
+    """Rows [start, stop) of a Parquet file, reading only the row groups that overlap them."""
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    groups, offset, first = [], 0, None
+    for g in range(f.metadata.num_row_groups):
+        n = f.metadata.row_group(g).num_rows
+        if offset + n > start and offset < stop:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += n
+    if not groups:
+        return f.schema_arrow.empty_table()
+    table = f.read_row_groups(groups)
+    return table.slice(start - first, stop - start)
+
+
 def resolve_input(cfg: InputConfig, run_root, log=print) -> InputConfig:
     """For `kind: synth`, generate the corpus into RUN/input/ (once) and read it from there."""
     import json

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from condense.errors import InputError
-from condense.readers import InputConfig, RawRows, split_rows
+from condense.readers import InputConfig, RawRows, optional_strings, plan_items, read_parquet_rows
 
 _NUMBERED = re.compile(r"^(img_emb|text_emb|metadata)_(\d+)\.(npy|parquet)$")
 
@@ -105,49 +105,20 @@ class ClipRetrievalReader:
             self.total_rows += img_shape[0]
 
     def plan(self, rows_per_part: int) -> list[dict]:
-        items = []
-        for f in self.files:
-            for i, (start, stop) in enumerate(split_rows(f["rows"], rows_per_part)):
-                items.append(
-                    {**f, "start": start, "stop": stop, "part": f"{f['number']:05d}-{i:04d}"}
-                )
-        return items
+        return plan_items(self.files, "number", rows_per_part)
 
     def read(self, item: dict) -> RawRows:
         start, stop = item["start"], item["stop"]
         img = np.asarray(np.load(item["img"], mmap_mode="r")[start:stop])
         txt = np.asarray(np.load(item["txt"], mmap_mode="r")[start:stop])
-        meta = _read_parquet_rows(item["meta"], start, stop)
-        columns = set(meta.column_names)
+        meta = read_parquet_rows(item["meta"], start, stop)
         ids = meta.column(self.id_column).cast("string").to_pylist()
-
-        def optional(name: str) -> list[str | None]:
-            if name in columns:
-                return meta.column(name).cast("string").to_pylist()
-            return [None] * len(ids)
-
         return RawRows(
             sample_id=ids,
-            caption=optional(self.cfg.caption_column),
-            url=optional(self.cfg.url_column),
+            caption=optional_strings(meta, self.cfg.caption_column),
+            url=optional_strings(meta, self.cfg.url_column),
             source=str(Path(item["meta"]).relative_to(self.root)),
             img=img,
             txt=txt,
             first_row=start,
         )
-
-
-def _read_parquet_rows(path: str, start: int, stop: int):
-    """Rows [start, stop) of a Parquet file, reading only the row groups that overlap them."""
-    f = pq.ParquetFile(path)
-    groups, offset, first = [], 0, None
-    for g in range(f.metadata.num_row_groups):
-        n = f.metadata.row_group(g).num_rows
-        if offset + n > start and offset < stop:
-            groups.append(g)
-            first = offset if first is None else first
-        offset += n
-    if not groups:
-        return f.schema_arrow.empty_table()
-    table = f.read_row_groups(groups)
-    return table.slice(start - first, stop - start)

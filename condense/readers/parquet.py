@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 
 from condense import schema as S
 from condense.errors import InputError
-from condense.readers import InputConfig, RawRows, split_rows
-from condense.readers.clip_retrieval import _read_parquet_rows
+from condense.readers import InputConfig, RawRows, optional_strings, plan_items, read_parquet_rows
 
 
 def _list_dim(path: Path, pf: pq.ParquetFile, column: str) -> int:
@@ -79,29 +78,17 @@ class ParquetEmbeddingReader:
             self.total_rows += rows
 
     def plan(self, rows_per_part: int) -> list[dict]:
-        items = []
-        for f in self.files:
-            for i, (start, stop) in enumerate(split_rows(f["rows"], rows_per_part)):
-                items.append(
-                    {**f, "start": start, "stop": stop, "part": f"{f['index']:05d}-{i:04d}"}
-                )
-        return items
+        return plan_items(self.files, "index", rows_per_part)
 
     def read(self, item: dict) -> RawRows:
         path = item["path"]
-        table = _read_parquet_rows(path, item["start"], item["stop"])
-        names = set(table.column_names)
+        table = read_parquet_rows(path, item["start"], item["stop"])
         img = _vectors(table, S.IMG_EMB, path)
         txt = _vectors(table, S.TXT_EMB, path)
-        n = table.num_rows
-
-        def optional(name: str) -> list[str | None]:
-            return table.column(name).cast("string").to_pylist() if name in names else [None] * n
-
         return RawRows(
             sample_id=table.column(self.id_column).cast("string").to_pylist(),
-            caption=optional(self.cfg.caption_column),
-            url=optional(self.cfg.url_column),
+            caption=optional_strings(table, self.cfg.caption_column),
+            url=optional_strings(table, self.cfg.url_column),
             source=str(Path(path).relative_to(self.root)),
             img=img,
             txt=txt,

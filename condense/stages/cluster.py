@@ -52,10 +52,11 @@ class ClusterConfig(StrictModel):
     spherical: bool = False  # re-normalise centroids after each iteration (cosine k-means)
     seed: int = 0  # seeds the training samples and faiss
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the Ray cluster has them
-    workers: int | None = None  # assignment actors; None: one per CPU (or per GPU)
+    workers: int | None = None  # assignment actors; None: as many as the cluster's CPUs allow
+    threads_per_worker: int = Field(1, ge=1)  # faiss/BLAS threads per assignment actor
     train_threads: int | None = None  # faiss training threads; None: the node's CPUs
 
-    runtime_fields = frozenset({"device", "workers", "train_threads"})
+    runtime_fields = frozenset({"device", "workers", "threads_per_worker", "train_threads"})
 
 
 def ring_offset(hashes: np.ndarray, start: int) -> np.ndarray:
@@ -96,10 +97,19 @@ def _read_rows(path: str, rows: np.ndarray, columns: list[str]) -> pa.Table:
 class Assigner:
     """Assigns the rows of one embed part to their nearest centroids and writes a cluster part."""
 
-    def __init__(self, centroids: np.ndarray, out_dir: str, device: str):
+    def __init__(self, centroids: np.ndarray, out_dir: str, device: str, threads: int):
         self.centroids = centroids
         self.out_dir = out_dir
         self.device = device
+        self.threads = threads
+
+    def setup(self) -> None:
+        try:
+            import faiss
+
+            faiss.omp_set_num_threads(self.threads)
+        except ImportError:
+            pass
 
     def process(self, item: dict) -> dict:
         start = time.perf_counter()
@@ -213,6 +223,7 @@ class ClusterStage(Stage):
         train_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
+        threads = 1 if use_gpu else cfg.threads_per_worker
         stats = run_parts(
             ctx,
             self.name,
@@ -222,8 +233,9 @@ class ClusterStage(Stage):
                 "centroids": centroids,
                 "out_dir": str(out_dir),
                 "device": "cuda" if use_gpu else "cpu",
+                "threads": threads,
             },
-            num_cpus=1.0,
+            num_cpus=float(threads),
             num_gpus=1.0 if use_gpu else 0.0,
             pool_size=cfg.workers,
         )
