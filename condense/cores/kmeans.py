@@ -16,18 +16,6 @@ import numpy as np
 _AMBIGUITY = 1e-4
 
 
-def resolve_device(device: str) -> str:
-    """'auto' becomes 'cuda' when torch sees a GPU, else 'cpu'."""
-    if device != "auto":
-        return device
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
-
 def train_kmeans(
     x: np.ndarray,
     k: int,
@@ -145,7 +133,16 @@ def _two_nearest(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best centroid per row by float32 arithmetic, and the squared-distance gap to the runner-up."""
     if device.startswith("cuda"):
-        import torch
+        import faiss
+
+        if faiss.get_num_gpus() > 0:
+            res = faiss.StandardGpuResources()
+            index = faiss.GpuIndexFlatL2(res, c.shape[1])
+            index.add(c)
+            dist, ids = index.search(x, min(2, len(c)))
+            gap = dist[:, -1] - dist[:, 0] if len(c) > 1 else np.full(len(x), np.inf)
+            return ids[:, 0].astype(np.int64), gap
+        import torch  # no faiss-gpu: the same search with torch
 
         xt = torch.from_numpy(x).to(device)
         ct = torch.from_numpy(c).to(device)

@@ -111,6 +111,10 @@ def _run_stage(ctx: StageContext, stage: Stage, fp: str, resume: bool) -> None:
         )
     parts = part_files(run.stage_dir(stage.name))
     schema = {f.name: str(f.type) for f in pq.read_schema(parts[0])} if parts else {}
+    if parts and list(schema) != list(stage.writes):
+        raise StageError(
+            f"stage {stage.name} wrote columns {list(schema)}, declared {list(stage.writes)}"
+        )
     record = {
         "stage": stage.name,
         "status": "complete",

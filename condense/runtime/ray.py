@@ -154,13 +154,10 @@ class RayExecutor:
 
         if not items:
             return
-        if pool_size is None:
-            by_cpu = int(self.cpus() // max(num_cpus, 1e-9)) if num_cpus else len(items)
-            by_gpu = int(self.gpus() // num_gpus) if num_gpus else len(items)
-            pool_size = max(1, min(by_cpu, by_gpu, len(items)))
         # Never more actors than the cluster can hold at once: Ray Data would wait for them.
-        fits = int(self.cpus() // num_cpus) if num_cpus else len(items)
-        pool_size = max(1, min(pool_size, len(items), fits))
+        fits_cpu = int(self.cpus() // num_cpus) if num_cpus else len(items)
+        fits_gpu = int(self.gpus() // num_gpus) if num_gpus else len(items)
+        pool_size = max(1, min(pool_size or len(items), len(items), fits_cpu, fits_gpu))
         shared_refs = {name: [ray.put(value)] for name, value in (shared or {}).items()}
         ds = ray.data.from_items(
             [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)

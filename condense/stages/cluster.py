@@ -104,6 +104,12 @@ class Assigner:
         self.threads = threads
 
     def setup(self) -> None:
+        if self.device == "auto":  # a GPU was requested for this actor; use it if we can
+            self.device = "cuda" if gpu_available() else "cpu"
+        elif self.device == "cuda" and not gpu_available():
+            raise StageError(
+                "cluster.device is cuda but this worker has neither faiss-gpu nor torch with CUDA"
+            )
         try:
             import faiss
 
@@ -138,6 +144,31 @@ class Assigner:
         }
 
 
+def _cpu_count() -> int:
+    """CPUs this process may use (sched_getaffinity is Linux-only)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def gpu_available() -> bool:
+    """Whether this process can compute on a GPU (faiss-gpu, or torch with CUDA)."""
+    try:
+        import faiss
+
+        if faiss.get_num_gpus() > 0:
+            return True
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 def _concat(arrays) -> np.ndarray:
     arrays = list(arrays)
     return np.concatenate(arrays) if arrays else np.zeros(0)
@@ -166,8 +197,8 @@ def _train_task(
     if device == "auto":
         import faiss
 
-        device = "cuda" if faiss.get_num_gpus() > 0 else "cpu"
-    threads = threads or len(os.sched_getaffinity(0))
+        device = "cuda" if faiss.get_num_gpus() > 0 else "cpu"  # training needs faiss-gpu
+    threads = threads or _cpu_count()
     centroids = train_kmeans(
         sample,
         k,
@@ -232,7 +263,7 @@ class ClusterStage(Stage):
             shared={
                 "centroids": centroids,
                 "out_dir": str(out_dir),
-                "device": "cuda" if use_gpu else "cpu",
+                "device": cfg.device if use_gpu else "cpu",
                 "threads": threads,
             },
             num_cpus=float(threads),
@@ -270,7 +301,7 @@ class ClusterStage(Stage):
                 cfg.seed + r,
                 cfg.spherical,
                 centroids,
-                "cuda" if use_gpu else ("cpu" if cfg.device == "cpu" else "auto"),
+                cfg.device if use_gpu else "cpu",
                 cfg.train_threads,
                 num_cpus=1.0,
                 num_gpus=1.0 if use_gpu else 0.0,

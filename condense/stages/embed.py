@@ -108,13 +108,30 @@ class EmbedPartWriter:
         }
 
 
+def input_listing(cfg) -> list[tuple[str, int]]:
+    """Names and sizes of the input files: new or rewritten files make embed (and what follows)
+    run again, even when the config is unchanged."""
+    if cfg.kind == "synth" or not cfg.path:
+        return []
+    root = Path(cfg.path)
+    if not root.is_dir():
+        return []
+    return sorted(
+        (str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file()
+    )
+
+
 class EmbedStage(Stage):
     name = "embed"
     version = 2  # 2: rows stored in id-hash order, with _ids/ side files
     writes = tuple(S.embed_schema(1, "float32").names)
 
     def settings(self, config):
-        return [config.input.fingerprint_dict(), config.embed.fingerprint_dict()]
+        return [
+            config.input.fingerprint_dict(),
+            config.embed.fingerprint_dict(),
+            input_listing(config.input),
+        ]
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config

@@ -85,7 +85,13 @@ def test_keep_rules_by_hand():
     ids = np.array(["d", "a", "c", "b", "e", "g", "f"], dtype=object)
     dist = np.array([0.3, 0.1, 0.2, 0.2, 0.5, 0.7, 0.7])
     clip = np.array([0.1, 0.4, 0.4, 0.2, 0.3, 0.1, 0.2])
-    kept = lambda rule: sorted(ids[keep_mask(labels, ids, dist, clip, rule)].tolist())  # noqa: E731
+
+    def kept(rule):
+        return sorted(ids[keep_mask(labels, ids, dist, clip, rule)].tolist())
+
+    def kept_random(*args):
+        return sorted(ids[keep_mask(*args, "random", seed=1)].tolist())
+
     # Component 0 by (dist, id): a(0.1), b(0.2), c(0.2), d(0.3); m=4 -> position 2 -> c.
     assert kept("middle") == ["c", "e", "g"]  # component 5: f(0.7), g(0.7) -> position 1 -> g
     assert kept("near") == ["a", "e", "f"]
@@ -94,5 +100,11 @@ def test_keep_rules_by_hand():
     for rule in KEEP_RULES:
         mask = keep_mask(labels, ids, dist, clip, rule, seed=1)
         assert mask.sum() == 3
+    # random: the member with the smallest hash(seed, sample_id) of each component.
+    from condense.cores.hashing import hash_ids
+
+    h = hash_ids(ids.tolist(), 1)
+    expect = sorted(ids[labels == c][np.argmin(h[labels == c])] for c in (0, 4, 5))
+    assert kept_random(labels, ids, dist, clip) == expect
     with pytest.raises(ValueError, match="valid rules: middle, far, near, clip_max, random"):
         keep_mask(labels, ids, dist, clip, "mid")

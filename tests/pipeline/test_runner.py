@@ -81,6 +81,34 @@ def test_rerun_skips_and_changes_rerun_downstream(ray_session, corpus, tmp_path)
     assert again["cluster"]["config_hash"] != now["cluster"]["config_hash"]
 
 
+def test_new_input_files_rerun_embed(ray_session, tmp_path):
+    import shutil
+
+    generate(tmp_path / "in", SynthConfig(n=600, dim=16, seed=1, rows_per_file=300))
+    cfg = make_config(tmp_path / "in", cluster={"k": 3})
+    run(cfg, tmp_path / "run")
+    assert marks(tmp_path / "run")["embed"]["rows_out"] == 600
+    # Another file number appears under the same path: same config, different input.
+    generate(tmp_path / "more", SynthConfig(n=300, dim=16, seed=9, rows_per_file=300))
+    for sub, name in (
+        ("img_emb", "img_emb_{}.npy"),
+        ("text_emb", "text_emb_{}.npy"),
+        ("metadata", "metadata_{}.parquet"),
+    ):
+        shutil.copy(
+            tmp_path / "more" / sub / name.format(0), tmp_path / "in" / sub / name.format(2)
+        )
+    import pyarrow as pa
+
+    meta = pq.read_table(tmp_path / "in" / "metadata" / "metadata_2.parquet")
+    meta = meta.set_column(0, "key", pa.array([f"new{i}" for i in range(300)]))
+    pq.write_table(meta, tmp_path / "in" / "metadata" / "metadata_2.parquet")
+    log = run(cfg, tmp_path / "run")
+    assert not any("skipped" in line for line in log)
+    assert marks(tmp_path / "run")["embed"]["rows_out"] == 900
+    assert marks(tmp_path / "run")["cluster"]["rows_out"] == 900
+
+
 def test_until_stops_and_upstream_rerun_clears_downstream(ray_session, corpus, tmp_path):
     run(make_config(corpus), tmp_path, until="embed")
     assert set(marks(tmp_path)) == {"embed"} and not (tmp_path / "cluster").exists()
