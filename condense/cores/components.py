@@ -19,15 +19,26 @@ def _compress(parent: np.ndarray) -> np.ndarray:
         parent = grand
 
 
-def union_pairs(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Merge the sets of each pair (a[i], b[i]); returns the updated, fully compressed forest.
+def _roots(parent: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """Root of each node, following parent pointers (touches only the nodes' own paths)."""
+    r = parent[nodes]
+    while True:
+        up = parent[r]
+        if np.array_equal(up, r):
+            return r
+        r = up
 
-    Roots always hook onto the smaller root, so the result (each node's smallest member) does
-    not depend on the order of the pairs.
+
+def union_pairs(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Merge the sets of each pair (a[i], b[i]) in place; returns the forest.
+
+    Work is proportional to the pairs and their paths, not to the forest's size, so a cluster
+    of millions of rows pays per tile only for the edges that tile found. Roots always hook
+    onto the smaller root, so after `_compress` every node is labelled with its component's
+    smallest member, whatever the order of the pairs.
     """
-    parent = _compress(parent)
     while len(a):
-        ra, rb = parent[a], parent[b]
+        ra, rb = _roots(parent, a), _roots(parent, b)
         differ = ra != rb
         if not differ.any():
             break
@@ -36,8 +47,9 @@ def union_pairs(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         # Several pairs may hook the same root: minimum.at keeps the smallest target, and the
         # loop repeats until every pair shares a root.
         np.minimum.at(parent, hi, lo)
-        parent = _compress(parent)
         a, b = a[differ], b[differ]
+        parent[a] = _roots(parent, a)  # shorten the paths just walked
+        parent[b] = _roots(parent, b)
     return parent
 
 
@@ -68,7 +80,7 @@ def components(
             np.maximum(best[j0:j1], sim.max(axis=0), out=best[j0:j1])
             ii, jj = np.nonzero(sim > threshold)
             if len(ii):
-                parent = union_pairs(parent, ii + i0, jj + j0)
+                union_pairs(parent, ii + i0, jj + j0)
     return _compress(parent), best
 
 
