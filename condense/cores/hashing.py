@@ -46,7 +46,8 @@ def hash_ids(ids: pa.Array | pa.ChunkedArray | list[str], seed: int) -> np.ndarr
 
 
 def smallest_hash_order(hashes: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Indices ordering rows by (hash, sample_id): a total order, so hash collisions stay deterministic."""
+    """Indices ordering rows by (key, sample_id), keys being hashes or ring offsets: a total
+    order, so key collisions stay deterministic."""
     return np.lexsort((ids, hashes))
 
 

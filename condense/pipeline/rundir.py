@@ -43,6 +43,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     )
 
 
+def atomic_write_npy(path: Path, array) -> None:
+    """Save a numpy array atomically (np.save format)."""
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def read_json(path: Path) -> Any | None:
     try:
         return json.loads(Path(path).read_text())

@@ -8,7 +8,6 @@ its own sample from embed/, reading only the row groups its window of the id-has
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import time
@@ -25,7 +24,7 @@ from condense.cores.hashing import hash_ids, smallest_hash_order
 from condense.cores.kmeans import assign, train_kmeans
 from condense.cores.vectors import to_unit_float32
 from condense.errors import StageError
-from condense.pipeline.rundir import atomic_write_bytes
+from condense.pipeline.rundir import atomic_write_npy
 from condense.stages.base import (
     Stage,
     StageContext,
@@ -250,7 +249,7 @@ class ClusterStage(Stage):
             rounds = []
         else:
             centroids, rounds = self._train(ctx, items, rows, use_gpu)
-            _save_npy(centroids_path, centroids)
+            atomic_write_npy(centroids_path, centroids)
         train_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -365,9 +364,3 @@ def _window_of_part(embed_dir: Path, part: str, start: int, width: int):
 def _part_rows(embed_dir: Path) -> list[tuple[Path, int]]:
     """Embed part files with their row counts (read from the Parquet footers)."""
     return [(path, pq.ParquetFile(path).metadata.num_rows) for path in part_files(embed_dir)]
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from condense import schema as S
 from condense.cores.hashing import repeated
 from condense.errors import InputError
-from condense.pipeline.rundir import atomic_write_bytes
+from condense.pipeline.rundir import atomic_write_npy
 
 IDS_DIR = "_ids"
 ID_HASH_SEED = 0x5EED
@@ -27,17 +27,13 @@ ROWS_PER_BUCKET = 50_000_000  # hashes one worker sorts at once (1.2 GB of recor
 
 def write_id_hashes(folder: Path, part: str, hashes: np.ndarray, source_rows: np.ndarray) -> None:
     """Write one part's id hashes, in part order, which the embed writer makes hash order."""
-    import io
-
     if len(hashes) > 1 and not np.all(hashes[1:] >= hashes[:-1]):
         raise ValueError("write_id_hashes expects the part's rows in hash order")
     records = np.empty(len(hashes), dtype=ID_RECORD)
     records["hash"] = hashes
     records["part_row"] = np.arange(len(hashes))
     records["source_row"] = source_rows
-    buf = io.BytesIO()
-    np.save(buf, records)
-    atomic_write_bytes(Path(folder) / IDS_DIR / f"{part}.npy", buf.getvalue())
+    atomic_write_npy(id_hash_file(folder, part), records)
 
 
 def id_hash_file(folder: Path, part: str) -> Path:
