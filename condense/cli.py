@@ -53,16 +53,25 @@ def run_config(
 ) -> int:
     """Load a config and run the pipeline: shared by `condense run` and jobs/condense.py."""
     from condense.config import load_config
-    from condense.pipeline.report import format_funnel, funnel
     from condense.pipeline.runner import run_pipeline
 
     config = load_config(config_path, overrides)
     run_dir = run_dir or _default_run_dir(config_path)
     run_pipeline(config, run_dir, until=until, resume=resume, address=address)
+    print_summary(run_dir)
+    return 0
+
+
+def print_summary(run_dir: str) -> None:
+    """The funnel, dedup's precision/recall when the input has planted truth, the run folder."""
+    from condense.pipeline.report import dedup_quality, format_funnel, format_quality, funnel
+
     print()
     print(format_funnel(funnel(run_dir)))
+    quality = dedup_quality(run_dir)
+    if quality is not None:
+        print(format_quality(quality))
     print(f"\nrun directory: {Path(run_dir).resolve()}")
-    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -70,10 +79,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from condense.pipeline.report import format_funnel, funnel
+    from condense.pipeline.report import dedup_quality, format_funnel, format_quality, funnel
 
     rows = funnel(args.run_dir)
-    print(json.dumps(rows, indent=2) if args.json else format_funnel(rows))
+    quality = dedup_quality(args.run_dir)
+    if args.json:
+        print(json.dumps({"funnel": rows, "dedup_quality": quality}, indent=2))
+    else:
+        print(format_funnel(rows))
+        if quality is not None:
+            print(format_quality(quality))
     return 0
 
 
@@ -89,20 +104,17 @@ def demo_config():
             },
             "embed": {"rows_per_part": 5_000},
             "cluster": {"k": 32, "niter": 10, "sample_size": 20_000, "seed": 0},
-            "sample": {"n": 500},
+            "sample": {"n": 300},
         },
         "demo",
     )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from condense.pipeline.report import format_funnel, funnel
     from condense.pipeline.runner import run_pipeline
 
     run_pipeline(demo_config(), args.run_dir)
-    print()
-    print(format_funnel(funnel(args.run_dir)))
-    print(f"\nrun directory: {Path(args.run_dir).resolve()}")
+    print_summary(args.run_dir)
     print(
         f"inspect it:    condense report {args.run_dir}   (or read {args.run_dir}/*/part-*.parquet)"
     )

@@ -16,9 +16,12 @@ from pydantic import Field, ValidationError
 from condense.errors import ConfigError
 from condense.readers import InputConfig
 from condense.runtime import RayConfig
+from condense.stages.bands import BandConfig
 from condense.stages.cluster import ClusterConfig
+from condense.stages.dedup import DedupConfig
 from condense.stages.embed import EmbedConfig
-from condense.stages.selection import BandConfig, DedupConfig, ExportConfig, SampleConfig
+from condense.stages.export import ExportConfig
+from condense.stages.sample import SampleConfig
 from condense.strict import StrictModel
 
 

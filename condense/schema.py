@@ -22,6 +22,7 @@ CENTROID_COS = "centroid_cos"
 COMPONENT_ID = "component_id"
 COMPONENT_SIZE = "component_size"
 KEPT = "kept"
+MAX_SIM = "max_sim"  # highest similarity to another row of the same cluster (SemDeDup's score)
 
 _FLOAT_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
 

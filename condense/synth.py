@@ -231,3 +231,35 @@ def generate(out: str | Path, cfg: SynthConfig) -> dict:
         json.dumps({"config": cfg.model_dump(), **summary}, indent=2) + "\n"
     )
     return summary
+
+
+def dedup_quality(truth: pa.Table, dedup: pa.Table) -> dict:
+    """How well a dedup run removed the planted duplicates (joined on sample_id).
+
+    Of a planted group of m rows, m - 1 should go. A removal counts as correct while its group
+    still has more than one row; removing a singleton, or a group's last row, is a false one.
+    precision = correct removals / removals; recall = correct removals / planted duplicates.
+    """
+    import pyarrow.compute as pc
+
+    joined = truth.join(dedup.select(["sample_id", "kept"]), "sample_id", join_type="inner")
+    group = joined.column("group_id").to_numpy()
+    removed = ~joined.column("kept").to_numpy(zero_copy_only=False)
+    solo = group < 0
+    _, inverse, sizes = np.unique(group[~solo], return_inverse=True, return_counts=True)
+    removed_in = np.bincount(inverse, weights=removed[~solo], minlength=len(sizes))
+    correct = int(np.minimum(removed_in, sizes - 1).sum())
+    planted = int((sizes - 1).sum())
+    total_removed = int(removed.sum())
+    return {
+        "rows": len(joined),
+        "planted_duplicates": planted,
+        "removed": total_removed,
+        "correct_removals": correct,
+        "precision": correct / total_removed if total_removed else 1.0,
+        "recall": correct / planted if planted else 1.0,
+        "unmatched_rows": int(
+            len(dedup)
+            - pc.sum(pc.is_in(dedup.column("sample_id"), truth.column("sample_id"))).as_py()
+        ),
+    }

@@ -1,13 +1,35 @@
 """Exact connected components of the graph "cos(e_i, e_j) > threshold" inside one cluster.
 
 Memory is O(n x dim) plus one similarity tile: pairs are found tile by tile over the upper
-triangle of the similarity matrix and merged into a union-find forest at once, so neither the
-n x n matrix nor the edge list ever exists.
+triangle of the similarity matrix and merged into union-find forests at once, so neither the
+n x n matrix nor the edge list ever exists. Several thresholds share one similarity pass.
+
+Two exact shortcuts skip work without changing any component:
+
+- **Angle pruning.** Rows are ordered by their angle to a pivot p (the row nearest the cluster's
+  mean direction). On the sphere angle(i, j) >= |angle(i, p) - angle(j, p)|, so two tiles whose
+  angle ranges lie more than arccos(t_min) apart (plus a safety margin far above float32
+  rounding) hold no pair above any threshold and are never multiplied.
+- **Group absorption.** Every row within arccos(t_max) of the pivot is joined to the pivot at
+  every threshold. In pivot order those rows form a prefix, and tiles wholly inside it are
+  skipped: a giant group of near-identical rows costs one pass against the rest, not n^2/2.
+
+The price is paid in `max_sim`, each row's highest similarity to another row (SemDeDup's
+score): it is exact whenever it lies between the smallest and the largest threshold. Above the
+largest it may be a lower bound (that still exceeds it); below the smallest, a lower value
+(that is still below it). So `max_sim > t` is exact for every t in [t_min, t_max]. Pairs inside
+the absorbed group, and pairs farther apart than the pruning reach, never count, even where a
+tile computes them, so `max_sim` does not depend on the tile size.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
+
+ANGLE_MARGIN = 1e-3  # radians; float32 similarities of unit vectors err by far less (~1e-5)
 
 
 def _compress(parent: np.ndarray) -> np.ndarray:
@@ -53,40 +75,167 @@ def union_pairs(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return parent
 
 
+@dataclass
+class Components:
+    """Result of `components` for one cluster, in the caller's row order."""
+
+    labels: np.ndarray  # (thresholds, n) int64: each row's component = its smallest row index
+    max_sim: np.ndarray  # (n,) float32: highest similarity to another row (-inf when n == 1)
+    tiles_computed: int  # similarity tiles multiplied
+    tiles_total: int  # tiles of the upper triangle (what a plain tiled pass multiplies)
+    entries_computed: int  # similarity entries computed (for the matmul-rate figures)
+    absorbed: int  # rows joined to the pivot's group without tiling among themselves
+
+
 def components(
     x: np.ndarray,
-    threshold: float,
+    thresholds: float | list[float],
     *,
     tile: int = 2048,
     device: str = "cpu",
-) -> tuple[np.ndarray, np.ndarray]:
-    """Component label of every row (its smallest row index) and each row's highest similarity
-    to another row (SemDeDup's score; -inf for a cluster of one).
+    prune: bool = True,
+) -> Components:
+    """Exact components at each threshold (edge i-j iff dot(x_i, x_j) > t, strict).
 
-    Rows are unit vectors; an edge joins i != j iff dot(x_i, x_j) > threshold (strict).
+    `x` holds unit vectors (float32). The labels do not depend on `tile`, `device` or `prune`.
     """
+    ts = [float(t) for t in np.atleast_1d(thresholds)]
+    if not ts or any(not 0.0 < t <= 1.0 for t in ts):
+        raise ValueError(f"thresholds must lie in (0, 1], got {ts}")
+    if tile < 1:
+        raise ValueError(f"tile must be positive, got {tile}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
-    parent = np.arange(n)
+    t_min, t_max = min(ts), max(ts)
+    labels = np.tile(np.arange(n, dtype=np.int64), (len(ts), 1))
     best = np.full(n, -np.inf, dtype=np.float32)
-    for i0 in range(0, n, tile):
+    if n < 2:
+        return Components(labels, best, 0, 0, 0, 0)
+
+    order, angle, core = _pivot_order(x, t_max) if prune else (np.arange(n), None, 1)
+    xs = x[order]
+    forests = [np.arange(n, dtype=np.int64) for _ in ts]
+    if core > 1:  # rows within arccos(t_max) of the pivot: one group at every threshold
+        for parent in forests:
+            parent[1:core] = 0
+        s_core = xs[1:core] @ xs[0]
+        best[1:core] = s_core
+        best[0] = s_core.max()
+    reach = math.acos(t_min) + ANGLE_MARGIN
+    backend = _backend(device)
+    xd = backend.put(xs)
+    tiles_total = tiles_done = entries = 0
+    starts = range(0, n, tile)
+    for i0 in starts:
         i1 = min(n, i0 + tile)
         for j0 in range(i0, n, tile):
             j1 = min(n, j0 + tile)
-            sim = _tile(x[i0:i1], x[j0:j1], device)
-            if i0 == j0:
-                np.fill_diagonal(sim, -np.inf)  # a row is not its own neighbour
-            np.maximum(best[i0:i1], sim.max(axis=1), out=best[i0:i1])
-            np.maximum(best[j0:j1], sim.max(axis=0), out=best[j0:j1])
-            ii, jj = np.nonzero(sim > threshold)
+            tiles_total += 1
+            if core > 1 and j1 <= core:  # both tiles inside the absorbed group
+                continue
+            if angle is not None and angle[j0] - angle[i1 - 1] > reach:
+                tiles_total += len(range(j0 + tile, n, tile))  # the rest lie farther still
+                break
+            tiles_done += 1
+            entries += (i1 - i0) * (j1 - j0)
+            far = None  # pairs beyond reach: masked, so max_sim does not depend on the tiling
+            if angle is not None and angle[j1 - 1] - angle[i0] > reach:
+                far = np.abs(angle[None, j0:j1] - angle[i0:i1, None]) > reach
+            row_max, col_max, ii, jj, vals = backend.tile(xd, i0, i1, j0, j1, t_min, core, far)
+            np.maximum(best[i0:i1], row_max, out=best[i0:i1])
+            np.maximum(best[j0:j1], col_max, out=best[j0:j1])
             if len(ii):
-                union_pairs(parent, ii + i0, jj + j0)
-    return _compress(parent), best
+                for parent, t in zip(forests, ts, strict=True):
+                    keep = vals > t
+                    union_pairs(parent, ii[keep], jj[keep])
+    # Back to the caller's order; label = the component's smallest row index there.
+    for k, parent in enumerate(forests):
+        roots = _compress(parent)
+        smallest = np.full(n, n, dtype=np.int64)
+        np.minimum.at(smallest, roots, order)
+        labels[k, order] = smallest[roots]
+    max_sim = np.empty(n, dtype=np.float32)
+    max_sim[order] = best
+    return Components(labels, max_sim, tiles_done, tiles_total, entries, max(core - 1, 0))
 
 
-def _tile(a: np.ndarray, b: np.ndarray, device: str) -> np.ndarray:
-    if device.startswith("cuda"):
+def _pivot_order(x: np.ndarray, t_max: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rows ordered by angle to the pivot (the pivot first), those angles, and how many leading
+    rows lie strictly within arccos(t_max) of the pivot (the pivot included)."""
+    x64 = x.astype(np.float64)
+    x64 /= np.linalg.norm(x64, axis=1, keepdims=True)
+    mean = x64.sum(axis=0)
+    pivot = int(np.argmax(x64 @ mean))  # the first row nearest the mean direction
+    cos = np.clip(x64 @ x64[pivot], -1.0, 1.0)
+    cos[pivot] = 2.0  # first, whatever rounding says
+    order = np.lexsort((np.arange(len(x)), -cos))
+    angle = np.arccos(np.minimum(cos[order], 1.0))
+    # The core is decided on float32 similarities, as every other edge is.
+    s32 = x[order[1:]] @ x[pivot]
+    inside = s32 > t_max
+    core = 1 + (int(np.argmin(inside)) if not inside.all() else len(inside))
+    return order, angle, core
+
+
+class _Numpy:
+    def put(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def tile(self, x, i0, i1, j0, j1, t_min, core, far):
+        sim = x[i0:i1] @ x[j0:j1].T
+        if i0 == j0:
+            np.fill_diagonal(sim, -np.inf)  # a row is not its own neighbour
+        if core > 1 and i0 < core and j0 < core:  # pairs inside the absorbed group: as if skipped
+            sim[: core - i0, : core - j0] = -np.inf
+        if far is not None:
+            sim[far] = -np.inf
+        row_max = sim.max(axis=1)
+        col_max = sim.max(axis=0)
+        rows = np.flatnonzero(row_max > t_min)  # only rows with an edge are scanned again
+        if not len(rows):
+            return row_max, col_max, rows, rows, np.zeros(0, np.float32)
+        r, c = np.nonzero(sim[rows] > t_min)
+        ii = rows[r]
+        return row_max, col_max, ii + i0, c + j0, sim[ii, c]
+
+
+class _Torch:
+    def __init__(self, device: str):
         import torch
 
-        return (torch.from_numpy(a).to(device) @ torch.from_numpy(b).to(device).T).cpu().numpy()
-    return a @ b.T
+        self.torch, self.device = torch, device
+
+    def put(self, x: np.ndarray):
+        return self.torch.from_numpy(x).to(self.device)
+
+    def tile(self, x, i0, i1, j0, j1, t_min, core, far):
+        torch = self.torch
+        sim = x[i0:i1] @ x[j0:j1].T
+        if i0 == j0:
+            sim.fill_diagonal_(-float("inf"))
+        if core > 1 and i0 < core and j0 < core:
+            sim[: core - i0, : core - j0] = -float("inf")
+        if far is not None:
+            sim[torch.from_numpy(far).to(sim.device)] = -float("inf")
+        row_max = sim.amax(dim=1)
+        col_max = sim.amax(dim=0)
+        ii, jj = torch.nonzero(sim > t_min, as_tuple=True)
+        vals = sim[ii, jj]
+        return (
+            row_max.cpu().numpy(),
+            col_max.cpu().numpy(),
+            ii.cpu().numpy() + i0,
+            jj.cpu().numpy() + j0,
+            vals.cpu().numpy(),
+        )
+
+
+def _backend(device: str):
+    """numpy on "cpu"; torch on "cuda"/"cuda:N" (and on "torch-cpu", to test that path here)."""
+    if device == "cpu":
+        return _Numpy()
+    if device.startswith("cuda"):
+        return _Torch(device)
+    if device == "torch-cpu":
+        return _Torch("cpu")
+    raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N")

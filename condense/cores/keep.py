@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import numpy as np
 
 from condense.cores.hashing import hash_ids
 
-KEEP_RULES = ("middle", "far", "near", "clip_max", "random")
+KeepRule = Literal["middle", "far", "near", "clip_max", "random"]
+KEEP_RULES: tuple[str, ...] = get_args(KeepRule)
 
 
 def keep_mask(

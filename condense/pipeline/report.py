@@ -73,3 +73,42 @@ def format_funnel(rows: list[dict]) -> str:
         if j == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def planted_truth(run_dir: str | Path) -> Path | None:
+    """The ground truth of a run on `condense synth` data (RUN/input/truth.parquet, or beside
+    the configured input), when there is one."""
+    import yaml
+
+    run = RunDir(run_dir)
+    candidates = [run.root / "input" / "truth.parquet"]
+    config = run.root / "config.yaml"
+    if config.exists():
+        path = (yaml.safe_load(config.read_text()) or {}).get("input", {}).get("path")
+        if path:
+            candidates.append(Path(path) / "truth.parquet")
+    return next((c for c in candidates if c.exists()), None)
+
+
+def dedup_quality(run_dir: str | Path) -> dict | None:
+    """Precision and recall of dedup against the planted truth (None without truth or dedup)."""
+    import pyarrow.parquet as pq
+
+    from condense.stages.base import part_files
+    from condense.synth import dedup_quality as measure
+
+    run = RunDir(run_dir)
+    truth = planted_truth(run_dir)
+    parts = part_files(run.stage_dir("dedup"))
+    if truth is None or run.stage_mark("dedup") is None or not parts:
+        return None
+    dedup = pq.read_table(run.stage_dir("dedup"), columns=["sample_id", "kept"])
+    return measure(pq.read_table(truth, columns=["sample_id", "group_id"]), dedup)
+
+
+def format_quality(q: dict) -> str:
+    return (
+        f"dedup against the planted truth: precision {q['precision']:.3f}, recall "
+        f"{q['recall']:.3f} ({q['correct_removals']:,} of {q['removed']:,} removals correct; "
+        f"{q['planted_duplicates']:,} planted duplicates)"
+    )

@@ -15,12 +15,22 @@ import pyarrow.parquet as pq
 from condense.config import PipelineConfig
 from condense.errors import CondenseError, StageError
 from condense.pipeline.rundir import CONFIG, RunDir, atomic_write_bytes
+from condense.stages.bands import CentroidBandStage, ClipBandStage
 from condense.stages.base import Stage, StageContext, check_columns, part_files
 from condense.stages.cluster import ClusterStage
+from condense.stages.dedup import DedupStage
 from condense.stages.embed import EmbedStage
+from condense.stages.sample import SampleStage
 from condense.strict import fingerprint
 
-STAGES: list[Stage] = [EmbedStage(), ClusterStage()]
+STAGES: list[Stage] = [
+    EmbedStage(),
+    ClusterStage(),
+    DedupStage(),
+    ClipBandStage(),
+    CentroidBandStage(),
+    SampleStage(),
+]
 STAGE_NAMES = [s.name for s in STAGES]
 
 
@@ -111,10 +121,9 @@ def _run_stage(ctx: StageContext, stage: Stage, fp: str, resume: bool) -> None:
         )
     parts = part_files(run.stage_dir(stage.name))
     schema = {f.name: str(f.type) for f in pq.read_schema(parts[0])} if parts else {}
-    if parts and list(schema) != list(stage.writes):
-        raise StageError(
-            f"stage {stage.name} wrote columns {list(schema)}, declared {list(stage.writes)}"
-        )
+    declared = list(stage.columns(ctx.config))
+    if parts and list(schema) != declared:
+        raise StageError(f"stage {stage.name} wrote columns {list(schema)}, declared {declared}")
     record = {
         "stage": stage.name,
         "status": "complete",

@@ -128,6 +128,9 @@ class _ProcessorActor:
 class RayExecutor:
     """Runs processors over work items on the Ray cluster this process is attached to."""
 
+    def __init__(self) -> None:
+        self._remote: dict[tuple, Any] = {}  # remote functions, registered once each
+
     def cpus(self) -> int:
         return max(1, int(cluster_resources()["CPU"]))
 
@@ -174,6 +177,18 @@ class RayExecutor:
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             for blob in batch["result"]:
                 yield pickle.loads(blob)
+
+    def map_tasks(
+        self, fn: Callable[..., Any], calls: list[tuple], *, num_cpus: float = 1.0
+    ) -> list[Any]:
+        """fn(*args) for every args in `calls`, as Ray tasks; results in the order of `calls`."""
+        import ray
+
+        key = (fn, num_cpus)
+        if key not in self._remote:
+            self._remote[key] = ray.remote(num_cpus=num_cpus, max_retries=1)(fn)
+        task = self._remote[key]
+        return ray.get([task.remote(*args) for args in calls])
 
     def call(
         self,

@@ -61,6 +61,10 @@ class Stage:
     reads: ClassVar[dict[str, tuple[str, ...]]] = {}  # upstream stage -> columns this stage reads
     writes: ClassVar[tuple[str, ...]] = ()  # columns of this stage's part files
 
+    def columns(self, config: PipelineConfig) -> tuple[str, ...]:
+        """The columns this run's part files hold (`writes`, plus any the settings add)."""
+        return self.writes
+
     def settings(self, config: PipelineConfig) -> list[Any]:
         """The config sections that decide this stage's output (fingerprinted)."""
         raise NotImplementedError
@@ -193,9 +197,8 @@ class Progress:
         if ctx.progress and parts and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(
-                total=parts, desc=f"{stage} ({rows:,} {unit})", unit="part", dynamic_ncols=True
-            )
+            desc = f"{stage} ({rows:,} {unit})" if rows else stage
+            self.bar = tqdm(total=parts, desc=desc, unit="part", dynamic_ncols=True)
 
     def rate(self) -> float:
         return self.done_rows / max(time.perf_counter() - self.start, 1e-9)
@@ -210,8 +213,9 @@ class Progress:
             time.perf_counter() - self.last_line >= 10 or self.done_parts == self.parts
         ):
             self.last_line = time.perf_counter()
+            of = f"/{self.rows:,}" if self.rows else ""
             self.ctx.log(
-                f"[{self.stage}] {self.done_parts}/{self.parts} parts, {self.done_rows:,}/{self.rows:,} "
+                f"[{self.stage}] {self.done_parts}/{self.parts} parts, {self.done_rows:,}{of} "
                 f"{self.unit} ({self.rate():,.0f} {self.unit}/s)"
             )
 

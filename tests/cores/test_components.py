@@ -41,33 +41,119 @@ def planted(seed=0, n_groups=30, dim=32):
     return x[rng.permutation(len(x))]
 
 
-@pytest.mark.parametrize("tile", [1, 3, 16, 4096])
-def test_components_match_networkx_at_every_tile_size(tile):
-    x = planted()
-    labels, best = components(x, 0.86, tile=tile)
-    assert np.array_equal(labels, reference_labels(x, 0.86))
+def max_sim_reference(x):
     sim = x @ x.T
     np.fill_diagonal(sim, -np.inf)
-    assert np.allclose(best, sim.max(axis=1), atol=1e-6)
+    return sim.max(axis=1)
+
+
+def assert_max_sim_exact_between(got, x, t_min, t_max):
+    """max_sim's contract: exact in [t_min, t_max]; outside, on the right side of the range."""
+    ref = max_sim_reference(x)
+    inside = (ref >= t_min) & (ref <= t_max)
+    assert np.allclose(got[inside], ref[inside], atol=1e-6)
+    assert (got[ref > t_max] > t_max).all()
+    assert (got[ref < t_min] < t_min).all()
+    assert (got <= ref + 1e-6).all()
+
+
+@pytest.mark.parametrize("tile", [1, 3, 16, 4096])
+@pytest.mark.parametrize("prune", [True, False])
+def test_components_match_networkx_at_every_tile_size(tile, prune):
+    x = planted()
+    got = components(x, 0.86, tile=tile, prune=prune)
+    assert np.array_equal(got.labels[0], reference_labels(x, 0.86))
+    if prune:
+        assert_max_sim_exact_between(got.max_sim, x, 0.86, 0.86)
+    else:  # nothing skipped: every row's score is exact
+        assert np.allclose(got.max_sim, max_sim_reference(x), atol=1e-6)
+        assert got.tiles_computed == got.tiles_total
+
+
+def test_several_thresholds_in_one_pass_match_each_alone():
+    x = planted(seed=4)
+    ts = [0.80, 0.86, 0.90]
+    got = components(x, ts, tile=7)
+    for k, t in enumerate(ts):
+        assert np.array_equal(got.labels[k], reference_labels(x, t))
+        assert np.array_equal(got.labels[k], components(x, t, tile=5).labels[0])
+    assert_max_sim_exact_between(got.max_sim, x, 0.80, 0.90)
+
+
+def giant_cluster(seed=1, n=600, dim=48, group=0.8):
+    """Mostly one group of near-identical rows (cos ~0.97), the rest spread and chained."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(dim)
+    base /= np.linalg.norm(base)
+    m = int(group * n)
+    dup = base + 0.18 * rng.standard_normal((m, dim)) / np.sqrt(dim)
+    rest = base + 0.9 * rng.standard_normal((n - m, dim)) / np.sqrt(dim) * np.sqrt(dim) / 4
+    x = np.vstack([dup, rest, rest[:20] + 0.05 * rng.standard_normal((20, dim)) / np.sqrt(dim)])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return x[rng.permutation(len(x))]
+
+
+@pytest.mark.parametrize("tile", [8, 64, 1000])
+def test_giant_group_is_absorbed_and_still_exact(tile):
+    x = giant_cluster()
+    ts = [0.80, 0.86, 0.90]
+    got = components(x, ts, tile=tile)
+    for k, t in enumerate(ts):
+        assert np.array_equal(got.labels[k], reference_labels(x, t))
+    assert got.absorbed >= 400  # the group joined the pivot without tiling within itself
+    if tile < 100:
+        assert got.tiles_computed < got.tiles_total / 2  # whole tiles were skipped
+    assert_max_sim_exact_between(got.max_sim, x, 0.80, 0.90)
+
+
+def test_angle_pruning_skips_far_tiles_exactly():
+    # Rows spread over a half circle: far apart rows cannot be joined, so their tiles are skipped.
+    angles = np.linspace(0, np.pi, 400)
+    x = np.stack([np.cos(angles), np.sin(angles), np.zeros_like(angles)], 1).astype(np.float32)
+    got = components(x, 0.99995, tile=10)
+    assert np.array_equal(got.labels[0], reference_labels(x, 0.99995))
+    assert got.tiles_computed < got.tiles_total / 4
+
+
+def test_torch_path_matches_numpy():
+    pytest.importorskip("torch")
+    x = giant_cluster(seed=2)
+    a = components(x, [0.86, 0.9], tile=50)
+    b = components(x, [0.86, 0.9], tile=50, device="torch-cpu")
+    assert np.array_equal(a.labels, b.labels)
+    assert np.allclose(a.max_sim, b.max_sim, atol=1e-6)
 
 
 def test_chain_is_one_component_though_ends_are_far():
     theta = np.arccos(0.92)
     x = np.array([[np.cos(k * theta), np.sin(k * theta), 0.0] for k in range(4)], np.float32)
     assert (x[0] @ x[2]) < 0.86
-    labels, _ = components(x, 0.86, tile=2)
-    assert labels.tolist() == [0, 0, 0, 0]
+    assert components(x, 0.86, tile=2).labels[0].tolist() == [0, 0, 0, 0]
 
 
 def test_threshold_is_strict_and_singletons_stay():
     # Neighbours are exactly cos 0.5 apart; the ends are cos -0.5.
     x = np.array([[1.0, 0.0], [0.5, np.sqrt(0.75)], [-0.5, np.sqrt(0.75)]], np.float32)
-    labels, best = components(x, 0.5)
-    assert labels.tolist() == [0, 1, 2]  # 0.5 is not > 0.5
-    labels, _ = components(x, 0.49)
-    assert labels.tolist() == [0, 0, 0]
-    one, best_one = components(x[:1], 0.86)
-    assert one.tolist() == [0] and best_one[0] == -np.inf
+    assert components(x, 0.5).labels[0].tolist() == [0, 1, 2]  # 0.5 is not > 0.5
+    assert components(x, 0.49).labels[0].tolist() == [0, 0, 0]
+    one = components(x[:1], 0.86)
+    assert one.labels[0].tolist() == [0] and one.max_sim[0] == -np.inf
+    assert components(x[:0], 0.86).labels.shape == (1, 0)
+
+
+def test_identical_rows_form_one_component():
+    x = np.tile(np.array([[0.6, 0.8, 0.0]], np.float32), (50, 1))
+    for tile in (8, 4096):
+        got = components(x, 0.86, tile=tile)
+        assert set(got.labels[0].tolist()) == {0}
+        assert got.absorbed == 49
+
+
+def test_bad_thresholds_are_refused():
+    x = planted()
+    for bad in (0.0, -0.1, 1.5, []):
+        with pytest.raises(ValueError, match="thresholds must lie in"):
+            components(x, bad)
 
 
 def test_union_pairs_is_order_free():

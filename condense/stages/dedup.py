@@ -1,0 +1,379 @@
+"""Stage `dedup`: exact SemDeDup-style graph dedup inside every cluster (DESIGN.md 2).
+
+Two phases, both on Ray workers, neither gathering data on the driver:
+
+1. **Scatter.** Each embed part is joined with its cluster part (checked row by row on
+   `sample_id`), sorted by `cluster_id` and written to `dedup/_by_cluster/<part>.arrow` (Arrow
+   IPC, uncompressed, memory-mappable) with the row offset of every cluster. One file per part,
+   whatever k is.
+2. **Components.** Clusters are packed into tasks of about `rows_per_task` rows, a big cluster
+   alone in its task, and the tasks with the most similarity work start first. A task
+   memory-maps its clusters' slices from every scatter file, runs the exact component search
+   (`cores.components`, several thresholds in one pass) and the keep rule, and writes one part.
+
+Writes dedup/part-*.parquet with one row per input row: sample_id, cluster_id, component_id,
+component_size, kept, max_sim, clip_score, centroid_cos, and `kept_<t>` for every extra
+threshold. The scatter folder is removed once the stage is complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, field_validator
+
+from condense import schema as S
+from condense.cores.components import components
+from condense.cores.keep import KeepRule, keep_mask
+from condense.cores.vectors import to_unit_float32
+from condense.errors import StageError
+from condense.pipeline.rundir import atomic_file, atomic_write_npy
+from condense.stages.base import (
+    Stage,
+    StageContext,
+    StageResult,
+    part_files,
+    run_parts,
+    write_part,
+)
+from condense.strict import StrictModel
+
+SCATTER_DIR = "_by_cluster"
+
+
+class DedupConfig(StrictModel):
+    """SemDeDup-style graph dedup inside each cluster."""
+
+    threshold: float = Field(0.86, gt=0.0, le=1.0)  # cosine similarity; edge iff sim > threshold
+    thresholds: list[float] = []  # extra thresholds whose kept flags come from the same pass
+    keep: KeepRule = "middle"  # which member of each connected component is kept
+    seed: int = 0  # seeds the `random` keep rule
+    tile: int = Field(2048, ge=1)  # rows per similarity tile (memory: tile^2 floats)
+    rows_per_task: int = Field(250_000, ge=1)  # clusters are packed into tasks of ~this many rows
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the Ray cluster has them
+    workers: int | None = None  # parallel tasks; None: as many as the cluster's CPUs allow
+    threads_per_worker: int = Field(1, ge=1)  # BLAS threads per worker
+
+    runtime_fields = frozenset({"tile", "rows_per_task", "device", "workers", "threads_per_worker"})
+
+    @field_validator("thresholds")
+    @classmethod
+    def _check_thresholds(cls, value: list[float]) -> list[float]:
+        for t in value:
+            if not 0.0 < t <= 1.0:
+                raise ValueError(f"threshold {t} is outside (0, 1]")
+        return value
+
+    def all_thresholds(self) -> list[float]:
+        """The pipeline's threshold first, then the extra ones (each once)."""
+        out = [self.threshold]
+        for t in self.thresholds:
+            if t not in out:
+                out.append(t)
+        return out
+
+
+def kept_column(threshold: float) -> str:
+    """Column holding the kept flag at an extra threshold: 0.8 -> kept_0_8, 0.86 -> kept_0_86."""
+    return "kept_" + f"{threshold:g}".replace(".", "_")
+
+
+def plan_tasks(sizes: np.ndarray, rows_per_task: int) -> list[list[int]]:
+    """Pack cluster ids into tasks, the most similarity work (sum of size^2) first.
+
+    Clusters are taken largest first (ties by id); one of rows_per_task rows or more gets a task
+    of its own, smaller ones fill a task until it holds rows_per_task rows. Deterministic in the
+    sizes, so a resumed run plans the same tasks.
+    """
+    ids = np.flatnonzero(sizes)
+    ids = ids[np.lexsort((ids, -sizes[ids]))]
+    tasks: list[list[int]] = []
+    current: list[int] = []
+    rows = 0
+    for c in ids.tolist():
+        current.append(c)
+        rows += int(sizes[c])
+        if rows >= rows_per_task:
+            tasks.append(current)
+            current, rows = [], 0
+    if current:
+        tasks.append(current)
+    work = [sum(int(sizes[c]) ** 2 for c in t) for t in tasks]
+    return [tasks[i] for i in sorted(range(len(tasks)), key=lambda i: (-work[i], i))]
+
+
+class ClusterScatter:
+    """Joins one embed part with its cluster part and writes it sorted by cluster."""
+
+    COLUMNS = (S.SAMPLE_ID, S.CLUSTER_ID, S.CENTROID_DIST, S.CENTROID_COS, S.CLIP_SCORE, S.IMG_EMB)
+
+    def __init__(self, embed_dir: str, cluster_dir: str, out_dir: str, k: int):
+        self.embed_dir, self.cluster_dir = Path(embed_dir), Path(cluster_dir)
+        self.out_dir, self.k = Path(out_dir), k
+
+    def process(self, item: dict) -> dict:
+        import pyarrow.parquet as pq
+
+        start = time.perf_counter()
+        name = item["source"]
+        embed = pq.read_table(
+            self.embed_dir / f"part-{name}.parquet",
+            columns=[S.SAMPLE_ID, S.CLIP_SCORE, S.IMG_EMB],
+        )
+        cluster = pq.read_table(self.cluster_dir / f"part-{name}.parquet")
+        if not embed.column(S.SAMPLE_ID).equals(cluster.column(S.SAMPLE_ID)):
+            raise StageError(
+                f"dedup: cluster/part-{name}.parquet does not hold embed/part-{name}.parquet's "
+                "sample_ids in the same order; rerun the cluster stage"
+            )
+        cluster_id = cluster.column(S.CLUSTER_ID).to_numpy()
+        order = np.argsort(cluster_id, kind="stable")
+        table = pa.table(
+            {
+                S.SAMPLE_ID: embed.column(S.SAMPLE_ID),
+                S.CLUSTER_ID: cluster.column(S.CLUSTER_ID),
+                S.CENTROID_DIST: cluster.column(S.CENTROID_DIST),
+                S.CENTROID_COS: cluster.column(S.CENTROID_COS),
+                S.CLIP_SCORE: embed.column(S.CLIP_SCORE),
+                S.IMG_EMB: embed.column(S.IMG_EMB),
+            }
+        ).take(pa.array(order))
+        offsets = np.searchsorted(cluster_id[order], np.arange(self.k + 1)).astype(np.int64)
+        path = self.out_dir / f"{name}.arrow"
+        with atomic_file(path) as f, pa.ipc.new_file(f, table.schema) as writer:
+            writer.write_table(table, max_chunksize=max(len(table), 1))
+        atomic_write_npy(self.out_dir / f"{name}.offsets.npy", offsets)
+        return {"part": item["part"], "rows_in": len(table), "seconds": time.perf_counter() - start}
+
+
+class DedupWorker:
+    """Finds the components of a task's clusters and writes one dedup part."""
+
+    def __init__(
+        self,
+        scatter_dir: str,
+        sources: list[str],
+        out_dir: str,
+        thresholds: list[float],
+        keep: str,
+        seed: int,
+        tile: int,
+        device: str,
+        threads: int,
+    ):
+        self.scatter_dir, self.sources, self.out_dir = Path(scatter_dir), sources, out_dir
+        self.thresholds, self.keep, self.seed = thresholds, keep, seed
+        self.tile, self.device, self.threads = tile, device, threads
+
+    def setup(self) -> None:
+        if self.device == "auto":
+            self.device = "cuda" if _torch_cuda() else "cpu"
+        elif self.device == "cuda" and not _torch_cuda():
+            raise StageError("dedup.device is cuda but this worker has no torch with CUDA")
+        from threadpoolctl import threadpool_limits
+
+        self._limits = threadpool_limits(self.threads)  # held for the worker's life
+        self.tables = []
+        self.offsets = []
+        for name in self.sources:  # memory-mapped: only the slices a task reads are paged in
+            source = pa.memory_map(str(self.scatter_dir / f"{name}.arrow"))
+            self.tables.append(pa.ipc.open_file(source).read_all())
+            self.offsets.append(np.load(self.scatter_dir / f"{name}.offsets.npy"))
+
+    def rows_of(self, cluster: int) -> pa.Table:
+        pieces = [
+            t.slice(int(o[cluster]), int(o[cluster + 1] - o[cluster]))
+            for t, o in zip(self.tables, self.offsets, strict=True)
+            if o[cluster + 1] > o[cluster]
+        ]
+        table = pa.concat_tables(pieces)
+        return table.take(pc.sort_indices(table, sort_keys=[(S.SAMPLE_ID, "ascending")]))
+
+    def process(self, item: dict) -> dict:
+        start = time.perf_counter()
+        outputs, n_rows, work = [], 0, {"tiles_computed": 0, "tiles_total": 0, "entries": 0}
+        for cluster in item["clusters"]:
+            rows = self.rows_of(cluster)
+            outputs.append(self._dedup_cluster(cluster, rows, work))
+            n_rows += len(rows)
+        table = pa.concat_tables(outputs)
+        write_part(table, self.out_dir, item["part"])
+        kept = {
+            str(t): int(pc.sum(table.column(name)).as_py() or 0)
+            for t, name in zip(self.thresholds, self._kept_names(), strict=True)
+        }
+        return {
+            "part": item["part"],
+            "rows_in": n_rows,
+            "kept": kept,
+            "clusters": len(item["clusters"]),
+            "largest_cluster": int(item["largest"]),
+            "seconds": time.perf_counter() - start,
+            **work,
+        }
+
+    def _kept_names(self) -> list[str]:
+        return [S.KEPT] + [kept_column(t) for t in self.thresholds[1:]]
+
+    def _dedup_cluster(self, cluster: int, rows: pa.Table, work: dict) -> pa.Table:
+        n = len(rows)
+        ids = rows.column(S.SAMPLE_ID)
+        result = components(
+            to_unit_float32(S.arrow_to_vectors(rows.column(S.IMG_EMB))),
+            self.thresholds,
+            tile=self.tile,
+            device=self.device,
+        )
+        work["tiles_computed"] += result.tiles_computed
+        work["tiles_total"] += result.tiles_total
+        work["entries"] += result.entries_computed
+        ids_np = np.asarray(ids.to_pylist(), dtype=object)
+        dist = rows.column(S.CENTROID_DIST).to_numpy()
+        clip = rows.column(S.CLIP_SCORE).to_numpy()
+        kept = [
+            keep_mask(labels, ids_np, dist, clip, self.keep, self.seed) for labels in result.labels
+        ]
+        main = result.labels[0]
+        _, inverse, counts = np.unique(main, return_inverse=True, return_counts=True)
+        columns = {
+            S.SAMPLE_ID: ids,
+            S.CLUSTER_ID: pa.array(np.full(n, cluster, dtype=np.int32)),
+            S.COMPONENT_ID: pa.array((np.int64(cluster) << np.int64(32)) + main),
+            S.COMPONENT_SIZE: pa.array(counts[inverse].astype(np.int32)),
+            S.KEPT: pa.array(kept[0]),
+            S.MAX_SIM: pa.array(result.max_sim),
+            S.CLIP_SCORE: rows.column(S.CLIP_SCORE),
+            S.CENTROID_COS: rows.column(S.CENTROID_COS),
+        }
+        for t, mask in zip(self.thresholds[1:], kept[1:], strict=True):
+            columns[kept_column(t)] = pa.array(mask)
+        return pa.table(columns)
+
+
+def _rows(folder: Path, part: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(folder / f"part-{part}.parquet").metadata.num_rows
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+class DedupStage(Stage):
+    name = "dedup"
+    version = 1
+    reads = {
+        "embed": (S.SAMPLE_ID, S.CLIP_SCORE, S.IMG_EMB),
+        "cluster": (S.SAMPLE_ID, S.CLUSTER_ID, S.CENTROID_DIST, S.CENTROID_COS),
+    }
+    writes = (
+        S.SAMPLE_ID,
+        S.CLUSTER_ID,
+        S.COMPONENT_ID,
+        S.COMPONENT_SIZE,
+        S.KEPT,
+        S.MAX_SIM,
+        S.CLIP_SCORE,
+        S.CENTROID_COS,
+    )
+
+    def settings(self, config):
+        return [config.dedup.fingerprint_dict()]
+
+    def columns(self, config) -> tuple[str, ...]:
+        return self.writes + tuple(kept_column(t) for t in config.dedup.all_thresholds()[1:])
+
+    def run(self, ctx: StageContext) -> StageResult:
+        cfg = ctx.config.dedup
+        out_dir = ctx.run.stage_dir(self.name)
+        scatter_dir = out_dir / SCATTER_DIR
+        scatter_dir.mkdir(parents=True, exist_ok=True)
+        cluster_dir = ctx.run.stage_dir("cluster")
+        sources = [p.stem.removeprefix("part-") for p in part_files(cluster_dir)]
+        k = int(np.load(ctx.run.stage_dir("cluster") / "centroids.npy", mmap_mode="r").shape[0])
+        gpus = ctx.executor.gpus()
+        if cfg.device == "cuda" and gpus == 0:
+            raise StageError("dedup.device is cuda but the Ray cluster has no GPUs")
+        use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+
+        t0 = time.perf_counter()
+        run_parts(
+            ctx,
+            self.name,
+            [{"part": f"scatter-{s}", "source": s, "rows": _rows(cluster_dir, s)} for s in sources],
+            ClusterScatter,
+            shared={
+                "embed_dir": str(ctx.run.stage_dir("embed")),
+                "cluster_dir": str(ctx.run.stage_dir("cluster")),
+                "out_dir": str(scatter_dir),
+                "k": k,
+            },
+            num_cpus=1.0,
+            pool_size=cfg.workers,
+        )
+        sizes = sum(np.diff(np.load(scatter_dir / f"{s}.offsets.npy")) for s in sources)
+        scatter_seconds = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        tasks = plan_tasks(np.asarray(sizes), cfg.rows_per_task)
+        width = max(5, len(str(len(tasks))))
+        items = [
+            {
+                "part": f"{i:0{width}d}",
+                "clusters": clusters,
+                "rows": int(sum(sizes[c] for c in clusters)),
+                "largest": int(max(sizes[c] for c in clusters)),
+            }
+            for i, clusters in enumerate(tasks)
+        ]
+        threads = 1 if use_gpu else cfg.threads_per_worker
+        stats = run_parts(
+            ctx,
+            self.name,
+            items,
+            DedupWorker,
+            shared={
+                "scatter_dir": str(scatter_dir),
+                "sources": sources,
+                "out_dir": str(out_dir),
+                "thresholds": cfg.all_thresholds(),
+                "keep": cfg.keep,
+                "seed": cfg.seed,
+                "tile": cfg.tile,
+                "device": cfg.device if use_gpu else "cpu",
+                "threads": threads,
+            },
+            num_cpus=float(threads),
+            num_gpus=1.0 if use_gpu else 0.0,
+            pool_size=cfg.workers,
+        )
+        shutil.rmtree(scatter_dir, ignore_errors=True)
+        rows_in = sum(s["rows_in"] for s in stats)
+        kept = {str(t): sum(s["kept"][str(t)] for s in stats) for t in cfg.all_thresholds()}
+        rows_out = kept[str(cfg.threshold)]
+        extra = {
+            "threshold": cfg.threshold,
+            "kept_at": kept,
+            "clusters": int(np.count_nonzero(sizes)),
+            "largest_cluster": int(np.max(sizes)) if len(sources) else 0,
+            "tasks": len(items),
+            "tiles_computed": sum(s["tiles_computed"] for s in stats),
+            "tiles_total": sum(s["tiles_total"] for s in stats),
+            "similarity_entries": sum(s["entries"] for s in stats),
+            "scatter_seconds": round(scatter_seconds, 3),
+            "components_seconds": round(time.perf_counter() - t1, 3),
+            "device": "cuda" if use_gpu else "cpu",
+        }
+        return StageResult(rows_in, rows_out, {"duplicate": rows_in - rows_out}, extra)
