@@ -63,11 +63,22 @@ def test_synth_run_report(ray_session, tmp_path, capsys):
     assert "embed" in out and "cluster" in out and "1,200" in out
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["cluster"]["niter"] == 5
     assert main(["report", str(run_dir), "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert [(r["stage"], r["rows_in"], r["rows_out"], r["kept_pct"]) for r in rows] == [
-        ("embed", 1200, 1200, 100.0),
-        ("cluster", 1200, 1200, 100.0),
+    report = json.loads(capsys.readouterr().out)
+    rows = report["funnel"]
+    assert [r["stage"] for r in rows] == [
+        "embed",
+        "cluster",
+        "dedup",
+        "clip_band",
+        "centroid_band",
+        "sample",
     ]
+    assert [(r["rows_in"], r["rows_out"]) for r in rows[:2]] == [(1200, 1200), (1200, 1200)]
+    for before, after in zip(rows, rows[1:], strict=False):  # each stage takes the last's survivors
+        assert after["rows_in"] == before["rows_out"]
+    # The input was made by `condense synth`, so dedup is scored against the planted truth.
+    quality = report["dedup_quality"]
+    assert quality["rows"] == 1200 and quality["precision"] > 0.8 and quality["recall"] > 0.8
     assert main(["report", str(run_dir)]) == 0
     table = capsys.readouterr().out
     assert table.splitlines()[0].split() == [

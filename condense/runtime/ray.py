@@ -104,6 +104,17 @@ def cluster_resources() -> dict[str, float]:
     return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
 
 
+def _run_item(factory: Callable[..., Any], shared: dict[str, Any], item: dict) -> tuple[Any, str]:
+    """One item as a Ray task: build the processor, set it up, run it."""
+    import ray
+
+    processor = factory(**shared)
+    setup = getattr(processor, "setup", None)
+    if setup is not None:
+        setup()
+    return processor.process(item), ray.get_runtime_context().get_node_id()
+
+
 class _ProcessorActor:
     """Ray Data callable class: builds the processor once per actor, runs it per item."""
 
@@ -146,21 +157,45 @@ class RayExecutor:
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         pool_size: int | None = None,
+        actors: bool = False,
     ) -> Iterator[tuple[Any, str]]:
         """Yield (result, node_id) for every item, in completion order.
 
-        `shared` objects (centroids, a reader) go to the object store once and reach each actor
-        once, in its constructor: never once per item.
+        By default each item is one Ray task that builds its processor and runs it: workers are
+        reused, so a task costs milliseconds. With `actors`, a Ray Data actor pool builds each
+        processor once (for processors that load a model or a GPU index). `shared` objects go
+        to the object store once either way. At most `pool_size` items run at once, and never
+        more than the cluster's CPUs and GPUs hold.
         """
-        import ray
-        import ray.data
-
         if not items:
             return
-        # Never more actors than the cluster can hold at once: Ray Data would wait for them.
         fits_cpu = int(self.cpus() // num_cpus) if num_cpus else len(items)
         fits_gpu = int(self.gpus() // num_gpus) if num_gpus else len(items)
         pool_size = max(1, min(pool_size or len(items), len(items), fits_cpu, fits_gpu))
+        if actors:
+            yield from self._actor_pool(items, factory, shared, num_cpus, num_gpus, pool_size)
+            return
+        import ray
+
+        shared_ref = ray.put(shared or {})
+        task = self._task(_run_item, num_cpus, num_gpus)
+        queue = iter(items)
+        pending: list = []
+        while True:
+            for item in queue:
+                pending.append(task.remote(factory, shared_ref, item))
+                if len(pending) >= pool_size:
+                    break
+            if not pending:
+                return
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+
+    def _actor_pool(self, items, factory, shared, num_cpus, num_gpus, pool_size):
+        import ray
+        import ray.data
+
+        # Never more actors than the cluster can hold at once: Ray Data would wait for them.
         shared_refs = {name: [ray.put(value)] for name, value in (shared or {}).items()}
         ds = ray.data.from_items(
             [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
@@ -178,16 +213,22 @@ class RayExecutor:
             for blob in batch["result"]:
                 yield pickle.loads(blob)
 
+    def _task(self, fn: Callable[..., Any], num_cpus: float, num_gpus: float = 0.0):
+        """fn as a Ray remote function, registered once per resource shape."""
+        import ray
+
+        key = (fn, num_cpus, num_gpus)
+        if key not in self._remote:
+            self._remote[key] = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
+        return self._remote[key]
+
     def map_tasks(
         self, fn: Callable[..., Any], calls: list[tuple], *, num_cpus: float = 1.0
     ) -> list[Any]:
         """fn(*args) for every args in `calls`, as Ray tasks; results in the order of `calls`."""
         import ray
 
-        key = (fn, num_cpus)
-        if key not in self._remote:
-            self._remote[key] = ray.remote(num_cpus=num_cpus, max_retries=1)(fn)
-        task = self._remote[key]
+        task = self._task(fn, num_cpus)
         return ray.get([task.remote(*args) for args in calls])
 
     def call(

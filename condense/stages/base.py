@@ -151,6 +151,7 @@ def run_parts(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     pool_size: int | None = None,
+    actors: bool = False,
     unit: str = "rows",
 ) -> list[dict]:
     """Run `factory`'s processor on every item not already recorded; return all part stats.
@@ -173,7 +174,13 @@ def run_parts(
     progress = Progress(ctx, stage, len(todo), total_rows, unit)
     try:
         for stats, node in ctx.executor.map_items(
-            todo, factory, shared=shared, num_cpus=num_cpus, num_gpus=num_gpus, pool_size=pool_size
+            todo,
+            factory,
+            shared=shared,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            pool_size=pool_size,
+            actors=actors,
         ):
             stats = {**stats, "node": node}
             record_part(folder, stats["part"], stats)

@@ -268,6 +268,7 @@ class ClusterStage(Stage):
             num_cpus=float(threads),
             num_gpus=1.0 if use_gpu else 0.0,
             pool_size=cfg.workers,
+            actors=use_gpu,  # a GPU index is built once per actor, not once per part
         )
         rows_in = sum(s["rows_in"] for s in stats)
         extra = {

@@ -112,7 +112,13 @@ def test_every_keep_rule_matches_the_brute_force_reference(ray_session, tmp_path
     assert len(table) == len(rows[S.SAMPLE_ID])
     kept, size = reference(rows, 0.86, rule, seed=7)
     assert kept_ids(table) == kept
-    got_size = dict(zip(table.column(S.SAMPLE_ID).to_pylist(), table.column(S.COMPONENT_SIZE).to_pylist(), strict=True))
+    got_size = dict(
+        zip(
+            table.column(S.SAMPLE_ID).to_pylist(),
+            table.column(S.COMPONENT_SIZE).to_pylist(),
+            strict=True,
+        )
+    )
     assert got_size == size
     for t in (0.8, 0.9):  # the extra thresholds, from the same pass
         assert kept_ids(table, kept_column(t)) == reference(rows, t, rule, seed=7)[0]
@@ -122,7 +128,9 @@ def test_every_keep_rule_matches_the_brute_force_reference(ray_session, tmp_path
     )
     assert pc.all(pc.equal(per_component.column(f"{S.KEPT}_sum"), 1)).as_py()
     assert pc.max(per_component.column(f"{S.CLUSTER_ID}_count_distinct")).as_py() == 1
-    assert mark["rows_out"] == len(kept) and mark["dropped"] == {"duplicate": len(table) - len(kept)}
+    assert mark["rows_out"] == len(kept) and mark["dropped"] == {
+        "duplicate": len(table) - len(kept)
+    }
     assert mark["kept_at"] == {
         "0.86": len(kept),
         "0.8": len(reference(rows, 0.8, rule)[0]),
