@@ -51,6 +51,37 @@ def test_bad_values_are_named():
         config_from_dict({})
 
 
+@pytest.mark.parametrize(
+    ("section", "value", "message"),
+    [
+        ("dedup", {"threshold": 0.0}, r"dedup\.threshold"),
+        ("dedup", {"threshold": -0.5}, r"dedup\.threshold"),
+        ("dedup", {"threshold": 1.0001}, r"dedup\.threshold"),
+        ("dedup", {"thresholds": [0.8, 1.2]}, r"dedup\.thresholds.*1\.2 is outside \(0, 1\]"),
+        ("dedup", {"keep": "mid"}, r"dedup\.keep"),
+        ("clip_band", {"lo": 0.5, "hi": 0.5}, r"clip_band.*must be smaller"),
+        ("centroid_band", {"lo": -0.1, "hi": 0.3}, r"centroid_band\.lo"),
+        ("centroid_band", {"lo": 0.1, "hi": 1.3}, r"centroid_band\.hi"),
+        ("sample", {"n": -1}, r"sample\.n"),
+        ("sample", {"n": 5, "fraction": 0.1}, r"exactly one of sample\.n and sample\.fraction"),
+        ("sample", {"n": None, "fraction": 0.0}, r"sample\.fraction"),
+    ],
+)
+def test_selection_settings_out_of_range_are_refused(section, value, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"input": {"path": "x"}, section: value})
+    # The edges that are allowed: threshold 1.0, a band over everything, an empty sample.
+    cfg = config_from_dict(
+        {
+            "input": {"path": "x"},
+            "dedup": {"threshold": 1.0},
+            "clip_band": {"lo": 0.0, "hi": 1.0},
+            "sample": {"n": 0},
+        }
+    )
+    assert cfg.dedup.threshold == 1.0 and cfg.sample.n == 0
+
+
 def test_set_overrides_parse_yaml_values(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("input: {path: x}\n")
