@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ANGLE_MARGIN = 1e-3  # radians; float32 similarities of unit vectors err by far less (~1e-5)
+CHUNK = 65_536  # rows per float64 chunk when ordering rows by angle
 
 
 def _compress(parent: np.ndarray) -> np.ndarray:
@@ -161,14 +162,20 @@ def components(
 
 def _pivot_order(x: np.ndarray, t_max: float) -> tuple[np.ndarray, np.ndarray, int]:
     """Rows ordered by angle to the pivot (the pivot first), those angles, and how many leading
-    rows lie strictly within arccos(t_max) of the pivot (the pivot included)."""
-    x64 = x.astype(np.float64)
-    x64 /= np.linalg.norm(x64, axis=1, keepdims=True)
-    mean = x64.sum(axis=0)
-    pivot = int(np.argmax(x64 @ mean))  # the first row nearest the mean direction
-    cos = np.clip(x64 @ x64[pivot], -1.0, 1.0)
+    rows lie strictly within arccos(t_max) of the pivot (the pivot included).
+
+    Angles are computed in float64, a chunk at a time (memory stays O(n x dim) in float32)."""
+    n = len(x)
+    chunks = [slice(i, min(n, i + CHUNK)) for i in range(0, n, CHUNK)]
+    norms = np.concatenate([np.linalg.norm(x[c].astype(np.float64), axis=1) for c in chunks])
+    mean = sum((x[c].astype(np.float64) / norms[c, None]).sum(axis=0) for c in chunks)
+    to_mean = np.concatenate([x[c].astype(np.float64) @ mean for c in chunks]) / norms
+    pivot = int(np.argmax(to_mean))  # the first row nearest the mean direction
+    p = x[pivot].astype(np.float64) / norms[pivot]
+    cos = np.concatenate([x[c].astype(np.float64) @ p for c in chunks]) / norms
+    np.clip(cos, -1.0, 1.0, out=cos)
     cos[pivot] = 2.0  # first, whatever rounding says
-    order = np.lexsort((np.arange(len(x)), -cos))
+    order = np.lexsort((np.arange(n), -cos))
     angle = np.arccos(np.minimum(cos[order], 1.0))
     # The core is decided on float32 similarities, as every other edge is.
     s32 = x[order[1:]] @ x[pivot]

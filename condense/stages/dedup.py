@@ -45,6 +45,7 @@ from condense.stages.base import (
 from condense.strict import StrictModel
 
 SCATTER_DIR = "_by_cluster"
+SCATTER_SLICE = 65_536  # rows per record batch of a scatter file
 
 
 class DedupConfig(StrictModel):
@@ -143,11 +144,13 @@ class ClusterScatter:
                 S.CLIP_SCORE: embed.column(S.CLIP_SCORE),
                 S.IMG_EMB: embed.column(S.IMG_EMB),
             }
-        ).take(pa.array(order))
+        )
         offsets = np.searchsorted(cluster_id[order], np.arange(self.k + 1)).astype(np.int64)
         path = self.out_dir / f"{name}.arrow"
+        # Sorted copies are taken a slice at a time: memory stays at one part plus one slice.
         with atomic_file(path) as f, pa.ipc.new_file(f, table.schema) as writer:
-            writer.write_table(table, max_chunksize=max(len(table), 1))
+            for start in range(0, len(order), SCATTER_SLICE):
+                writer.write_table(table.take(pa.array(order[start : start + SCATTER_SLICE])))
         atomic_write_npy(self.out_dir / f"{name}.offsets.npy", offsets)
         return {"part": item["part"], "rows_in": len(table), "seconds": time.perf_counter() - start}
 
@@ -199,9 +202,9 @@ class DedupWorker:
         start = time.perf_counter()
         outputs, n_rows, work = [], 0, {"tiles_computed": 0, "tiles_total": 0, "entries": 0}
         for cluster in item["clusters"]:
-            rows = self.rows_of(cluster)
-            outputs.append(self._dedup_cluster(cluster, rows, work))
-            n_rows += len(rows)
+            # No reference to the cluster's rows is kept here: _dedup_cluster frees the vectors.
+            outputs.append(self._dedup_cluster(cluster, self.rows_of(cluster), work))
+            n_rows += len(outputs[-1])
         table = pa.concat_tables(outputs)
         write_part(table, self.out_dir, item["part"])
         kept = {
@@ -224,12 +227,10 @@ class DedupWorker:
     def _dedup_cluster(self, cluster: int, rows: pa.Table, work: dict) -> pa.Table:
         n = len(rows)
         ids = rows.column(S.SAMPLE_ID)
-        result = components(
-            to_unit_float32(S.arrow_to_vectors(rows.column(S.IMG_EMB))),
-            self.thresholds,
-            tile=self.tile,
-            device=self.device,
-        )
+        vectors = to_unit_float32(S.arrow_to_vectors(rows.column(S.IMG_EMB)))
+        rows = rows.drop_columns([S.IMG_EMB])  # the float32 copy is all that is needed now
+        result = components(vectors, self.thresholds, tile=self.tile, device=self.device)
+        del vectors
         work["tiles_computed"] += result.tiles_computed
         work["tiles_total"] += result.tiles_total
         work["entries"] += result.entries_computed
