@@ -141,6 +141,17 @@ def record_part(folder: Path, part: str, stats: dict) -> None:
     atomic_write_json(Path(folder) / PARTS_DIR / f"{part}.json", stats)
 
 
+def discard_scratch(folder: Path, scratch: str, prefix: str) -> None:
+    """Remove a stage's scratch folder and the records of the parts that wrote it, records
+    first: a run killed in between redoes those parts on resume instead of trusting files that
+    are gone."""
+    import shutil
+
+    for record in (Path(folder) / PARTS_DIR).glob(f"{prefix}*.json"):
+        record.unlink()
+    shutil.rmtree(Path(folder) / scratch, ignore_errors=True)
+
+
 def run_parts(
     ctx: StageContext,
     stage: str,

@@ -18,7 +18,6 @@ threshold. The scatter folder is removed once the stage is complete.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
@@ -38,6 +37,7 @@ from condense.stages.base import (
     Stage,
     StageContext,
     StageResult,
+    discard_scratch,
     part_files,
     run_parts,
     write_part,
@@ -360,7 +360,7 @@ class DedupStage(Stage):
             num_gpus=1.0 if use_gpu else 0.0,
             pool_size=cfg.workers,
         )
-        shutil.rmtree(scatter_dir, ignore_errors=True)
+        discard_scratch(out_dir, SCATTER_DIR, prefix="scatter-")
         rows_in = sum(s["rows_in"] for s in stats)
         kept = {str(t): sum(s["kept"][str(t)] for s in stats) for t in cfg.all_thresholds()}
         rows_out = kept[str(cfg.threshold)]

@@ -17,7 +17,6 @@ are checked against each upstream part, so stages are joined by key, not by posi
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -30,7 +29,15 @@ from condense import schema as S
 from condense.cores.select import Boundary, Run, answer, count_below, find_rank, sort_run
 from condense.errors import StageError
 from condense.pipeline.rundir import RunDir, atomic_file
-from condense.stages.base import Stage, StageContext, StageResult, part_files, run_parts, write_part
+from condense.stages.base import (
+    Stage,
+    StageContext,
+    StageResult,
+    discard_scratch,
+    part_files,
+    run_parts,
+    write_part,
+)
 
 RUNS_DIR = "_runs"
 SELECTION_CHAIN = ("dedup", "clip_band", "centroid_band", "sample")  # each filters the previous
@@ -164,7 +171,7 @@ class RankedStage(Stage):
         kept = sum(s["kept"] for s in stats)
         if kept != r_hi - r_lo:
             raise StageError(f"{self.name}: kept {kept} rows, expected {r_hi - r_lo}")
-        shutil.rmtree(out_dir / RUNS_DIR, ignore_errors=True)
+        discard_scratch(out_dir, RUNS_DIR, prefix="run-")
         extra = {
             "ranks": [r_lo, r_hi],
             "boundaries": [_describe(lower), _describe(upper)],
