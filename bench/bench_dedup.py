@@ -20,6 +20,10 @@ cosine threshold 0.86 (edge i-j iff dot(x_i, x_j) > 0.86):
   mask is taken from S, S is freed, the mask's lower triangle is cleared in place), a networkx
   Graph with every row as a node, `nx.connected_components`.
 
+(a) and (c) compute S as `X @ X.T`, which numpy hands to BLAS ssyrk (n^2 d flops, like condense's
+upper triangle). Above SYRK_MAX_ROWS rows that path segfaults here (numpy issue #19685), so they
+multiply by a transposed copy instead (sgemm, 2 n^2 d flops); the table marks which one ran.
+
 (b) and (c) label every row with its component's smallest row index, as condense does; their
 labels must equal condense's exactly (a mismatch is reported and the script exits non-zero).
 
@@ -72,6 +76,10 @@ BASELINE_NAMES = {
 ZIPF_A = 1.8  # group-size exponent
 NX_BYTES_PER_EDGE = 260  # a networkx Graph edge (two adjacency entries, an attr dict, int keys)
 NX_SECONDS_PER_EDGE = 4e-6  # add_edges_from on this kind of machine
+# numpy computes X @ X.T with OpenBLAS's ssyrk (half the flops of a general product), which
+# segfaults on this machine from somewhere between 36k and 38k rows (numpy issue #19685); above
+# this many rows the dense baselines multiply by a transposed copy instead (a general sgemm).
+SYRK_MAX_ROWS = 32_768
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -152,6 +160,13 @@ def run_condense(x: np.ndarray, t: float, tile: int) -> tuple[np.ndarray, dict]:
     }
 
 
+def gram(x: np.ndarray) -> tuple[np.ndarray, str]:
+    """S = X X^T as a numpy user writes it, and which BLAS product computed it."""
+    if len(x) <= SYRK_MAX_ROWS:
+        return x @ x.T, "syrk"
+    return x @ np.ascontiguousarray(x.T), "gemm"
+
+
 def _clear_lower(a: np.ndarray, value: float | bool) -> None:
     """Set the lower triangle and the diagonal of a square matrix to `value`, in place."""
     for i in range(len(a)):
@@ -165,13 +180,13 @@ def semdedup(x: np.ndarray, t: float) -> tuple[np.ndarray, dict]:
     distance = 1.0 - x @ centroid
     order = np.argsort(-distance, kind="stable")  # farthest from the centroid first
     xs = x[order]
-    s = xs @ xs.T
+    s, product = gram(xs)
     _clear_lower(s, 0.0)
     m = s.max(axis=0)  # M_j = max_{i<j} S_ij
     del s
     removed = np.zeros(len(x), dtype=bool)
     removed[order] = m > t
-    return removed, {"removed": int(removed.sum())}
+    return removed, {"removed": int(removed.sum()), "product": product}
 
 
 def bunny_bfs(x: np.ndarray, t: float, batch: int = 1024) -> tuple[np.ndarray, dict]:
@@ -218,7 +233,7 @@ def dense_networkx(x: np.ndarray, t: float) -> tuple[np.ndarray, dict]:
     """(c) Dense similarity matrix, edges of its strict upper triangle, networkx components."""
     import networkx as nx
 
-    s = x @ x.T
+    s, product = gram(x)
     above = s > t
     del s
     _clear_lower(above, False)
@@ -233,7 +248,7 @@ def dense_networkx(x: np.ndarray, t: float) -> tuple[np.ndarray, dict]:
     for comp in nx.connected_components(graph):
         idx = np.fromiter(comp, dtype=np.int64, count=len(comp))
         labels[idx] = idx.min()
-    return labels, {"edges": len(ii)}
+    return labels, {"edges": len(ii), "product": product}
 
 
 # --------------------------------------------------------------------------- measuring
@@ -410,8 +425,11 @@ def print_table(rows: list[dict], rates: list[float], args: argparse.Namespace) 
     print("|" + "---|" * (head.count("|") - 1))
     for r in rows:
         name = BASELINE_NAMES.get(r["method"], "condense")
+        if "product" in r:
+            name += f" [{r['product']}]"
         if "seconds" not in r:
-            print(f"| {r['n']:,} | {r['kind']} | {name} | skipped | | | | | | {r['why']} | | |")
+            status = "skipped" if r["why"].startswith("skipped") else "failed"
+            print(f"| {r['n']:,} | {r['kind']} | {name} | {status} | | | | | | {r['why']} | | |")
             continue
         frac = tiles = None
         if r["method"] == "condense":
@@ -423,6 +441,24 @@ def print_table(rows: list[dict], rates: list[float], args: argparse.Namespace) 
             f"| {r.get('check', '')} | {_fmt(r.get('vs_dense'), '.1f', 'x')} "
             f"| {_fmt(r.get('vs_bfs'), '.1f', 'x')} |"
         )
+
+
+def progress_line(row: dict) -> str:
+    parts = [
+        f"  {row['method']:<10} {row['seconds']:8.3f} s",
+        f"peak {row['peak'] / MiB:8,.0f} MiB",
+    ]
+    if "product" in row:
+        parts.append(f"[{row['product']}]")
+    parts.append(f"removed {row['removed']:,}")
+    if "components" in row:
+        parts.append(f"components {row['components']:,}")
+    if row.get("check"):
+        parts.append(f"[{row['check']}]")
+    if row["method"] == "condense":
+        parts.append(f"tiles {row['tiles_computed']}/{row['tiles_total']}")
+        parts.append(f"absorbed {row['absorbed']:,}")
+    return "  ".join(parts)
 
 
 def parent(args: argparse.Namespace) -> int:
@@ -466,18 +502,7 @@ def parent(args: argparse.Namespace) -> int:
                         row["check"] = (
                             f"{row['components']:,} components, planted {plan['components']:,}"
                         )
-                    print(
-                        f"  {method:<10} {row['seconds']:8.3f} s  peak {row['peak'] / MiB:8,.0f} MiB  "
-                        f"removed {row['removed']:,}"
-                        + (f"  components {row['components']:,}" if "components" in row else "")
-                        + (f"  [{row['check']}]" if row.get("check") else "")
-                        + (
-                            f"  tiles {row['tiles_computed']}/{row['tiles_total']}, absorbed {row['absorbed']:,}"
-                            if method == "condense"
-                            else ""
-                        ),
-                        flush=True,
-                    )
+                    print(progress_line(row), flush=True)
                     rows.append(row)
     finally:
         shutil.rmtree(out, ignore_errors=True)
