@@ -126,22 +126,23 @@ def components(
     backend = _backend(device)
     xd = backend.put(xs)
     tiles_total = tiles_done = entries = 0
-    starts = range(0, n, tile)
-    for i0 in starts:
-        i1 = min(n, i0 + tile)
-        for j0 in range(i0, n, tile):
-            j1 = min(n, j0 + tile)
+    # Tiles never straddle the end of the absorbed group, so a tile is all group or all rest.
+    blocks = [(a, min(a + tile, core)) for a in range(0, core, tile)] if core > 1 else []
+    blocks += [(a, min(a + tile, n)) for a in range(core if core > 1 else 0, n, tile)]
+    for bi, (i0, i1) in enumerate(blocks):
+        for bj in range(bi, len(blocks)):
+            j0, j1 = blocks[bj]
             tiles_total += 1
             if core > 1 and j1 <= core:  # both tiles inside the absorbed group
                 continue
             if angle is not None and angle[j0] - angle[i1 - 1] > reach:
-                tiles_total += len(range(j0 + tile, n, tile))  # the rest lie farther still
+                tiles_total += len(blocks) - bj - 1  # the rest lie farther still
                 break
             tiles_done += 1
             entries += (i1 - i0) * (j1 - j0)
             far = None  # pairs beyond reach: masked, so max_sim does not depend on the tiling
             if angle is not None and angle[j1 - 1] - angle[i0] > reach:
-                far = np.abs(angle[None, j0:j1] - angle[i0:i1, None]) > reach
+                far = _beyond_reach(angle, i0, i1, j0, j1, reach)
             row_max, col_max, ii, jj, vals = backend.tile(xd, i0, i1, j0, j1, t_min, core, far)
             np.maximum(best[i0:i1], row_max, out=best[i0:i1])
             np.maximum(best[j0:j1], col_max, out=best[j0:j1])
@@ -160,19 +161,31 @@ def components(
     return Components(labels, max_sim, tiles_done, tiles_total, entries, max(core - 1, 0))
 
 
+def _beyond_reach(angle: np.ndarray, i0: int, i1: int, j0: int, j1: int, reach: float):
+    """Mask of the tile's pairs whose angles to the pivot differ by more than `reach`.
+    Angles ascend, so each row's far columns are a prefix and a suffix of the tile."""
+    a, b = angle[i0:i1], angle[j0:j1]
+    hi = np.searchsorted(b, a + reach, side="right")
+    lo = np.searchsorted(b, a - reach, side="left")
+    cols = np.arange(j1 - j0)
+    return (cols >= hi[:, None]) | (cols < lo[:, None])
+
+
 def _pivot_order(x: np.ndarray, t_max: float) -> tuple[np.ndarray, np.ndarray, int]:
     """Rows ordered by angle to the pivot (the pivot first), those angles, and how many leading
     rows lie strictly within arccos(t_max) of the pivot (the pivot included).
 
     Angles are computed in float64, a chunk at a time (memory stays O(n x dim) in float32)."""
     n = len(x)
-    chunks = [slice(i, min(n, i + CHUNK)) for i in range(0, n, CHUNK)]
-    norms = np.concatenate([np.linalg.norm(x[c].astype(np.float64), axis=1) for c in chunks])
-    mean = sum((x[c].astype(np.float64) / norms[c, None]).sum(axis=0) for c in chunks)
-    to_mean = np.concatenate([x[c].astype(np.float64) @ mean for c in chunks]) / norms
-    pivot = int(np.argmax(to_mean))  # the first row nearest the mean direction
-    p = x[pivot].astype(np.float64) / norms[pivot]
-    cos = np.concatenate([x[c].astype(np.float64) @ p for c in chunks]) / norms
+    mean = x.sum(axis=0, dtype=np.float64).astype(np.float32)
+    pivot = int(np.argmax(x @ mean))  # the first row nearest the mean direction
+    # Angles to the pivot in float64 (pruning relies on them), one chunk at a time.
+    p = x[pivot].astype(np.float64)
+    p /= np.sqrt(p @ p)
+    cos = np.empty(n, dtype=np.float64)
+    for i in range(0, n, CHUNK):
+        c = x[i : i + CHUNK].astype(np.float64)
+        cos[i : i + CHUNK] = (c @ p) / np.sqrt(np.einsum("ij,ij->i", c, c))
     np.clip(cos, -1.0, 1.0, out=cos)
     cos[pivot] = 2.0  # first, whatever rounding says
     order = np.lexsort((np.arange(n), -cos))
@@ -195,7 +208,7 @@ class _Numpy:
         if core > 1 and i0 < core and j0 < core:  # pairs inside the absorbed group: as if skipped
             sim[: core - i0, : core - j0] = -np.inf
         if far is not None:
-            sim[far] = -np.inf
+            np.putmask(sim, far, -np.inf)
         row_max = sim.max(axis=1)
         col_max = sim.max(axis=0)
         rows = np.flatnonzero(row_max > t_min)  # only rows with an edge are scanned again
