@@ -48,12 +48,12 @@ def make_rows(rows: int, dim: int, k: int, seed: int = 0) -> dict[str, np.ndarra
     cluster = np.sort(rng.choice(k, rows, p=sizes / sizes.sum()))
     centres = rng.standard_normal((k, dim)).astype(np.float32)
     x = centres[cluster] * 0.08 + rng.standard_normal((rows, dim)).astype(np.float32) / np.sqrt(dim)
-    dup = rng.random(rows) < 0.33
-    src = np.flatnonzero(dup)
-    x[src[1:]] = x[src[:-1]] + 0.2 * rng.standard_normal((len(src) - 1, dim)).astype(
-        np.float32
-    ) / np.sqrt(dim)
-    cluster[src[1:]] = cluster[src[:-1]]
+    src = np.flatnonzero(rng.random(rows) < 0.33)
+    originals, copies = src[0::2][: len(src) // 2], src[1::2][: len(src) // 2]
+    noise = rng.standard_normal((len(copies), dim)).astype(np.float32)
+    scale = 0.2 / np.sqrt(dim) * np.linalg.norm(x[originals], axis=1)[:, None]
+    x[copies] = x[originals] + noise * scale  # cos ~0.98 with the original
+    cluster[copies] = cluster[originals]
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return {
         S.SAMPLE_ID: np.array([f"{i:09d}" for i in rng.permutation(rows)], dtype=object),
