@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-10s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
 
 install: $(STAMP) ## create .venv and install condense with its dev tools
 
@@ -32,10 +32,19 @@ format: $(STAMP) ## ruff format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP) ## cluster stage vs bare faiss on 1M x 768 rows (takes ~10 min)
+bench: bench-cluster bench-dedup bench-select ## every benchmark (~40 min on 2 cores)
+
+bench-cluster: $(STAMP) ## cluster stage vs bare faiss on 1M x 768 rows (~10 min)
 	$(BIN)/python bench/bench_cluster.py
+
+bench-dedup: $(STAMP) ## dedup core vs SemDeDup / Bunny BFS / networkx, then the stage vs Ray Data groupby (~20 min)
+	$(BIN)/python bench/bench_dedup.py
+	$(BIN)/python bench/bench_dedup_stage.py
+
+bench-select: $(STAMP) ## bands and sample at 1M and 10M rows (~5 min)
+	$(BIN)/python bench/bench_select.py
 
 clean: ## remove runs, caches and the venv
 	rm -rf runs .pytest_cache .ruff_cache $(VENV)
 
-.PHONY: help install demo test lint format bench clean
+.PHONY: help install demo test lint format bench bench-cluster bench-dedup bench-select clean

@@ -18,7 +18,6 @@ are checked against each upstream part, so stages are joined by key, not by posi
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -70,7 +69,9 @@ class RunWriter:
         keys = self.stage.keys(rows, self.settings)
         run, order = sort_run(keys, rows.column(S.SAMPLE_ID))
         table = pa.table({"key": pa.array(run.keys), S.SAMPLE_ID: run.ids, "row": pa.array(order)})
-        path = Path(self.run_dir) / self.stage.name / RUNS_DIR / f"{item['source']}.arrow"
+        path = (
+            RunDir(self.run_dir).stage_dir(self.stage.name) / RUNS_DIR / f"{item['source']}.arrow"
+        )
         with atomic_file(path) as f, pa.ipc.new_file(f, table.schema) as writer:
             writer.write_table(table)
         return {"part": item["part"], "rows_in": len(table), "seconds": time.perf_counter() - start}
@@ -89,7 +90,7 @@ def answer_runs(paths: list[str], question: tuple) -> list:
     return [answer(load_run(p)[0], question) for p in paths]
 
 
-class BandWriter:
+class KeptWriter:
     """Step 3: write one part with `kept` set between the two boundaries."""
 
     def __init__(self, stage: RankedStage, run_dir: str, lower, upper):
@@ -99,7 +100,7 @@ class BandWriter:
     def process(self, item: dict) -> dict:
         start = time.perf_counter()
         rows = survivors(self.run_dir, item["source"], self.stage.name, self.stage.inputs)
-        out_dir = Path(self.run_dir) / self.stage.name
+        out_dir = RunDir(self.run_dir).stage_dir(self.stage.name)
         run, row = load_run(str(out_dir / RUNS_DIR / f"{item['source']}.arrow"))
         a, b = count_below(run, self.lower), count_below(run, self.upper)
         kept = np.zeros(len(rows), dtype=bool)
@@ -159,7 +160,7 @@ class RankedStage(Stage):
                 {"part": f"out-{s}", "source": s, "rows": c["rows_in"]}
                 for s, c in zip(sources, counts, strict=True)
             ],
-            BandWriter,
+            KeptWriter,
             shared={
                 "stage": self,
                 "run_dir": str(ctx.run.root),
