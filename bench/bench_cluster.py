@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.repeats):
         base_runs.append(bare_faiss(x, args.k, args.niter, args.sample, seed=0))
         shutil.rmtree(run_dir / "cluster", ignore_errors=True)
-        run_pipeline(cfg, run_dir, log=print, progress=False)
+        run_pipeline(cfg, run_dir, log=print, progress=False, until="cluster")
         stage_runs.append(json.loads((run_dir / "cluster" / "_stage.json").read_text()))
     cluster = min(stage_runs, key=lambda r: r["seconds"])
     base = min(base_runs, key=lambda r: r["total_s"])

@@ -42,10 +42,10 @@ ROWS_PER_PART = 100_000
 
 
 def make_rows(rows: int, dim: int, k: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Rows around k centres (Zipf-sized clusters), a third of them in near-duplicate pairs."""
+    """Rows around k centres (heavy-tailed cluster sizes), a third of them in near-duplicate pairs."""
     rng = np.random.default_rng(seed)
-    sizes = rng.zipf(1.6, k).astype(np.float64)
-    cluster = np.sort(rng.choice(k, rows, p=sizes / sizes.sum()))
+    share = 1.0 / np.arange(1, k + 1) ** 0.8  # heavy-tailed: the largest ~8% of rows at k=400
+    cluster = np.sort(rng.choice(k, rows, p=share / share.sum()))
     centres = rng.standard_normal((k, dim)).astype(np.float32)
     x = centres[cluster] * 0.08 + rng.standard_normal((rows, dim)).astype(np.float32) / np.sqrt(dim)
     src = np.flatnonzero(rng.random(rows) < 0.33)

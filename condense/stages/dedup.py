@@ -179,32 +179,38 @@ class DedupWorker:
             self.device = "cuda" if _torch_cuda() else "cpu"
         elif self.device == "cuda" and not _torch_cuda():
             raise StageError("dedup.device is cuda but this worker has no torch with CUDA")
-        from threadpoolctl import threadpool_limits
+        # Memory-mapped: a task reads only its clusters' entries of each part's offsets.
+        self.offsets = [
+            np.load(self.scatter_dir / f"{n}.offsets.npy", mmap_mode="r") for n in self.sources
+        ]
+        self.tables: dict[int, pa.Table] = {}  # scatter files opened so far (memory-mapped)
 
-        self._limits = threadpool_limits(self.threads)  # held for the worker's life
-        self.tables = []
-        self.offsets = []
-        for name in self.sources:  # memory-mapped: only the slices a task reads are paged in
-            source = pa.memory_map(str(self.scatter_dir / f"{name}.arrow"))
-            self.tables.append(pa.ipc.open_file(source).read_all())
-            self.offsets.append(np.load(self.scatter_dir / f"{name}.offsets.npy"))
+    def table(self, i: int) -> pa.Table:
+        if i not in self.tables:  # only the slices a task reads are ever paged in
+            source = pa.memory_map(str(self.scatter_dir / f"{self.sources[i]}.arrow"))
+            self.tables[i] = pa.ipc.open_file(source).read_all()
+        return self.tables[i]
 
     def rows_of(self, cluster: int) -> pa.Table:
+        """A cluster's rows from every scatter file, in sample_id order."""
         pieces = [
-            t.slice(int(o[cluster]), int(o[cluster + 1] - o[cluster]))
-            for t, o in zip(self.tables, self.offsets, strict=True)
+            self.table(i).slice(int(o[cluster]), int(o[cluster + 1] - o[cluster]))
+            for i, o in enumerate(self.offsets)
             if o[cluster + 1] > o[cluster]
         ]
         table = pa.concat_tables(pieces)
         return table.take(pc.sort_indices(table, sort_keys=[(S.SAMPLE_ID, "ascending")]))
 
     def process(self, item: dict) -> dict:
+        from threadpoolctl import threadpool_limits
+
         start = time.perf_counter()
         outputs, n_rows, work = [], 0, {"tiles_computed": 0, "tiles_total": 0, "entries": 0}
-        for cluster in item["clusters"]:
-            # No reference to the cluster's rows is kept here: _dedup_cluster frees the vectors.
-            outputs.append(self._dedup_cluster(cluster, self.rows_of(cluster), work))
-            n_rows += len(outputs[-1])
+        with threadpool_limits(self.threads):  # BLAS threads for this task only
+            for cluster in item["clusters"]:
+                # No reference to the cluster's rows stays here: _dedup_cluster frees the vectors.
+                outputs.append(self._dedup_cluster(cluster, self.rows_of(cluster), work))
+                n_rows += len(outputs[-1])
         table = pa.concat_tables(outputs)
         write_part(table, self.out_dir, item["part"])
         kept = {
@@ -255,6 +261,11 @@ class DedupWorker:
         for t, mask in zip(self.thresholds[1:], kept[1:], strict=True):
             columns[kept_column(t)] = pa.array(mask)
         return pa.table(columns)
+
+
+def cluster_sizes(offset_files: list[str]) -> np.ndarray:
+    """Rows per cluster over some scatter files (a Ray task: the driver only adds k-vectors)."""
+    return sum(np.diff(np.load(path)) for path in offset_files)
 
 
 def _rows(folder: Path, part: str) -> int:
@@ -324,7 +335,9 @@ class DedupStage(Stage):
             num_cpus=1.0,
             pool_size=cfg.workers,
         )
-        sizes = sum(np.diff(np.load(scatter_dir / f"{s}.offsets.npy")) for s in sources)
+        paths = [str(scatter_dir / f"{s}.offsets.npy") for s in sources]
+        groups = [paths[i : i + 64] for i in range(0, len(paths), 64)]
+        sizes = sum(ctx.executor.map_tasks(cluster_sizes, [(g,) for g in groups]))
         scatter_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
