@@ -29,11 +29,14 @@ def test_every_rank_matches_a_global_sort(limit, splits):
     keys = rng.choice(np.array([3, 3, 4, 2**40, 2**63 + 5, 2**64 - 1], dtype=np.uint64), n)
     ids = np.array([f"id{rng.integers(1e9)}-{i}" for i in range(n)], dtype=object)
     runs = make_runs(keys, ids, splits)
-    questions = []
+    questions, gathered = [], []
 
     def ask(q):
         questions.append(q[0])
-        return [answer(run, q) for run in runs]
+        answers = [answer(run, q) for run in runs]
+        if q[0] == "rows":
+            gathered.append(sum(len(ids) for _, ids in answers))
+        return answers
 
     ref = reference(keys, ids)
     for r in list(range(0, n, 17)) + [n - 1]:
@@ -44,7 +47,7 @@ def test_every_rank_matches_a_global_sort(limit, splits):
     assert find_rank(n, n, ask, limit=limit) is None
     if limit == 2:  # ties forced the id bisection
         assert "spread" in questions
-    # The caller never holds more than `limit` rows (plus the sort's own run) at once.
+    assert max(gathered) <= limit  # the caller never gathers more than `limit` rows
 
 
 def test_wide_keys_need_few_rounds():
