@@ -72,6 +72,7 @@ def test_synth_run_report(ray_session, tmp_path, capsys):
         "clip_band",
         "centroid_band",
         "sample",
+        "export",
     ]
     assert [(r["rows_in"], r["rows_out"]) for r in rows[:2]] == [(1200, 1200), (1200, 1200)]
     for before, after in zip(rows, rows[1:], strict=False):  # each stage takes the last's survivors

@@ -20,6 +20,7 @@ from condense.stages.base import Stage, StageContext, check_columns, part_files
 from condense.stages.cluster import ClusterStage
 from condense.stages.dedup import DedupStage
 from condense.stages.embed import EmbedStage
+from condense.stages.export import ExportStage
 from condense.stages.sample import SampleStage
 from condense.strict import fingerprint
 
@@ -30,6 +31,7 @@ STAGES: list[Stage] = [
     ClipBandStage(),
     CentroidBandStage(),
     SampleStage(),
+    ExportStage(),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
