@@ -73,7 +73,7 @@ def open_reader(cfg: InputConfig) -> Reader:
     if cfg.kind not in ("embeddings", "synth"):
         raise InputError(
             f"input.kind={cfg.kind!r} is not available yet: this version reads precomputed "
-            "embeddings (input.kind: embeddings)"
+            "embeddings (input.kind: embeddings) and WebDataset shards (input.kind: webdataset)"
         )
     root = Path(cfg.path)
     if not root.exists():

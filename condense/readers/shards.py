@@ -59,11 +59,32 @@ def member_key(name: str) -> tuple[str, str] | None:
     return key, ext.lower()
 
 
+class _Tail:
+    """A read-only stream wrapper that remembers the last bytes read (to see the tar's end)."""
+
+    END = 1024  # a tar ends with two 512-byte zero blocks
+
+    def __init__(self, raw: BinaryIO):
+        self.raw, self.last = raw, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if data:
+            self.last = (self.last + data)[-self.END :]
+        return data
+
+    def ended_properly(self) -> bool:
+        while self.read(1 << 16):  # whatever follows the archive (record padding)
+            pass
+        return self.last == bytes(self.END)
+
+
 def read_shard(fileobj: BinaryIO, dropped: Counter) -> Iterator[Sample]:
     """Samples of one tar, in order. Problems are counted in `dropped`, never raised."""
     current: Sample | None = None
+    stream = _Tail(fileobj)
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     dropped["unsafe_member"] += 1
@@ -82,12 +103,16 @@ def read_shard(fileobj: BinaryIO, dropped: Counter) -> Iterator[Sample]:
                 if current is None:
                     current = Sample(key)
                 data = tar.extractfile(member).read()
+                if len(data) != member.size:  # the stream ended inside this member
+                    raise tarfile.ReadError("unexpected end of data")
                 _add(current, ext, data)
+        # Cut exactly between two members, a tar reads as complete: only its end marker tells.
+        if not stream.ended_properly():
+            raise tarfile.ReadError("no end-of-archive marker")
     except (tarfile.TarError, EOFError, OSError, ValueError):
         # Damage: whatever sample was being assembled may be incomplete.
-        if current is not None:
-            dropped["truncated_tar"] += 1
-            current = None
+        dropped["truncated_tar"] += 1
+        current = None
     if current is not None:
         yield current
 

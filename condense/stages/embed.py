@@ -1,7 +1,8 @@
 """Stage `embed`: input rows -> embed/part-*.parquet with unit embeddings and clip_score.
 
-This version reads precomputed embeddings (clip-retrieval folders or Parquet); the image path
-(open_clip on image shards) will write the same columns, so every later stage is shared.
+Precomputed embeddings (clip-retrieval folders or Parquet) are read by tasks; WebDataset shards
+are embedded by open_clip actors (one model load per actor). Both go through `store_rows`, so
+embed/ looks the same whatever the input and every later stage is shared.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from condense.cores.vectors import (
 )
 from condense.errors import InputError
 from condense.readers import Reader, open_reader, resolve_input
+from condense.readers.webdataset import ModelConfig
 from condense.stages.base import (
     Stage,
     StageContext,
@@ -47,6 +49,7 @@ class EmbedConfig(StrictModel):
     dtype: Literal["float16", "float32"] = "float32"
     rows_per_part: int = 100_000  # rows per output part file (and per unit of work / resume)
     check_duplicate_ids: bool = True  # fail when a sample_id occurs twice (rows are joined by id)
+    model: ModelConfig = ModelConfig()  # CLIP model for image inputs (input.kind: webdataset)
     workers: int | None = None  # parallel readers; None: one per CPU
 
     runtime_fields = frozenset({"workers"})
@@ -62,50 +65,72 @@ class EmbedPartWriter:
 
     def process(self, item: dict) -> dict:
         start = time.perf_counter()
-        raw = self.reader.read(item)
-        n = len(raw.img)
-        ids = np.asarray(raw.sample_id, dtype=object)
-        missing = np.array([i is None or i == "" for i in ids], dtype=bool)
-        masks = invalid_rows(raw.img, raw.txt)
-        dropped = {DROP_MISSING_ID: int(missing.sum())}
-        keep = ~missing
-        for reason, mask in masks.items():
-            mask = mask & keep
-            dropped[reason] = int(mask.sum())
-            keep &= ~mask
-        # Rows are stored in the order of their id hash: any seeded window of that order is a
-        # uniform sample that a reader can fetch without scanning the part (see cluster).
-        kept_ids = ids[keep]
-        hashes = (
-            hash_ids(kept_ids.tolist(), ID_HASH_SEED) if len(kept_ids) else np.zeros(0, np.uint64)
-        )
-        order = np.lexsort((kept_ids, hashes))
-        idx = np.flatnonzero(keep)[order]
-        img = as_stored(normalize(raw.img[idx]), self.dtype)
-        txt = as_stored(normalize(raw.txt[idx]), self.dtype)
-        # Scored from the stored vectors, exactly as later stages will see them.
-        score = clip_scores(to_unit_float32(img), to_unit_float32(txt))
-        table = pa.Table.from_arrays(
-            [
-                pa.array(ids[idx].tolist(), type=pa.string()),
-                pa.array([raw.caption[i] for i in idx], type=pa.string()),
-                pa.array([raw.url[i] for i in idx], type=pa.string()),
-                pa.array([raw.source] * len(idx), type=pa.string()),
-                S.vectors_to_arrow(img),
-                S.vectors_to_arrow(txt),
-                pa.array(score, type=pa.float32()),
-            ],
-            schema=S.embed_schema(raw.img.shape[1], self.dtype),
-        )
-        write_id_hashes(Path(self.out_dir), item["part"], hashes[order], raw.first_row + idx)
-        write_part(table, self.out_dir, item["part"], row_group_rows=EMBED_ROW_GROUP)
-        return {
-            "part": item["part"],
-            "rows_in": n,
-            "rows_out": int(keep.sum()),
-            "dropped": {k: v for k, v in dropped.items() if v},
-            "seconds": time.perf_counter() - start,
-        }
+        stats = store_rows(self.reader.read(item), item["part"], self.dtype, self.out_dir, {})
+        return {**stats, "seconds": time.perf_counter() - start}
+
+
+class ShardEmbedWriter:
+    """Embeds one WebDataset shard with CLIP (in an actor that loaded the model once) and
+    writes one part, exactly as EmbedPartWriter writes precomputed rows."""
+
+    def __init__(self, model, device: str, dtype: str, out_dir: str):
+        from condense.readers.webdataset import ShardEncoder
+
+        self.encoder = ShardEncoder(model, device)
+        self.dtype, self.out_dir = dtype, out_dir
+
+    def setup(self) -> None:
+        self.encoder.setup()
+
+    def process(self, item: dict) -> dict:
+        start = time.perf_counter()
+        raw, dropped = self.encoder.read(item)
+        stats = store_rows(raw, item["part"], self.dtype, self.out_dir, dropped)
+        return {**stats, "dim": int(raw.img.shape[1]), "seconds": time.perf_counter() - start}
+
+
+def store_rows(raw, part: str, dtype: str, out_dir: str, dropped_before: dict[str, int]) -> dict:
+    """Drop unusable rows by reason, normalise, store in id-hash order, write one part."""
+    n = len(raw.img)
+    ids = np.asarray(raw.sample_id, dtype=object)
+    missing = np.array([i is None or i == "" for i in ids], dtype=bool)
+    masks = invalid_rows(raw.img, raw.txt)
+    dropped = {**dropped_before, DROP_MISSING_ID: int(missing.sum())}
+    keep = ~missing
+    for reason, mask in masks.items():
+        mask = mask & keep
+        dropped[reason] = int(mask.sum())
+        keep &= ~mask
+    # Rows are stored in the order of their id hash: any seeded window of that order is a
+    # uniform sample that a reader can fetch without scanning the part (see cluster).
+    kept_ids = ids[keep]
+    hashes = hash_ids(kept_ids.tolist(), ID_HASH_SEED) if len(kept_ids) else np.zeros(0, np.uint64)
+    order = np.lexsort((kept_ids, hashes))
+    idx = np.flatnonzero(keep)[order]
+    img = as_stored(normalize(raw.img[idx]), dtype)
+    txt = as_stored(normalize(raw.txt[idx]), dtype)
+    # Scored from the stored vectors, exactly as later stages will see them.
+    score = clip_scores(to_unit_float32(img), to_unit_float32(txt))
+    table = pa.Table.from_arrays(
+        [
+            pa.array(ids[idx].tolist(), type=pa.string()),
+            pa.array([raw.caption[i] for i in idx], type=pa.string()),
+            pa.array([raw.url[i] for i in idx], type=pa.string()),
+            pa.array([raw.source] * len(idx), type=pa.string()),
+            S.vectors_to_arrow(img),
+            S.vectors_to_arrow(txt),
+            pa.array(score, type=pa.float32()),
+        ],
+        schema=S.embed_schema(raw.img.shape[1], dtype),
+    )
+    write_id_hashes(Path(out_dir), part, hashes[order], raw.first_row + idx)
+    write_part(table, out_dir, part, row_group_rows=EMBED_ROW_GROUP)
+    return {
+        "part": part,
+        "rows_in": n + sum(dropped_before.values()),
+        "rows_out": int(keep.sum()),
+        "dropped": {k: v for k, v in dropped.items() if v},
+    }
 
 
 def input_listing(cfg) -> list[tuple[str, int]]:
@@ -135,6 +160,8 @@ class EmbedStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config
+        if cfg.input.kind == "webdataset":
+            return self._run_images(ctx)
         input_cfg = resolve_input(cfg.input, ctx.run.root, ctx.log)
         reader = open_reader(input_cfg)
         if cfg.embed.dim is not None and reader.dim != cfg.embed.dim:
@@ -163,3 +190,38 @@ class EmbedStage(Stage):
         return StageResult(
             rows_in, rows_out, merge_dropped(stats), {"dim": reader.dim, "dtype": cfg.embed.dtype}
         )
+
+    def _run_images(self, ctx: StageContext) -> StageResult:
+        """WebDataset shards: one part per shard, embedded by CLIP actors (a GPU each where the
+        cluster has GPUs, the CPU otherwise)."""
+        from condense.readers.webdataset import list_shards
+
+        cfg = ctx.config
+        items = list_shards(cfg.input.path)
+        out_dir = ctx.run.stage_dir(self.name)
+        gpus = ctx.executor.gpus()
+        stats = run_parts(
+            ctx,
+            self.name,
+            items,
+            ShardEmbedWriter,
+            shared={
+                "model": cfg.embed.model,
+                "device": "cuda" if gpus else "cpu",
+                "dtype": cfg.embed.dtype,
+                "out_dir": str(out_dir),
+            },
+            num_cpus=1.0,
+            num_gpus=1.0 if gpus else 0.0,
+            pool_size=cfg.embed.workers,
+            actors=True,  # the model loads once per actor
+        )
+        rows_out = sum(s["rows_out"] for s in stats)
+        if rows_out == 0:
+            raise InputError(f"{cfg.input.path}: no usable sample in any shard")
+        if cfg.embed.check_duplicate_ids:
+            check_unique_ids(ctx.executor, out_dir, [i["part"] for i in items], rows_out)
+        rows_in = sum(s["rows_in"] for s in stats)
+        dim = max(s.get("dim", 0) for s in stats)
+        extra = {"dim": dim, "dtype": cfg.embed.dtype, "model": cfg.embed.model.name}
+        return StageResult(rows_in, rows_out, merge_dropped(stats), extra)

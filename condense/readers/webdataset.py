@@ -1,0 +1,117 @@
+"""img2dataset WebDataset shards as embed input: one work item per tar, embedded with CLIP.
+
+Planning lists the shards (`*.tar` under input.path, sorted); a worker streams one shard
+(`readers/shards.py`), decodes its images on the CPU (`cores/images.py`), encodes images and
+captions with the configured open_clip model (`cores/clip.py`) in batches, and hands the rows to
+the embed stage's writer, which stores them exactly as precomputed embeddings are stored.
+Unusable samples are dropped and counted by reason; they never stop the shard or the job.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from condense.cores.names import safe_names
+from condense.errors import InputError
+from condense.readers import RawRows
+from condense.strict import StrictModel
+
+
+class ModelConfig(StrictModel):
+    """The CLIP model that embeds images and captions (input.kind: webdataset or urls)."""
+
+    # open_clip model name (ViT-L-14), or a model config JSON (configs/models/tiny-clip.json).
+    name: str = "ViT-L-14"
+    pretrained: str | None = None  # open_clip pretrained tag, e.g. laion2b_s32b_b82k
+    checkpoint: str | None = None  # a local weights file instead of a tag (nothing downloads)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPUs, else fp32
+    batch_size: int = Field(64, ge=1)  # images per forward pass
+    max_pixels: int = Field(64_000_000, ge=1)  # larger images are dropped (decompression bombs)
+
+    runtime_fields = frozenset({"batch_size"})
+
+
+def list_shards(path: str) -> list[dict]:
+    """Work items: one per `*.tar` under `path`, named by its (sanitised) file stem."""
+    root = Path(path)
+    if not root.exists():
+        raise InputError(f"input folder {root} does not exist")
+    shards = sorted(root.rglob("*.tar")) if root.is_dir() else [root]
+    if not shards:
+        raise InputError(f"{root}: no WebDataset shards (*.tar) found")
+    names = safe_names([str(s.relative_to(root).with_suffix("")) for s in shards])
+    return [
+        {"part": name, "path": str(s), "source": str(s.relative_to(root)), "rows": 0}
+        for name, s in zip(names, shards, strict=True)
+    ]
+
+
+class ShardEncoder:
+    """Turns one shard into RawRows: decode on the CPU, encode with CLIP in batches."""
+
+    def __init__(self, model: ModelConfig, device: str):
+        self.cfg, self.device = model, device
+        self.encoder = None
+
+    def setup(self) -> None:
+        from condense.cores.clip import ClipEncoder
+
+        precision = self.cfg.precision
+        if precision == "auto":
+            precision = "fp16" if self.device.startswith("cuda") else "fp32"
+        self.encoder = ClipEncoder(
+            self.cfg.name,
+            pretrained=self.cfg.pretrained,
+            checkpoint=self.cfg.checkpoint,
+            device=self.device,
+            precision=precision,
+        )
+
+    def read(self, item: dict) -> tuple[RawRows, dict[str, int]]:
+        from condense.cores.images import decode_rgb
+        from condense.readers.shards import read_shard, usable
+
+        if self.encoder is None:
+            self.setup()
+        dropped: Counter = Counter()
+        keys, captions, urls, images = [], [], [], []
+        with open(item["path"], "rb") as f:
+            for sample in read_shard(f, dropped):
+                reason = usable(sample)
+                image = None
+                if reason is None:
+                    image, reason = decode_rgb(sample.image, self.cfg.max_pixels)
+                if reason is not None:
+                    dropped[reason] += 1
+                    continue
+                keys.append(sample.key)
+                captions.append(sample.caption)
+                url = sample.meta.get("url")
+                urls.append(url if isinstance(url, str) else None)
+                images.append(image)
+        img, txt = self._encode(images, captions)
+        raw = RawRows(
+            sample_id=keys,
+            caption=captions,
+            url=urls,
+            source=item["source"],
+            img=img,
+            txt=txt,
+            first_row=0,
+        )
+        return raw, dict(dropped)
+
+    def _encode(self, images: list, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        enc, size = self.encoder, self.cfg.batch_size
+        img, txt = [], []
+        for start in range(0, len(images), size):
+            img.append(enc.encode_images(enc.pixels(images[start : start + size])))
+            txt.append(enc.encode_texts(captions[start : start + size]))
+        if not img:
+            return np.zeros((0, enc.dim), np.float32), np.zeros((0, enc.dim), np.float32)
+        return np.concatenate(img), np.concatenate(txt)

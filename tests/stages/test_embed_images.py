@@ -1,0 +1,98 @@
+"""Stage embed from WebDataset shards with a (tiny, random-weight) open_clip model on Ray actors:
+bad samples dropped by reason, never losing the rest of their shard; the pipeline runs on."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from condense.pipeline.runner import run_pipeline
+from tests.conftest import REPO, make_config, quiet_log
+
+TINY = str(REPO / "configs" / "models" / "tiny-clip.json")
+
+
+def picture(i: int, mode="RGB", fmt="JPEG") -> bytes:
+    rng = np.random.default_rng(i)
+    pixels = rng.integers(0, 255, (24 + i % 7, 32, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_shard(path, samples, cut=None):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    path.write_bytes(data[:cut] if cut else data)
+
+
+def sample(key, i, **override):
+    members = {
+        "jpg": picture(i),
+        "txt": f"a photo number {i}".encode(),
+        "json": json.dumps({"url": f"http://127.0.0.1/{key}.jpg", "key": key}).encode(),
+    }
+    members.update(override)
+    return key, {k: v for k, v in members.items() if v is not None}
+
+
+def test_shards_embed_with_bad_samples_counted(ray_session, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(
+        shards / "00000.tar",
+        [sample(f"0000{i:04d}", i) for i in range(8)]
+        + [
+            sample("00000100", 100, jpg=b"\x00garbage"),
+            sample("00000101", 101, txt=None),
+            sample("00000102", 102, txt=b"\xff\xfe"),
+            sample("00000103", 103, jpg=picture(103, "CMYK")),
+            sample("00000104", 104, jpg=None, png=picture(104, "RGBA", "PNG")),
+            sample("00000105", 105, jpg=None, png=picture(105, "P", "PNG")),
+            sample("00000106", 106, jpg=picture(106, "L")),
+        ],
+    )
+    good = [sample(f"0001{i:04d}", 200 + i) for i in range(6)]
+    write_shard(shards / "00001.tar", good, cut=None)
+    # A truncated shard: the samples before the damage are kept.
+    whole = io.BytesIO()
+    write_shard(tmp_path / "whole.tar", [sample(f"0002{i:04d}", 300 + i) for i in range(6)])
+    data = (tmp_path / "whole.tar").read_bytes()
+    (shards / "00002.tar").write_bytes(data[: len(data) // 2])
+    del whole
+
+    cfg = make_config(
+        shards,
+        input={"kind": "webdataset"},
+        embed={"model": {"name": TINY, "batch_size": 4}},
+        cluster={"k": 2, "sample_size": 1000},
+        sample={"n": 3},
+    )
+    run_pipeline(cfg, tmp_path / "run", log=quiet_log, progress=False)
+    mark = json.loads((tmp_path / "run" / "embed" / "_stage.json").read_text())
+    assert mark["dropped"]["corrupt_image"] == 1
+    assert mark["dropped"]["missing_caption"] == 1
+    assert mark["dropped"]["caption_not_utf8"] == 1
+    assert mark["dropped"]["truncated_tar"] == 1
+    kept_in_truncated = mark["rows_out"] - 8 - 4 - 6  # 8 + CMYK/RGBA/P/L from 00000, 6 from 00001
+    assert 1 <= kept_in_truncated < 6
+    assert mark["rows_in"] == mark["rows_out"] + sum(mark["dropped"].values())
+    embed = pq.read_table(tmp_path / "run" / "embed").to_pandas()
+    assert set(embed.source) == {"00000.tar", "00001.tar", "00002.tar"}
+    row = embed.set_index("sample_id").loc["00000003"]
+    assert row.caption == "a photo number 3" and row.url == "http://127.0.0.1/00000003.jpg"
+    vectors = np.stack(embed.img_emb.to_numpy()).astype(np.float32)
+    assert vectors.shape[1] == 64 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-2)
+    # Every later stage runs on image-embedded rows exactly as on precomputed ones.
+    sample_rows = pq.read_table(tmp_path / "run" / "sample").to_pandas()
+    assert sample_rows.kept.sum() == min(3, len(sample_rows))
