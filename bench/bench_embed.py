@@ -1,0 +1,142 @@
+"""Benchmark: the embed stage on WebDataset shards against a plain open_clip loop.
+
+    python bench/bench_embed.py [--model ViT-B-32 --shards 4 --per-shard 100 --batch 32]
+
+Both sides embed the same shards with the same model (random weights: nothing downloads) and
+batch size, in the same run, alternating, best of `--repeats`:
+
+- plain loop: one process reads each tar with `tarfile`, decodes with PIL, preprocesses and
+  encodes images and captions with open_clip, using every CPU thread torch wants;
+- condense: the embed stage as the pipeline runs it (Ray actors, one per CPU, each with the
+  model loaded once, decoding and encoding its shards, writing embed/ parts).
+
+It prints images/s for each and the ratio (target on CPU: condense >= 0.9x the plain loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_shards(folder: Path, shards: int, per_shard: int, seed: int = 0) -> None:
+    """Shards of smooth random photos-like JPEGs (256 x 256) with captions."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for s in range(shards):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+                image = Image.fromarray(small).resize((256, 256), Image.BICUBIC)
+                jpg = io.BytesIO()
+                image.save(jpg, format="JPEG", quality=90)
+                for ext, data in (("jpg", jpg.getvalue()), ("txt", f"photo {key}".encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        (folder / f"{s:05d}.tar").write_bytes(buf.getvalue())
+
+
+def plain_loop(folder: Path, model_name: str, batch: int) -> float:
+    """Seconds for a straightforward single-process open_clip loop over the shards."""
+    import open_clip
+    import torch
+    from PIL import Image
+
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(model_name)
+    start = time.perf_counter()
+    for shard in sorted(folder.glob("*.tar")):
+        images, captions = [], []
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                data = tar.extractfile(member).read()
+                if member.name.endswith(".jpg"):
+                    images.append(preprocess(Image.open(io.BytesIO(data)).convert("RGB")))
+                else:
+                    captions.append(data.decode())
+        with torch.inference_mode():
+            for i in range(0, len(images), batch):
+                model.encode_image(torch.stack(images[i : i + batch]))
+                model.encode_text(tokenizer(captions[i : i + batch]))
+    return time.perf_counter() - start
+
+
+def condense_stage(folder: Path, run_dir: Path, model_name: str, batch: int) -> float:
+    """Seconds for the embed stage on the same shards (Ray already initialised)."""
+    from condense.config import config_from_dict
+    from condense.pipeline.rundir import RunDir
+    from condense.pipeline.runner import _run_stage
+    from condense.runtime.ray import RayExecutor
+    from condense.stages.base import StageContext
+    from condense.stages.embed import EmbedStage
+
+    config = config_from_dict(
+        {
+            "input": {"kind": "webdataset", "path": str(folder)},
+            "embed": {"model": {"name": model_name, "batch_size": batch}},
+            "ray": {"progress": False},
+        },
+        "bench",
+    )
+    run = RunDir(run_dir)
+    run.clear_stage("embed")
+    ctx = StageContext(run=run, config=config, executor=RayExecutor(), progress=False)
+    start = time.perf_counter()
+    _run_stage(ctx, EmbedStage(), "bench", resume=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--per-shard", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    import ray
+
+    from condense.runtime.ray import _quiet_ray_data
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    _quiet_ray_data()
+    images = args.shards * args.per_shard
+    with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
+        folder = Path(tmp) / "shards"
+        folder.mkdir()
+        make_shards(folder, args.shards, args.per_shard)
+        plain, ours = [], []
+        for _ in range(args.repeats):  # alternate, so drift hits both sides alike
+            plain.append(plain_loop(folder, args.model, args.batch))
+            ours.append(condense_stage(folder, Path(tmp) / "run", args.model, args.batch))
+    p, o = min(plain), min(ours)
+    print(
+        f"\n# {images} images ({args.shards} shards), {args.model}, batch {args.batch}, "
+        f"{os.cpu_count()} CPUs, best of {args.repeats}"
+    )
+    print("| method | seconds (runs) | images/s |")
+    print("|---|---:|---:|")
+    print(
+        f"| plain open_clip loop | {p:.1f} ({', '.join(f'{x:.1f}' for x in plain)}) | {images / p:.1f} |"
+    )
+    print(
+        f"| condense embed stage | {o:.1f} ({', '.join(f'{x:.1f}' for x in ours)}) | {images / o:.1f} |"
+    )
+    print(f"\nratio condense / plain (images/s): {p / o:.2f}x (target >= 0.9x)")
+
+
+if __name__ == "__main__":
+    main()
