@@ -169,6 +169,7 @@ class RayExecutor:
         """
         if not items:
             return
+        # Never more at once than the cluster can hold: Ray Data would wait for the actors.
         fits_cpu = int(self.cpus() // num_cpus) if num_cpus else len(items)
         fits_gpu = int(self.gpus() // num_gpus) if num_gpus else len(items)
         pool_size = max(1, min(pool_size or len(items), len(items), fits_cpu, fits_gpu))
@@ -195,7 +196,6 @@ class RayExecutor:
         import ray
         import ray.data
 
-        # Never more actors than the cluster can hold at once: Ray Data would wait for them.
         shared_refs = {name: [ray.put(value)] for name, value in (shared or {}).items()}
         ds = ray.data.from_items(
             [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)

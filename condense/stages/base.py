@@ -21,6 +21,7 @@ from condense.errors import StageError
 from condense.pipeline.rundir import (
     PARTS_DIR,
     RunDir,
+    atomic_file,
     atomic_write_bytes,
     atomic_write_json,
     read_json,
@@ -114,6 +115,27 @@ def write_part(table: pa.Table, folder: Path, part: str, row_group_rows: int | N
     path = Path(folder) / f"part-{part}.parquet"
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def part_rows(folder: Path) -> dict[str, int]:
+    """Row count of each part file (from the Parquet footers), by part name."""
+    return {
+        p.stem.removeprefix("part-"): pq.ParquetFile(p).metadata.num_rows
+        for p in part_files(folder)
+    }
+
+
+def write_scratch(path: Path, tables: Iterator[pa.Table] | list[pa.Table], schema: pa.Schema):
+    """Write tables to one uncompressed Arrow IPC file, atomically: the stages' scratch format
+    (memory-mappable, so readers page in only the slices they touch)."""
+    with atomic_file(path) as f, pa.ipc.new_file(f, schema) as writer:
+        for table in tables:
+            writer.write_table(table)
+
+
+def read_scratch(path: Path | str) -> pa.Table:
+    """A scratch file, memory-mapped (zero-copy)."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
 def iter_row_groups(path: str | Path, columns: list[str]) -> Iterator[pa.Table]:

@@ -30,7 +30,7 @@ from condense.stages.base import (
     StageContext,
     StageResult,
     iter_row_groups,
-    part_files,
+    part_rows,
     run_parts,
     write_part,
 )
@@ -232,8 +232,8 @@ class ClusterStage(Stage):
                 f"cluster.k={cfg.k} is larger than the {rows:,} rows in embed/; lower cluster.k"
             )
         items = [
-            {"part": p.stem.removeprefix("part-"), "path": str(p), "rows": n}
-            for p, n in _part_rows(embed_dir)
+            {"part": part, "path": str(embed_dir / f"part-{part}.parquet"), "rows": n}
+            for part, n in part_rows(embed_dir).items()
         ]
         out_dir = ctx.run.stage_dir(self.name)
         centroids_path = out_dir / CENTROIDS
@@ -360,8 +360,3 @@ def _window_of_part(embed_dir: Path, part: str, start: int, width: int):
         table.column(S.SAMPLE_ID).to_pylist(),
         vectors,
     )
-
-
-def _part_rows(embed_dir: Path) -> list[tuple[Path, int]]:
-    """Embed part files with their row counts (read from the Parquet footers)."""
-    return [(path, pq.ParquetFile(path).metadata.num_rows) for path in part_files(embed_dir)]

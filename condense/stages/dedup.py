@@ -29,18 +29,20 @@ from pydantic import Field, field_validator
 
 from condense import schema as S
 from condense.cores.components import components
-from condense.cores.keep import KeepRule, keep_mask
+from condense.cores.keep import KeepRule, component_sizes, keep_mask
 from condense.cores.vectors import to_unit_float32
 from condense.errors import StageError
-from condense.pipeline.rundir import atomic_file, atomic_write_npy
+from condense.pipeline.rundir import atomic_write_npy
 from condense.stages.base import (
     Stage,
     StageContext,
     StageResult,
     discard_scratch,
-    part_files,
+    part_rows,
+    read_scratch,
     run_parts,
     write_part,
+    write_scratch,
 )
 from condense.strict import StrictModel
 
@@ -148,9 +150,11 @@ class ClusterScatter:
         offsets = np.searchsorted(cluster_id[order], np.arange(self.k + 1)).astype(np.int64)
         path = self.out_dir / f"{name}.arrow"
         # Sorted copies are taken a slice at a time: memory stays at one part plus one slice.
-        with atomic_file(path) as f, pa.ipc.new_file(f, table.schema) as writer:
-            for start in range(0, len(order), SCATTER_SLICE):
-                writer.write_table(table.take(pa.array(order[start : start + SCATTER_SLICE])))
+        slices = (
+            table.take(pa.array(order[start : start + SCATTER_SLICE]))
+            for start in range(0, len(order), SCATTER_SLICE)
+        )
+        write_scratch(path, slices, table.schema)
         atomic_write_npy(self.out_dir / f"{name}.offsets.npy", offsets)
         return {"part": item["part"], "rows_in": len(table), "seconds": time.perf_counter() - start}
 
@@ -187,8 +191,7 @@ class DedupWorker:
 
     def table(self, i: int) -> pa.Table:
         if i not in self.tables:  # only the slices a task reads are ever paged in
-            source = pa.memory_map(str(self.scatter_dir / f"{self.sources[i]}.arrow"))
-            self.tables[i] = pa.ipc.open_file(source).read_all()
+            self.tables[i] = read_scratch(self.scatter_dir / f"{self.sources[i]}.arrow")
         return self.tables[i]
 
     def rows_of(self, cluster: int) -> pa.Table:
@@ -247,12 +250,11 @@ class DedupWorker:
             keep_mask(labels, ids_np, dist, clip, self.keep, self.seed) for labels in result.labels
         ]
         main = result.labels[0]
-        _, inverse, counts = np.unique(main, return_inverse=True, return_counts=True)
         columns = {
             S.SAMPLE_ID: ids,
             S.CLUSTER_ID: pa.array(np.full(n, cluster, dtype=np.int32)),
             S.COMPONENT_ID: pa.array((np.int64(cluster) << np.int64(32)) + main),
-            S.COMPONENT_SIZE: pa.array(counts[inverse].astype(np.int32)),
+            S.COMPONENT_SIZE: pa.array(component_sizes(main).astype(np.int32)),
             S.KEPT: pa.array(kept[0]),
             S.MAX_SIM: pa.array(result.max_sim),
             S.CLIP_SCORE: rows.column(S.CLIP_SCORE),
@@ -266,12 +268,6 @@ class DedupWorker:
 def cluster_sizes(offset_files: list[str]) -> np.ndarray:
     """Rows per cluster over some scatter files (a Ray task: the driver only adds k-vectors)."""
     return sum(np.diff(np.load(path)) for path in offset_files)
-
-
-def _rows(folder: Path, part: str) -> int:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(folder / f"part-{part}.parquet").metadata.num_rows
 
 
 def _torch_cuda() -> bool:
@@ -313,7 +309,8 @@ class DedupStage(Stage):
         scatter_dir = out_dir / SCATTER_DIR
         scatter_dir.mkdir(parents=True, exist_ok=True)
         cluster_dir = ctx.run.stage_dir("cluster")
-        sources = [p.stem.removeprefix("part-") for p in part_files(cluster_dir)]
+        rows = part_rows(cluster_dir)
+        sources = list(rows)
         k = int(np.load(ctx.run.stage_dir("cluster") / "centroids.npy", mmap_mode="r").shape[0])
         gpus = ctx.executor.gpus()
         if cfg.device == "cuda" and gpus == 0:
@@ -324,7 +321,7 @@ class DedupStage(Stage):
         run_parts(
             ctx,
             self.name,
-            [{"part": f"scatter-{s}", "source": s, "rows": _rows(cluster_dir, s)} for s in sources],
+            [{"part": f"scatter-{s}", "source": s, "rows": rows[s]} for s in sources],
             ClusterScatter,
             shared={
                 "embed_dir": str(ctx.run.stage_dir("embed")),

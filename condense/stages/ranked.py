@@ -27,15 +27,17 @@ import pyarrow.parquet as pq
 from condense import schema as S
 from condense.cores.select import Boundary, Run, answer, count_below, find_rank, sort_run
 from condense.errors import StageError
-from condense.pipeline.rundir import RunDir, atomic_file
+from condense.pipeline.rundir import RunDir
 from condense.stages.base import (
     Stage,
     StageContext,
     StageResult,
     discard_scratch,
     part_files,
+    read_scratch,
     run_parts,
     write_part,
+    write_scratch,
 )
 
 RUNS_DIR = "_runs"
@@ -72,14 +74,13 @@ class RunWriter:
         path = (
             RunDir(self.run_dir).stage_dir(self.stage.name) / RUNS_DIR / f"{item['source']}.arrow"
         )
-        with atomic_file(path) as f, pa.ipc.new_file(f, table.schema) as writer:
-            writer.write_table(table)
+        write_scratch(path, [table], table.schema)
         return {"part": item["part"], "rows_in": len(table), "seconds": time.perf_counter() - start}
 
 
 def load_run(path: str) -> tuple[Run, np.ndarray]:
     """A run file, memory-mapped: (run, row positions in the part's entering order)."""
-    table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+    table = read_scratch(path)
     keys = table.column("key").combine_chunks().to_numpy(zero_copy_only=False)
     ids = table.column(S.SAMPLE_ID).combine_chunks()
     return Run(keys, ids), table.column("row").combine_chunks().to_numpy(zero_copy_only=False)

@@ -63,13 +63,11 @@ def test_shards_embed_with_bad_samples_counted(ray_session, tmp_path):
         ],
     )
     good = [sample(f"0001{i:04d}", 200 + i) for i in range(6)]
-    write_shard(shards / "00001.tar", good, cut=None)
+    write_shard(shards / "00001.tar", good)
     # A truncated shard: the samples before the damage are kept.
-    whole = io.BytesIO()
     write_shard(tmp_path / "whole.tar", [sample(f"0002{i:04d}", 300 + i) for i in range(6)])
     data = (tmp_path / "whole.tar").read_bytes()
     (shards / "00002.tar").write_bytes(data[: len(data) // 2])
-    del whole
 
     cfg = make_config(
         shards,
