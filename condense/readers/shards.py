@@ -79,9 +79,14 @@ class _Tail:
         return self.last == bytes(self.END)
 
 
-def read_shard(fileobj: BinaryIO, dropped: Counter) -> Iterator[Sample]:
-    """Samples of one tar, in order. Problems are counted in `dropped`, never raised."""
-    current: Sample | None = None
+def read_members(
+    fileobj: BinaryIO, dropped: Counter
+) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """(key, [(extension, bytes), ...]) for each sample of one tar, in order, members exactly as
+    stored. Unsafe or oversized members are skipped and counted; damage ends the shard there
+    (counted as `truncated_tar`), dropping only the sample being read."""
+    key: str | None = None
+    members: list[tuple[str, bytes]] = []
     stream = _Tail(fileobj)
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
@@ -93,28 +98,35 @@ def read_shard(fileobj: BinaryIO, dropped: Counter) -> Iterator[Sample]:
                 if parsed is None:
                     dropped["unsafe_member"] += 1
                     continue
-                key, ext = parsed
                 if member.size > MAX_MEMBER_BYTES:
                     dropped["oversized_member"] += 1
                     continue
-                if current is not None and key != current.key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = Sample(key)
+                if key is not None and parsed[0] != key:
+                    yield key, members
+                    key, members = None, []
+                key = parsed[0]
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:  # the stream ended inside this member
                     raise tarfile.ReadError("unexpected end of data")
-                _add(current, ext, data)
+                members.append((parsed[1], data))
         # Cut exactly between two members, a tar reads as complete: only its end marker tells.
         if not stream.ended_properly():
             raise tarfile.ReadError("no end-of-archive marker")
     except (tarfile.TarError, EOFError, OSError, ValueError):
         # Damage: whatever sample was being assembled may be incomplete.
         dropped["truncated_tar"] += 1
-        current = None
-    if current is not None:
-        yield current
+        key = None
+    if key is not None:
+        yield key, members
+
+
+def read_shard(fileobj: BinaryIO, dropped: Counter) -> Iterator[Sample]:
+    """Samples of one tar, in order. Problems are counted in `dropped`, never raised."""
+    for key, members in read_members(fileobj, dropped):
+        sample = Sample(key)
+        for ext, data in members:
+            _add(sample, ext, data)
+        yield sample
 
 
 def _add(sample: Sample, ext: str, data: bytes) -> None:

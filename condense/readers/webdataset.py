@@ -10,8 +10,8 @@ Unusable samples are dropped and counted by reason; they never stop the shard or
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Literal
 
 import numpy as np
 from pydantic import Field
@@ -37,18 +37,33 @@ class ModelConfig(StrictModel):
 
 
 def list_shards(path: str) -> list[dict]:
-    """Work items: one per `*.tar` under `path`, named by its (sanitised) file stem."""
-    root = Path(path)
-    if not root.exists():
-        raise InputError(f"input folder {root} does not exist")
-    shards = sorted(root.rglob("*.tar")) if root.is_dir() else [root]
-    if not shards:
-        raise InputError(f"{root}: no WebDataset shards (*.tar) found")
-    names = safe_names([str(s.relative_to(root).with_suffix("")) for s in shards])
+    """Work items: one per `*.tar` under `path` (a folder or a single tar, local or any fsspec
+    URL such as s3://bucket/shards), named by its (sanitised) path without `.tar`."""
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(path)
+    if not fs.exists(root):
+        raise InputError(f"input folder {path} does not exist")
+    if fs.isdir(root):
+        found = sorted(p for p in fs.find(root) if p.endswith(".tar"))
+        sources = [p[len(root.rstrip("/")) :].lstrip("/") for p in found]
+        paths = [f"{path.rstrip('/')}/{source}" for source in sources]
+    else:  # the path is the shard itself
+        sources, paths = [PurePosixPath(root).name], [path]
+    if not sources:
+        raise InputError(f"{path}: no WebDataset shards (*.tar) found")
+    names = safe_names([s.removesuffix(".tar") for s in sources])
     return [
-        {"part": name, "path": str(s), "source": str(s.relative_to(root)), "rows": 0}
-        for name, s in zip(names, shards, strict=True)
+        {"part": name, "source": source, "path": shard, "rows": 0}
+        for name, source, shard in zip(names, sources, paths, strict=True)
     ]
+
+
+def open_shard(path: str) -> BinaryIO:
+    """A shard opened for streaming reads, wherever fsspec can reach it."""
+    import fsspec
+
+    return fsspec.open(path, "rb").open()
 
 
 class ShardEncoder:
@@ -80,7 +95,7 @@ class ShardEncoder:
             self.setup()
         dropped: Counter = Counter()
         keys, captions, urls, images = [], [], [], []
-        with open(item["path"], "rb") as f:
+        with open_shard(item["path"]) as f:
             for sample in read_shard(f, dropped):
                 reason = usable(sample)
                 image = None
@@ -115,3 +130,13 @@ class ShardEncoder:
         if not img:
             return np.zeros((0, enc.dim), np.float32), np.zeros((0, enc.dim), np.float32)
         return np.concatenate(img), np.concatenate(txt)
+
+
+DOWNLOAD_DIR = "input/download"  # where input.kind urls puts img2dataset's shards, in RUN/
+
+
+def image_root(config, run_root) -> str:
+    """Where the run's source shards are: input.path, or RUN/input/download for urls."""
+    if config.input.kind == "urls":
+        return str(Path(run_root) / DOWNLOAD_DIR)
+    return config.input.path

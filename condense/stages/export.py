@@ -1,21 +1,34 @@
-"""Stage `export`: the coreset, ready to fetch or filter on.
+"""Stage `export`: the coreset, ready to train on, fetch or filter on.
 
-For embedding-only inputs (clip-retrieval folders, Parquet) there are no image bytes to copy, so
-export writes what users need to get the images:
+Every input kind gets:
 
 - export/part-*.parquet: sample_id, url, caption, source of every coreset row: a url + caption
   table that img2dataset downloads (`--input_format parquet --url_col url --caption_col
   caption`);
-- export/keys/<source>.txt: the coreset's sample_ids per input file, one per line (sorted), for
-  readers that filter the original files on read instead of copying.
+- export/keys/<source>.txt: the coreset's sample_ids per input file (per source tar for image
+  inputs), one per line (sorted), for readers that filter the original files on read.
+
+Image inputs (input.kind webdataset or urls) also get the coreset itself, in img2dataset's
+layout, copied byte for byte from the source shards (`readers/shards.py` reads them safely):
+
+- export/shards/{00000..}.tar with `{key}.jpg|png|webp`, `{key}.txt`, `{key}.json`; beside each
+  a `.parquet` index (key, sample_id, url, caption, source, image_ext, status) and `_stats.json`;
+- export/coreset.json in the LLaVA pretrain format: per sample an id, the image as
+  `{shard}/{key}.{ext}` (the tar's name without `.tar`, then the member) and two turns, human
+  `<image>\n` and gpt the caption.
 
 The coreset rows are joined to embed/ by sample_id: each task filters one embed part against the
-set of sampled ids, so nothing but the coreset's ids travels to the workers.
+set of sampled ids, so nothing but the coreset's ids travels to the workers. Output shards take
+the coreset in (source, sample_id) order, so each task streams a few source tars, one member at
+a time, and stops reading a source once it has what it needs.
 """
 
 from __future__ import annotations
 
+import json
+import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +40,7 @@ from pydantic import Field
 from condense import schema as S
 from condense.cores.names import safe_names
 from condense.errors import StageError
-from condense.pipeline.rundir import atomic_write_bytes
+from condense.pipeline.rundir import atomic_file, atomic_write_bytes, atomic_write_json
 from condense.stages.base import (
     Stage,
     StageContext,
@@ -39,6 +52,9 @@ from condense.stages.base import (
 from condense.strict import StrictModel
 
 KEYS_DIR = "keys"
+SHARDS_DIR = "shards"
+CORESET_JSON = "coreset.json"
+IMAGE_INPUTS = ("webdataset", "urls")
 
 
 class ExportConfig(StrictModel):
@@ -95,7 +111,35 @@ class ExportStage(Stage):
             )
         files = write_key_lists(out_dir)
         extra = {"key_lists": files, "kind": "urls"}
+        if ctx.config.input.kind in IMAGE_INPUTS:
+            extra = {**extra, **self._write_shards(ctx, out_dir), "kind": "webdataset"}
         return StageResult(len(coreset), exported, {}, extra)
+
+    def _write_shards(self, ctx: StageContext, out_dir: Path) -> dict:
+        """Copy the coreset's samples into export/shards/ and write coreset.json."""
+        from condense.readers.webdataset import image_root, list_shards
+
+        paths = {s["source"]: s["path"] for s in list_shards(image_root(ctx.config, ctx.run.root))}
+        items = plan_shards(out_dir, ctx.config.export.shard_size)
+        stats = run_parts(
+            ctx,
+            self.name,
+            items,
+            ShardCopier,
+            shared={"paths": paths, "out_dir": str(out_dir / SHARDS_DIR)},
+            num_cpus=1.0,
+            unit="samples",
+        )
+        copied = sum(s["rows_in"] for s in stats)
+        write_coreset_json(
+            out_dir / SHARDS_DIR, [i["shard"] for i in items], out_dir / CORESET_JSON
+        )
+        return {
+            "shards": len(items),
+            "samples": copied,
+            "bytes": sum(s["bytes"] for s in stats),
+            "coreset_json": CORESET_JSON,
+        }
 
 
 def coreset_ids(sample_dir: Path) -> pa.Array:
@@ -118,8 +162,167 @@ def write_key_lists(out_dir: Path) -> int:
     sources = table.column(S.SOURCE).to_numpy(zero_copy_only=False)
     ids = table.column(S.SAMPLE_ID).to_numpy(zero_copy_only=False)
     names = sorted(set(sources.tolist()))
-    files = safe_names([Path(n).stem for n in names])
+    stems = [Path(n).stem for n in names]
+    if len({s.lower() for s in stems}) < len(stems):  # same file name in two folders
+        stems = [str(Path(n).with_suffix("")) for n in names]
+    files = safe_names(stems)
     for name, file in zip(names, files, strict=True):
         keys = np.sort(ids[sources == name])
         atomic_write_bytes(folder / f"{file}.txt", ("\n".join(keys.tolist()) + "\n").encode())
     return len(names)
+
+
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("sample_id", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("source", pa.string()),
+        ("image_ext", pa.string()),
+        ("status", pa.string()),
+    ]
+)
+
+
+def plan_shards(out_dir: Path, shard_size: int) -> list[dict]:
+    """Output shards: the coreset in (source, sample_id) order, cut every shard_size rows, each
+    row with the member name (a sanitised, distinct key) it gets in its output tar."""
+    parts = part_files(out_dir)
+    if not parts:
+        return []
+    table = pq.read_table(parts, columns=[S.SOURCE, S.SAMPLE_ID, S.URL, S.CAPTION])
+    table = table.sort_by([(S.SOURCE, "ascending"), (S.SAMPLE_ID, "ascending")])
+    keys = safe_names(table.column(S.SAMPLE_ID).to_pylist())
+    table = table.append_column("key", pa.array(keys, pa.string()))
+    items = []
+    for number, start in enumerate(range(0, len(table), shard_size)):
+        rows = table.slice(start, shard_size)
+        shard = f"{number:05d}"
+        items.append({"part": f"shard-{shard}", "shard": shard, "rows": len(rows), "table": rows})
+    return items
+
+
+class ShardCopier:
+    """Writes one output shard: streams the source tars it needs, one sample at a time, and
+    copies the wanted samples' members byte for byte under their new keys."""
+
+    def __init__(self, paths: dict[str, str], out_dir: str):
+        self.paths, self.out_dir = paths, Path(out_dir)
+
+    def process(self, item: dict) -> dict:
+        from condense.readers.shards import IMAGE_EXTENSIONS, read_members
+
+        COPIED = {*IMAGE_EXTENSIONS, "txt", "json"}
+        from condense.readers.webdataset import open_shard
+
+        start, started_at = time.perf_counter(), time.time()
+        table = item["table"]
+        wanted: dict[str, dict[str, int]] = {}
+        for row, (source, sample_id) in enumerate(
+            zip(
+                table.column(S.SOURCE).to_pylist(),
+                table.column(S.SAMPLE_ID).to_pylist(),
+                strict=True,
+            )
+        ):
+            wanted.setdefault(source, {})[sample_id] = row
+        order, image_ext, written = [], [], 0
+        shard = self.out_dir / item["shard"]
+        keys = table.column("key").to_pylist()
+        with atomic_file(shard.with_suffix(".tar")) as f, tarfile.open(fileobj=f, mode="w|") as tar:
+            for source in sorted(wanted):
+                need = wanted[source]
+                if source not in self.paths:
+                    raise StageError(f"export: source shard {source} is no longer in the input")
+                with open_shard(self.paths[source]) as src:
+                    for key, members in read_members(src, Counter()):
+                        row = need.pop(key, None)
+                        if row is None:
+                            continue
+                        ext = next((e for e, _ in members if e in IMAGE_EXTENSIONS), None)
+                        for member_ext, data in members:
+                            if member_ext in COPIED:  # never a .pickle or .pyd a reader might load
+                                add_member(tar, f"{keys[row]}.{member_ext}", data)
+                                written += len(data)
+                        order.append(row)
+                        image_ext.append(ext)
+                        if not need:
+                            break  # the rest of this source is not needed
+                if need:
+                    missing = ", ".join(sorted(need)[:5])
+                    raise StageError(
+                        f"export: {len(need)} coreset samples not found in source shard "
+                        f"{self.paths[source]} (e.g. {missing}): was it changed after embed?"
+                    )
+        rows = table.take(pa.array(order, pa.int64()))
+        index = pa.Table.from_arrays(
+            [
+                rows.column("key"),
+                rows.column(S.SAMPLE_ID),
+                rows.column(S.URL),
+                rows.column(S.CAPTION),
+                rows.column(S.SOURCE),
+                pa.array(image_ext, pa.string()),
+                pa.array(["success"] * len(rows), pa.string()),
+            ],
+            schema=INDEX_SCHEMA,
+        )
+        with atomic_file(shard.with_suffix(".parquet")) as f:
+            pq.write_table(index, f)
+        seconds = time.perf_counter() - start
+        atomic_write_json(
+            self.out_dir / f"{item['shard']}_stats.json",
+            {
+                "count": len(rows),
+                "successes": len(rows),
+                "failed_to_download": 0,
+                "failed_to_resize": 0,
+                "duration": seconds,
+                "start_time": started_at,
+                "end_time": started_at + seconds,
+                "status_dict": {"success": len(rows)},
+                "bytes": written,
+                "sources": len(wanted),
+            },
+        )
+        return {"part": item["part"], "rows_in": len(rows), "bytes": written, "seconds": seconds}
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """A regular file member with fixed metadata, so the same coreset gives the same bytes."""
+    import io
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_coreset_json(shards_dir: Path, shards: list[str], path: Path) -> None:
+    """coreset.json in the LLaVA pretrain format, streamed shard by shard from the indexes."""
+    with atomic_file(path) as f:
+        f.write(b"[")
+        first = True
+        for shard in shards:
+            index = pq.read_table(shards_dir / f"{shard}.parquet")
+            for key, sample_id, caption, ext in zip(
+                index.column("key").to_pylist(),
+                index.column("sample_id").to_pylist(),
+                index.column("caption").to_pylist(),
+                index.column("image_ext").to_pylist(),
+                strict=True,
+            ):
+                entry = {
+                    "id": sample_id,
+                    "image": f"{shard}/{key}.{ext}",
+                    "conversations": [
+                        {"from": "human", "value": "<image>\n"},
+                        {"from": "gpt", "value": caption},
+                    ],
+                }
+                f.write(
+                    ("\n" if first else ",\n").encode()
+                    + json.dumps(entry, ensure_ascii=False).encode()
+                )
+                first = False
+        f.write(b"\n]\n")
