@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import model_validator
 
 from condense.errors import InputError
+from condense.readers.urls import DownloadConfig
 from condense.strict import StrictModel
 from condense.synth import SynthConfig
 
@@ -26,10 +27,12 @@ class InputConfig(StrictModel):
     synth: SynthConfig = SynthConfig()  # the generated corpus, for kind synth
     # Embeddings layout; auto: an img_emb/ folder means clip-retrieval, else Parquet files.
     format: Literal["auto", "clip_retrieval", "parquet"] = "auto"
-    # Column holding the sample id; None: "key" (clip-retrieval) or "sample_id" (Parquet).
+    # Column holding the sample id; None: "key" (clip-retrieval), "sample_id" (Parquet), the
+    # shard member key (webdataset) or img2dataset's key (urls).
     id_column: str | None = None
     caption_column: str = "caption"  # metadata column with the caption (may be absent)
     url_column: str = "url"  # metadata column with the url (may be absent)
+    download: DownloadConfig = DownloadConfig()  # img2dataset settings, for kind urls
 
     @model_validator(mode="after")
     def _path_needed(self):
@@ -41,6 +44,8 @@ class InputConfig(StrictModel):
         data = super().fingerprint_dict()
         if self.kind != "synth":
             data.pop("synth")
+        if self.kind != "urls":
+            data.pop("download")
         return data
 
 
@@ -70,11 +75,8 @@ def open_reader(cfg: InputConfig) -> Reader:
     """Pick the reader for `cfg` and validate the input's layout (synth input: call `resolve_input` first)."""
     from pathlib import Path
 
-    if cfg.kind not in ("embeddings", "synth"):
-        raise InputError(
-            f"input.kind={cfg.kind!r} is not available yet: this version reads precomputed "
-            "embeddings (input.kind: embeddings) and WebDataset shards (input.kind: webdataset)"
-        )
+    if cfg.kind not in ("embeddings", "synth"):  # image inputs are embedded by stages/embed
+        raise InputError(f"input.kind {cfg.kind} holds images, not embeddings")
     root = Path(cfg.path)
     if not root.exists():
         raise InputError(f"input folder {root} does not exist")

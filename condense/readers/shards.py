@@ -125,11 +125,11 @@ def read_shard(fileobj: BinaryIO, dropped: Counter) -> Iterator[Sample]:
     for key, members in read_members(fileobj, dropped):
         sample = Sample(key)
         for ext, data in members:
-            _add(sample, ext, data)
+            add_to_sample(sample, ext, data)
         yield sample
 
 
-def _add(sample: Sample, ext: str, data: bytes) -> None:
+def add_to_sample(sample: Sample, ext: str, data: bytes) -> None:
     if ext in IMAGE_EXTENSIONS:
         if sample.image is not None:
             sample.problems.append("two_images")

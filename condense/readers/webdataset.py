@@ -66,11 +66,20 @@ def open_shard(path: str) -> BinaryIO:
     return fsspec.open(path, "rb").open()
 
 
+def sample_id_of(key: str, meta: dict, id_field: str | None) -> str | None:
+    """A sample's id: its member key, or the `id_field` of its .json (for urls, the column
+    img2dataset saved from the url list); None when that field is missing."""
+    if not id_field:
+        return key
+    value = meta.get(id_field)
+    return None if value is None else str(value)
+
+
 class ShardEncoder:
     """Turns one shard into RawRows: decode on the CPU, encode with CLIP in batches."""
 
-    def __init__(self, model: ModelConfig, device: str):
-        self.cfg, self.device = model, device
+    def __init__(self, model: ModelConfig, device: str, id_field: str | None = None):
+        self.cfg, self.device, self.id_field = model, device, id_field
         self.encoder = None
 
     def setup(self) -> None:
@@ -104,7 +113,7 @@ class ShardEncoder:
                 if reason is not None:
                     dropped[reason] += 1
                     continue
-                keys.append(sample.key)
+                keys.append(sample_id_of(sample.key, sample.meta, self.id_field))
                 captions.append(sample.caption)
                 url = sample.meta.get("url")
                 urls.append(url if isinstance(url, str) else None)

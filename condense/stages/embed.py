@@ -73,10 +73,10 @@ class ShardEmbedWriter:
     """Embeds one WebDataset shard with CLIP (in an actor that loaded the model once) and
     writes one part, exactly as EmbedPartWriter writes precomputed rows."""
 
-    def __init__(self, model, device: str, dtype: str, out_dir: str):
+    def __init__(self, model, device: str, dtype: str, out_dir: str, id_field: str | None):
         from condense.readers.webdataset import ShardEncoder
 
-        self.encoder = ShardEncoder(model, device)
+        self.encoder = ShardEncoder(model, device, id_field)
         self.dtype, self.out_dir = dtype, out_dir
 
     def setup(self) -> None:
@@ -160,7 +160,7 @@ class EmbedStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config
-        if cfg.input.kind == "webdataset":
+        if cfg.input.kind in ("webdataset", "urls"):
             return self._run_images(ctx)
         input_cfg = resolve_input(cfg.input, ctx.run.root, ctx.log)
         reader = open_reader(input_cfg)
@@ -192,12 +192,15 @@ class EmbedStage(Stage):
         )
 
     def _run_images(self, ctx: StageContext) -> StageResult:
-        """WebDataset shards: one part per shard, embedded by CLIP actors (a GPU each where the
-        cluster has GPUs, the CPU otherwise)."""
-        from condense.readers.webdataset import list_shards
+        """WebDataset shards (downloaded first for urls): one part per shard, embedded by CLIP
+        actors (a GPU each where the cluster has GPUs, the CPU otherwise)."""
+        from condense.readers.webdataset import image_root, list_shards
 
         cfg = ctx.config
-        items = list_shards(cfg.input.path)
+        downloaded: dict[str, int] = {}
+        if cfg.input.kind == "urls":
+            downloaded = self._download(ctx)
+        items = list_shards(image_root(cfg, ctx.run.root))
         out_dir = ctx.run.stage_dir(self.name)
         gpus = ctx.executor.gpus()
         stats = run_parts(
@@ -210,6 +213,7 @@ class EmbedStage(Stage):
                 "device": "cuda" if gpus else "cpu",
                 "dtype": cfg.embed.dtype,
                 "out_dir": str(out_dir),
+                "id_field": cfg.input.id_column,
             },
             num_cpus=1.0,
             num_gpus=1.0 if gpus else 0.0,
@@ -221,7 +225,37 @@ class EmbedStage(Stage):
             raise InputError(f"{cfg.input.path}: no usable sample in any shard")
         if cfg.embed.check_duplicate_ids:
             check_unique_ids(ctx.executor, out_dir, [i["part"] for i in items], rows_out)
+        dropped = merge_dropped(stats)
         rows_in = sum(s["rows_in"] for s in stats)
+        if downloaded:  # rows that never became a sample count from the url list on
+            failed = {
+                "download_failed": downloaded["failed_to_download"],
+                "resize_failed": downloaded["failed_to_resize"],
+            }
+            dropped = {**dropped, **{k: v for k, v in failed.items() if v}}
+            rows_in += sum(failed.values())
         dim = max(s.get("dim", 0) for s in stats)
         extra = {"dim": dim, "dtype": cfg.embed.dtype, "model": cfg.embed.model.name}
-        return StageResult(rows_in, rows_out, merge_dropped(stats), extra)
+        if downloaded:
+            extra["downloaded"] = downloaded
+        return StageResult(rows_in, rows_out, dropped, extra)
+
+    def _download(self, ctx: StageContext) -> dict[str, int]:
+        """input.kind urls: img2dataset into RUN/input/download (skipped when already done)."""
+        from condense.readers.urls import run_download
+        from condense.readers.webdataset import image_root
+
+        cfg = ctx.config.input
+        out = image_root(ctx.config, ctx.run.root)
+        ctx.log(f"[embed] downloading the urls of {cfg.path} with img2dataset into {out}")
+        totals = ctx.executor.call(run_download, cfg, out, num_cpus=1.0)
+        ctx.log(
+            f"[embed] downloaded {totals['successes']:,} of {totals['count']:,} urls "
+            f"({totals['failed_to_download']:,} failed to download, "
+            f"{totals['failed_to_resize']:,} failed to resize)"
+        )
+        if totals["successes"] == 0:
+            raise InputError(
+                f"{cfg.path}: img2dataset downloaded none of the {totals['count']:,} urls"
+            )
+        return totals

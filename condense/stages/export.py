@@ -126,7 +126,11 @@ class ExportStage(Stage):
             self.name,
             items,
             ShardCopier,
-            shared={"paths": paths, "out_dir": str(out_dir / SHARDS_DIR)},
+            shared={
+                "paths": paths,
+                "out_dir": str(out_dir / SHARDS_DIR),
+                "id_field": ctx.config.input.id_column,
+            },
             num_cpus=1.0,
             unit="samples",
         )
@@ -207,8 +211,8 @@ class ShardCopier:
     """Writes one output shard: streams the source tars it needs, one sample at a time, and
     copies the wanted samples' members byte for byte under their new keys."""
 
-    def __init__(self, paths: dict[str, str], out_dir: str):
-        self.paths, self.out_dir = paths, Path(out_dir)
+    def __init__(self, paths: dict[str, str], out_dir: str, id_field: str | None):
+        self.paths, self.out_dir, self.id_field = paths, Path(out_dir), id_field
 
     def process(self, item: dict) -> dict:
         from condense.readers.shards import IMAGE_EXTENSIONS, read_members
@@ -237,7 +241,7 @@ class ShardCopier:
                     raise StageError(f"export: source shard {source} is no longer in the input")
                 with open_shard(self.paths[source]) as src:
                     for key, members in read_members(src, Counter()):
-                        row = need.pop(key, None)
+                        row = need.pop(self.sample_id(key, members), None)
                         if row is None:
                             continue
                         ext = next((e for e, _ in members if e in IMAGE_EXTENSIONS), None)
@@ -287,6 +291,19 @@ class ShardCopier:
             },
         )
         return {"part": item["part"], "rows_in": len(rows), "bytes": written, "seconds": seconds}
+
+    def sample_id(self, key: str, members: list[tuple[str, bytes]]) -> str | None:
+        """The id embed gave this sample (its key, or a field of its .json)."""
+        from condense.readers.shards import Sample, add_to_sample
+        from condense.readers.webdataset import sample_id_of
+
+        if not self.id_field:
+            return key
+        sample = Sample(key)
+        for ext, data in members:
+            if ext == "json":
+                add_to_sample(sample, ext, data)
+        return sample_id_of(key, sample.meta, self.id_field)
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
