@@ -92,8 +92,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def demo_config():
-    """The embedded default: a self-contained run on generated LAION-like embeddings."""
+def synthetic_demo_config():
+    """`condense demo --synthetic`: generated LAION-like embeddings (configs/demo.yaml)."""
     from condense.config import config_from_dict
 
     return config_from_dict(
@@ -113,10 +113,19 @@ def demo_config():
 def cmd_demo(args: argparse.Namespace) -> int:
     from condense.pipeline.runner import run_pipeline
 
-    run_pipeline(demo_config(), args.run_dir)
+    if args.synthetic:
+        run_pipeline(synthetic_demo_config(), args.run_dir)
+    else:
+        from condense.demo import run_demo
+
+        run_demo(args.run_dir)
     print_summary(args.run_dir)
+    export = Path(args.run_dir) / "export"
+    if (export / "shards").is_dir():
+        print(f"coreset shards: {export / 'shards'}  (LLaVA json: {export / 'coreset.json'})")
+    print(f"inspect it:     condense report {args.run_dir}")
     print(
-        f"inspect it:    condense report {args.run_dir}   (or read {args.run_dir}/*/part-*.parquet)"
+        f"the notebook:   CONDENSE_RUN_DIR={args.run_dir} jupyter notebook notebooks/inspect_run.ipynb"
     )
     return 0
 
@@ -166,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded default, end to end")
     p.add_argument("--run-dir", default="runs/demo", help="run directory (default runs/demo)")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="generated embeddings instead of photos (no images, no download)",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -78,3 +78,12 @@ def venv_env():
     env["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_session, tmp_path_factory):
+    """The image demo (`condense demo`), run once: photos served on 127.0.0.1, downloaded with
+    img2dataset, embedded, condensed and exported."""
+    from condense.demo import run_demo
+
+    return run_demo(tmp_path_factory.mktemp("demo") / "run", log=quiet_log, progress=False)

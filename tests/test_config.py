@@ -16,9 +16,9 @@ def test_recipe_config_holds_the_public_settings():
 
 
 def test_demo_config_file_is_the_embedded_default():
-    from condense.cli import demo_config
+    from condense.cli import synthetic_demo_config
 
-    assert load_config(REPO / "configs" / "demo.yaml") == demo_config()
+    assert load_config(REPO / "configs" / "demo.yaml") == synthetic_demo_config()
 
 
 def test_unknown_key_is_named(tmp_path):

@@ -139,6 +139,9 @@ def input_listing(cfg) -> list[tuple[str, int]]:
     if cfg.kind == "synth" or not cfg.path:
         return []
     root = Path(cfg.path)
+    if root.is_file():  # a url list: a rewritten file downloads again
+        stat = root.stat()
+        return [(root.name, stat.st_size, stat.st_mtime_ns)]
     if not root.is_dir():
         return []
     return sorted(
