@@ -112,3 +112,38 @@ def format_quality(q: dict) -> str:
         f"{q['recall']:.3f} ({q['correct_removals']:,} of {q['removed']:,} removals correct; "
         f"{q['planted_duplicates']:,} planted duplicates)"
     )
+
+
+def sample_images(run_dir: str | Path, sample_ids: list[str]) -> dict[str, bytes]:
+    """Image bytes of the given samples of an image run, read from their source shards
+    (embed/ says which shard holds each); {} for runs on precomputed embeddings."""
+    from collections import Counter
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from condense.config import load_config
+    from condense.readers.shards import read_shard
+    from condense.readers.webdataset import image_root, list_shards, open_shard, sample_id_of
+
+    run = RunDir(run_dir)
+    config = load_config(run.root / "config.yaml")
+    if config.input.kind not in ("webdataset", "urls") or not sample_ids:
+        return {}
+    rows = pq.read_table(run.stage_dir("embed"), columns=["sample_id", "source"])
+    rows = rows.filter(pc.is_in(rows.column("sample_id"), pa.array(sample_ids, pa.string())))
+    wanted: dict[str, set[str]] = {}
+    for sample_id, source in zip(
+        rows.column("sample_id").to_pylist(), rows.column("source").to_pylist(), strict=True
+    ):
+        wanted.setdefault(source, set()).add(sample_id)
+    paths = {s["source"]: s["path"] for s in list_shards(image_root(config, run.root))}
+    found: dict[str, bytes] = {}
+    for source, ids in wanted.items():
+        with open_shard(paths[source]) as f:
+            for sample in read_shard(f, Counter()):
+                sample_id = sample_id_of(sample.key, sample.meta, config.input.id_column)
+                if sample_id in ids and sample.image:
+                    found[sample_id] = sample.image
+    return found
