@@ -103,7 +103,19 @@ class ShardEncoder:
         if self.encoder is None:
             self.setup()
         dropped: Counter = Counter()
-        keys, captions, urls, images = [], [], [], []
+        keys, captions, urls = [], [], []
+        pixels: list = []  # preprocessed images waiting for the next batch
+        img, txt = [], []  # embeddings of the batches done
+
+        def flush() -> None:
+            enc = self.encoder
+            done = sum(len(e) for e in img)
+            img.append(enc.encode_images(enc.torch.stack(pixels)))
+            txt.append(enc.encode_texts(captions[done:]))
+            pixels.clear()
+
+        # Decoded images live only until their batch is encoded: memory is one batch, not a
+        # shard of 10,000 decoded images.
         with open_shard(item["path"]) as f:
             for sample in read_shard(f, dropped):
                 reason = usable(sample)
@@ -117,28 +129,22 @@ class ShardEncoder:
                 captions.append(sample.caption)
                 url = sample.meta.get("url")
                 urls.append(url if isinstance(url, str) else None)
-                images.append(image)
-        img, txt = self._encode(images, captions)
+                pixels.append(self.encoder.preprocess(image))
+                if len(pixels) == self.cfg.batch_size:
+                    flush()
+        if pixels:
+            flush()
+        dim = self.encoder.dim
         raw = RawRows(
             sample_id=keys,
             caption=captions,
             url=urls,
             source=item["source"],
-            img=img,
-            txt=txt,
+            img=np.concatenate(img) if img else np.zeros((0, dim), np.float32),
+            txt=np.concatenate(txt) if txt else np.zeros((0, dim), np.float32),
             first_row=0,
         )
         return raw, dict(dropped)
-
-    def _encode(self, images: list, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        enc, size = self.encoder, self.cfg.batch_size
-        img, txt = [], []
-        for start in range(0, len(images), size):
-            img.append(enc.encode_images(enc.pixels(images[start : start + size])))
-            txt.append(enc.encode_texts(captions[start : start + size]))
-        if not img:
-            return np.zeros((0, enc.dim), np.float32), np.zeros((0, enc.dim), np.float32)
-        return np.concatenate(img), np.concatenate(txt)
 
 
 DOWNLOAD_DIR = "input/download"  # where input.kind urls puts img2dataset's shards, in RUN/
