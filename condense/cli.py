@@ -125,7 +125,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"coreset shards: {export / 'shards'}  (LLaVA json: {export / 'coreset.json'})")
     print(f"inspect it:     condense report {args.run_dir}")
     print(
-        f"the notebook:   CONDENSE_RUN_DIR={args.run_dir} jupyter notebook notebooks/inspect_run.ipynb"
+        f"the notebook:   notebooks/inspect_run.ipynb with "
+        f"CONDENSE_RUN_DIR={Path(args.run_dir).resolve()} (Jupyter, VS Code)"
     )
     return 0
 
