@@ -15,6 +15,49 @@ from pathlib import Path
 import numpy as np
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+RANDOM_WEIGHTS_SEED = 0
+
+
+def register(model: str) -> str:
+    """The open_clip name of `model`: a registry name as is, or a model config JSON registered
+    under its file stem."""
+    import open_clip
+
+    if not model.endswith(".json"):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {model} does not exist")
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def preprocess_config(model: str, pretrained: str | None = None) -> dict:
+    """The image preprocessing (size, mean, std, interpolation, resize mode) the encoder of
+    `model` with `pretrained` uses, without building its weights: decode tasks preprocess
+    images on CPUs with it while the model lives in the encoder actors."""
+    import open_clip
+    from open_clip.transform import merge_preprocess_dict
+
+    name = register(model)
+    cfg = dict(open_clip.create_model(name, pretrained=None, device="meta").visual.preprocess_cfg)
+    if pretrained and not Path(pretrained).exists():  # a tag: its own normalisation
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(name, pretrained))
+    return cfg
+
+
+def embed_dim(model: str) -> int:
+    """The embedding dimension of `model`, from its config (no weights built)."""
+    import open_clip
+
+    return int(open_clip.get_model_config(register(model))["embed_dim"])
+
+
+def image_transform(cfg: dict):
+    """PIL image -> preprocessed CHW float tensor, for a `preprocess_config`."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
 
 
 class ClipEncoder:
@@ -35,17 +78,15 @@ class ClipEncoder:
             raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         if precision != "fp32" and not device.startswith("cuda"):
             raise ValueError(f"precision {precision} needs a GPU; on {device} use fp32")
-        name = model
-        if model.endswith(".json"):  # a model config file: register it under its stem
-            path = Path(model)
-            if not path.is_file():
-                raise FileNotFoundError(f"model config {model} does not exist")
-            open_clip.add_model_config(path)
-            name = path.stem
+        name = register(model)
         self.torch, self.device = torch, device
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=checkpoint or pretrained, device=device
-        )
+        # Weights not loaded are drawn from a fixed seed, so every actor of a pool (and every
+        # run) builds the same random model: embeddings never depend on which actor ran.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=checkpoint or pretrained, device=device
+            )
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(name)
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[

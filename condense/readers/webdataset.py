@@ -10,6 +10,7 @@ Unusable samples are dropped and counted by reason; they never stop the shard or
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Literal
 
@@ -75,11 +76,76 @@ def sample_id_of(key: str, meta: dict, id_field: str | None) -> str | None:
     return None if value is None else str(value)
 
 
-class ShardEncoder:
-    """Turns one shard into RawRows: decode on the CPU, encode with CLIP in batches."""
+DECODED = "decoded.json"  # in a shard's scratch folder: written once the shard is decoded
 
-    def __init__(self, model: ModelConfig, device: str, id_field: str | None = None):
-        self.cfg, self.device, self.id_field = model, device, id_field
+
+def decode_shard(
+    item: dict,
+    transform_cfg: dict,
+    max_pixels: int,
+    id_field: str | None,
+    batch_size: int,
+    scratch: str,
+) -> Iterator[dict[str, np.ndarray]]:
+    """CPU side of the embed stream: stream one shard, decode and preprocess its images, yield
+    batches of at most `batch_size` rows (part, idx, sample_id, caption, url, pixels). Decoded
+    images live only until their batch is yielded. Dropped samples are counted by reason into
+    `scratch/<part>/decoded.json`, written after the last batch."""
+    from condense.cores.clip import image_transform
+    from condense.cores.images import decode_rgb
+    from condense.pipeline.rundir import atomic_write_json
+    from condense.readers.shards import read_shard, usable
+
+    transform = image_transform(transform_cfg)
+    dropped: Counter = Counter()
+    rows: dict[str, list] = {"sample_id": [], "caption": [], "url": [], "pixels": []}
+    kept = 0
+
+    def batch() -> dict[str, np.ndarray]:
+        n = len(rows["pixels"])
+        out = {
+            "part": np.array([item["part"]] * n, dtype=object),
+            "idx": np.arange(kept - n, kept, dtype=np.int64),
+            "sample_id": np.array(rows["sample_id"], dtype=object),
+            "caption": np.array(rows["caption"], dtype=object),
+            "url": np.array(rows["url"], dtype=object),
+            "pixels": np.stack([p.numpy() for p in rows["pixels"]]),
+        }
+        for values in rows.values():
+            values.clear()
+        return out
+
+    with open_shard(item["path"]) as f:
+        for sample in read_shard(f, dropped):
+            reason = usable(sample)
+            image = None
+            if reason is None:
+                image, reason = decode_rgb(sample.image, max_pixels)
+            if reason is not None:
+                dropped[reason] += 1
+                continue
+            url = sample.meta.get("url")
+            rows["sample_id"].append(sample_id_of(sample.key, sample.meta, id_field))
+            rows["caption"].append(sample.caption)
+            rows["url"].append(url if isinstance(url, str) else None)
+            rows["pixels"].append(transform(image))
+            kept += 1
+            if len(rows["pixels"]) == batch_size:
+                yield batch()
+    if rows["pixels"]:
+        yield batch()
+    atomic_write_json(
+        Path(scratch) / item["part"] / DECODED, {"rows": kept, "dropped": dict(dropped)}
+    )
+
+
+class BatchEncoder:
+    """Actor side of the embed stream: the CLIP model, loaded once, encodes batches of
+    preprocessed images and their captions and writes the embeddings to the shard's scratch
+    folder (one Arrow file per batch and shard, named by its first row)."""
+
+    def __init__(self, model: ModelConfig, device: str, threads: int | None, scratch: str):
+        self.cfg, self.device, self.threads, self.scratch = model, device, threads, Path(scratch)
         self.encoder = None
 
     def setup(self) -> None:
@@ -88,6 +154,10 @@ class ShardEncoder:
         precision = self.cfg.precision
         if precision == "auto":
             precision = "fp16" if self.device.startswith("cuda") else "fp32"
+        if self.threads and not self.device.startswith("cuda"):
+            import torch
+
+            torch.set_num_threads(self.threads)
         self.encoder = ClipEncoder(
             self.cfg.name,
             pretrained=self.cfg.pretrained,
@@ -96,55 +166,66 @@ class ShardEncoder:
             precision=precision,
         )
 
-    def read(self, item: dict) -> tuple[RawRows, dict[str, int]]:
-        from condense.cores.images import decode_rgb
-        from condense.readers.shards import read_shard, usable
+    def process(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import pyarrow as pa
 
-        if self.encoder is None:
-            self.setup()
-        dropped: Counter = Counter()
-        keys, captions, urls = [], [], []
-        pixels: list = []  # preprocessed images waiting for the next batch
-        img, txt = [], []  # embeddings of the batches done
+        from condense import schema as S
+        from condense.stages.base import write_scratch
 
-        def flush() -> None:
-            enc = self.encoder
-            done = sum(len(e) for e in img)
-            img.append(enc.encode_images(enc.torch.stack(pixels)))
-            txt.append(enc.encode_texts(captions[done:]))
-            pixels.clear()
+        enc = self.encoder
+        img = enc.encode_images(enc.torch.from_numpy(np.ascontiguousarray(batch["pixels"])))
+        txt = enc.encode_texts([str(c) for c in batch["caption"]])
+        parts, counts = [], []
+        for part in sorted(set(batch["part"].tolist())):
+            rows = np.flatnonzero(batch["part"] == part)
+            table = pa.table(
+                {
+                    "idx": pa.array(batch["idx"][rows], pa.int64()),
+                    "sample_id": pa.array(batch["sample_id"][rows].tolist(), pa.string()),
+                    "caption": pa.array(batch["caption"][rows].tolist(), pa.string()),
+                    "url": pa.array(batch["url"][rows].tolist(), pa.string()),
+                    "img": S.vectors_to_arrow(img[rows]),
+                    "txt": S.vectors_to_arrow(txt[rows]),
+                }
+            )
+            first = int(batch["idx"][rows].min())
+            write_scratch(self.scratch / part / f"{first:09d}.arrow", [table], table.schema)
+            parts.append(part)
+            counts.append(len(rows))
+        return {"part": np.array(parts, dtype=object), "rows": np.array(counts, np.int64)}
 
-        # Decoded images live only until their batch is encoded: memory is one batch, not a
-        # shard of 10,000 decoded images.
-        with open_shard(item["path"]) as f:
-            for sample in read_shard(f, dropped):
-                reason = usable(sample)
-                image = None
-                if reason is None:
-                    image, reason = decode_rgb(sample.image, self.cfg.max_pixels)
-                if reason is not None:
-                    dropped[reason] += 1
-                    continue
-                keys.append(sample_id_of(sample.key, sample.meta, self.id_field))
-                captions.append(sample.caption)
-                url = sample.meta.get("url")
-                urls.append(url if isinstance(url, str) else None)
-                pixels.append(self.encoder.preprocess(image))
-                if len(pixels) == self.cfg.batch_size:
-                    flush()
-        if pixels:
-            flush()
-        dim = self.encoder.dim
-        raw = RawRows(
-            sample_id=keys,
-            caption=captions,
-            url=urls,
-            source=item["source"],
-            img=np.concatenate(img) if img else np.zeros((0, dim), np.float32),
-            txt=np.concatenate(txt) if txt else np.zeros((0, dim), np.float32),
-            first_row=0,
-        )
-        return raw, dict(dropped)
+
+def encoded_rows(folder: Path, source: str, dim: int) -> tuple[RawRows, dict[str, int]] | None:
+    """A shard's scratch folder read back in row order, with its drop counts; None unless the
+    shard was decoded and every row of it encoded."""
+    import pyarrow as pa
+
+    from condense.pipeline.rundir import read_json
+    from condense.stages.base import read_scratch
+
+    decoded = read_json(folder / DECODED)
+    if decoded is None:
+        return None
+    files = sorted(folder.glob("*.arrow"))
+    tables = [read_scratch(f) for f in files]
+    if sum(len(t) for t in tables) != decoded["rows"]:
+        return None
+    if not tables:
+        empty = np.zeros((0, dim), np.float32)
+        return RawRows([], [], [], source, empty, empty, 0), decoded["dropped"]
+    table = pa.concat_tables(tables).sort_by("idx")
+    from condense import schema as S
+
+    raw = RawRows(
+        sample_id=table.column("sample_id").to_pylist(),
+        caption=table.column("caption").to_pylist(),
+        url=table.column("url").to_pylist(),
+        source=source,
+        img=S.arrow_to_vectors(table.column("img")),
+        txt=S.arrow_to_vectors(table.column("txt")),
+        first_row=0,
+    )
+    return raw, decoded["dropped"]
 
 
 DOWNLOAD_DIR = "input/download"  # where input.kind urls puts img2dataset's shards, in RUN/

@@ -1,8 +1,10 @@
-"""Ray: starting or joining a cluster, and running stage processors on it with Ray Data.
+"""Ray: starting or joining a cluster, and running stage processors on it.
 
 Stages never import Ray. They hand this module a list of work items and a processor factory
-(NeMo-Curator style: `setup()` once per worker, `process(item)` per item); this module turns
-that into a Ray Data `map_batches` over an actor pool and streams the results back.
+(NeMo-Curator style: `setup()` once per worker, `process(item)` per item); this module runs
+them as Ray tasks, or in a Ray Data actor pool where a processor is expensive to build, and
+streams the results back. `map_stream` chains CPU tasks that produce batches into an actor
+pool that consumes them (decode on CPUs, encode on GPUs).
 """
 
 from __future__ import annotations
@@ -104,15 +106,27 @@ def cluster_resources() -> dict[str, float]:
     return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
 
 
-def _run_item(factory: Callable[..., Any], shared: dict[str, Any], item: dict) -> tuple[Any, str]:
-    """One item as a Ray task: build the processor, set it up, run it."""
-    import ray
-
+def _build(factory: Callable[..., Any], shared: dict[str, Any]) -> Any:
+    """A processor from its factory, set up (model loads, index builds) once."""
     processor = factory(**shared)
     setup = getattr(processor, "setup", None)
     if setup is not None:
         setup()
-    return processor.process(item), ray.get_runtime_context().get_node_id()
+    return processor
+
+
+def _resolve(shared_refs: dict[str, list]) -> dict[str, Any]:
+    """Shared objects from the object store (each ref wrapped in a list so Ray passes it as is)."""
+    import ray
+
+    return {name: ray.get(refs[0]) for name, refs in shared_refs.items()}
+
+
+def _run_item(factory: Callable[..., Any], shared: dict[str, Any], item: dict) -> tuple[Any, str]:
+    """One item as a Ray task: build the processor, set it up, run it."""
+    import ray
+
+    return _build(factory, shared).process(item), ray.get_runtime_context().get_node_id()
 
 
 class _ProcessorActor:
@@ -121,11 +135,7 @@ class _ProcessorActor:
     def __init__(self, factory: Callable[..., Any], shared_refs: dict[str, list]):
         import ray
 
-        shared = {name: ray.get(refs[0]) for name, refs in shared_refs.items()}
-        self.processor = factory(**shared)
-        setup = getattr(self.processor, "setup", None)
-        if setup is not None:
-            setup()
+        self.processor = _build(factory, _resolve(shared_refs))
         self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -134,6 +144,20 @@ class _ProcessorActor:
             item = pickle.loads(blob)
             results.append(pickle.dumps((self.processor.process(item), self.node_id)))
         return {"result": np.array(results, dtype=object)}
+
+
+def _produce_batches(batch: dict[str, np.ndarray], produce, shared_refs: dict[str, list]):
+    """Ray Data generator step: each work item becomes any number of output batches."""
+    shared = _resolve(shared_refs)
+    for blob in batch["item"]:
+        yield from produce(pickle.loads(blob), **shared)
+
+
+class _BatchActor(_ProcessorActor):
+    """Ray Data callable class: builds the processor once per actor, runs it per batch."""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.processor.process(batch)
 
 
 class RayExecutor:
@@ -212,6 +236,58 @@ class RayExecutor:
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             for blob in batch["result"]:
                 yield pickle.loads(blob)
+
+    def map_stream(
+        self,
+        items: list[dict],
+        produce: Callable[..., Iterator[dict[str, np.ndarray]]],
+        factory: Callable[..., Any],
+        *,
+        produce_shared: dict[str, Any] | None = None,
+        shared: dict[str, Any] | None = None,
+        batch_size: int,
+        produce_cpus: float = 1.0,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        pool_size: int = 1,
+    ) -> Iterator[dict[str, Any]]:
+        """A two-step stream on Ray Data: `produce(item, **produce_shared)` runs in CPU tasks and
+        yields batches (dicts of numpy columns, e.g. decoded and preprocessed images); an actor
+        pool of `pool_size` processors (`factory(**shared)`, built once per actor: a model on
+        its GPU) runs `process(batch)` on batches of `batch_size` rows and returns small
+        result columns, yielded here row by row as they complete. Ray Data keeps both steps
+        busy and bounds what waits between them, so CPUs decode while the models encode."""
+        if not items:
+            return
+        import ray
+        import ray.data
+
+        def refs(values):
+            return {name: [ray.put(value)] for name, value in (values or {}).items()}
+
+        ds = ray.data.from_items(
+            [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
+        )
+        ds = ds.map_batches(
+            _produce_batches,
+            fn_kwargs={"produce": produce, "shared_refs": refs(produce_shared)},
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=produce_cpus,
+        )
+        ds = ds.map_batches(
+            _BatchActor,
+            fn_constructor_kwargs={"factory": factory, "shared_refs": refs(shared)},
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=pool_size),
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
+            names = list(batch)
+            for values in zip(*(batch[n] for n in names), strict=True):
+                yield dict(zip(names, values, strict=True))
 
     def _task(self, fn: Callable[..., Any], num_cpus: float, num_gpus: float = 0.0):
         """fn as a Ray remote function, registered once per resource shape."""

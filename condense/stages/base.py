@@ -234,28 +234,33 @@ class Progress:
         self.done_parts = self.done_rows = 0
         self.start = self.last_line = time.perf_counter()
         self.bar = None
-        if ctx.progress and parts and sys.stderr.isatty():
+        if ctx.progress and sys.stderr.isatty():
             from tqdm import tqdm
 
-            desc = f"{stage} ({rows:,} {unit})" if rows else stage
-            self.bar = tqdm(total=parts, desc=desc, unit="part", dynamic_ncols=True)
+            if parts:
+                desc = f"{stage} ({rows:,} {unit})" if rows else stage
+                self.bar = tqdm(total=parts, desc=desc, unit="part", dynamic_ncols=True)
+            else:  # a stream of rows, total unknown
+                self.bar = tqdm(desc=stage, unit=f" {unit}", dynamic_ncols=True)
 
     def rate(self) -> float:
         return self.done_rows / max(time.perf_counter() - self.start, 1e-9)
 
-    def update(self, rows: int) -> None:
-        self.done_parts += 1
+    def update(self, rows: int, parts: int = 1) -> None:
+        """Count finished parts and rows (parts=0: rows of a stream with no parts)."""
+        self.done_parts += parts
         self.done_rows += rows
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(parts if self.parts else rows)
             self.bar.set_postfix_str(f"{self.rate():,.0f} {self.unit}/s")
-        elif self.ctx.progress and (
-            time.perf_counter() - self.last_line >= 10 or self.done_parts == self.parts
-        ):
+            return
+        finished = bool(self.parts) and self.done_parts == self.parts
+        if self.ctx.progress and (time.perf_counter() - self.last_line >= 10 or finished):
             self.last_line = time.perf_counter()
             of = f"/{self.rows:,}" if self.rows else ""
+            done = f"{self.done_parts}/{self.parts} parts, " if self.parts else ""
             self.ctx.log(
-                f"[{self.stage}] {self.done_parts}/{self.parts} parts, {self.done_rows:,}{of} "
+                f"[{self.stage}] {done}{self.done_rows:,}{of} "
                 f"{self.unit} ({self.rate():,.0f} {self.unit}/s)"
             )
 

@@ -25,9 +25,11 @@ from condense.cores.vectors import (
     to_unit_float32,
 )
 from condense.errors import InputError
+from condense.pipeline.rundir import PARTS_DIR
 from condense.readers import Reader, open_reader, resolve_input
 from condense.readers.webdataset import ModelConfig
 from condense.stages.base import (
+    Progress,
     Stage,
     StageContext,
     StageResult,
@@ -38,6 +40,7 @@ from condense.stages.base import (
 from condense.stages.unique_ids import ID_HASH_SEED, check_unique_ids, write_id_hashes
 from condense.strict import StrictModel
 
+ENCODED = "_encoded"  # scratch: embeddings of image shards, per shard, until its part is written
 EMBED_ROW_GROUP = 8192  # rows per Parquet row group: the unit a partial read (a sample) fetches
 
 
@@ -69,24 +72,26 @@ class EmbedPartWriter:
         return {**stats, "seconds": time.perf_counter() - start}
 
 
-class ShardEmbedWriter:
-    """Embeds one WebDataset shard with CLIP (in an actor that loaded the model once) and
-    writes one part, exactly as EmbedPartWriter writes precomputed rows."""
+class ShardPartWriter:
+    """Writes one WebDataset shard's part from the embeddings the encoder actors left in its
+    scratch folder, exactly as EmbedPartWriter writes precomputed rows."""
 
-    def __init__(self, model, device: str, dtype: str, out_dir: str, id_field: str | None):
-        from condense.readers.webdataset import ShardEncoder
-
-        self.encoder = ShardEncoder(model, device, id_field)
-        self.dtype, self.out_dir = dtype, out_dir
-
-    def setup(self) -> None:
-        self.encoder.setup()
+    def __init__(self, scratch: str, dim: int, dtype: str, out_dir: str):
+        self.scratch, self.dim, self.dtype, self.out_dir = Path(scratch), dim, dtype, out_dir
 
     def process(self, item: dict) -> dict:
+        import shutil
+
+        from condense.readers.webdataset import encoded_rows
+
         start = time.perf_counter()
-        raw, dropped = self.encoder.read(item)
+        found = encoded_rows(self.scratch / item["part"], item["source"], self.dim)
+        if found is None:
+            raise InputError(f"embed: shard {item['source']} was not completely encoded")
+        raw, dropped = found
         stats = store_rows(raw, item["part"], self.dtype, self.out_dir, dropped)
-        return {**stats, "dim": int(raw.img.shape[1]), "seconds": time.perf_counter() - start}
+        shutil.rmtree(self.scratch / item["part"], ignore_errors=True)
+        return {**stats, "seconds": time.perf_counter() - start}
 
 
 def store_rows(raw, part: str, dtype: str, out_dir: str, dropped_before: dict[str, int]) -> dict:
@@ -195,34 +200,95 @@ class EmbedStage(Stage):
         )
 
     def _run_images(self, ctx: StageContext) -> StageResult:
-        """WebDataset shards (downloaded first for urls): one part per shard, embedded by CLIP
-        actors (a GPU each where the cluster has GPUs, the CPU otherwise)."""
-        from condense.readers.webdataset import image_root, list_shards
+        """WebDataset shards (downloaded first for urls), one part per shard, in two steps:
+
+        1. a Ray Data stream: CPU tasks decode and preprocess each shard's images into batches,
+           an actor pool of CLIP models (a GPU each where the cluster has GPUs) encodes them
+           and leaves the embeddings in embed/_encoded/<part>/;
+        2. one task per shard writes its part from there, as for precomputed embeddings.
+
+        A resumed run keeps written parts and shards already fully encoded."""
+        import shutil
+
+        from condense.cores.clip import embed_dim, preprocess_config
+        from condense.readers.webdataset import (
+            BatchEncoder,
+            decode_shard,
+            encoded_rows,
+            image_root,
+            list_shards,
+        )
 
         cfg = ctx.config
+        model = cfg.embed.model
         downloaded: dict[str, int] = {}
         if cfg.input.kind == "urls":
             downloaded = self._download(ctx)
         items = list_shards(image_root(cfg, ctx.run.root))
         out_dir = ctx.run.stage_dir(self.name)
-        gpus = ctx.executor.gpus()
+        scratch = out_dir / ENCODED
+        written = {p.stem.removeprefix("part-") for p in out_dir.glob("part-*.parquet")}
+        recorded = {p.stem for p in (out_dir / PARTS_DIR).glob("*.json")}
+        todo = []
+        for item in items:
+            if item["part"] in recorded and item["part"] in written:
+                continue
+            if encoded_rows(scratch / item["part"], item["source"], 0) is None:
+                shutil.rmtree(scratch / item["part"], ignore_errors=True)
+                todo.append(item)
+        dim = embed_dim(model.name)
+        if todo:
+            gpus = ctx.executor.gpus()
+            cpus = ctx.executor.cpus()
+            pool = cfg.embed.workers or (gpus or max(1, cpus // 8))
+            # One actor per GPU at most; on CPUs, leave at least one CPU to the decode tasks.
+            pool = min(pool, gpus) if gpus else max(1, min(pool, cpus - 1))
+            ctx.log(
+                f"[embed] {len(todo)} shards: decoding on CPU tasks, encoding with {model.name} "
+                f"on {pool} {'GPU' if gpus else 'CPU'} actor{'s' * (pool > 1)}"
+            )
+            progress = Progress(ctx, self.name, 0, 0, "images")
+            try:
+                for result in ctx.executor.map_stream(
+                    todo,
+                    decode_shard,
+                    BatchEncoder,
+                    produce_shared={
+                        "transform_cfg": preprocess_config(model.name, model.pretrained),
+                        "max_pixels": model.max_pixels,
+                        "id_field": cfg.input.id_column,
+                        "batch_size": model.batch_size,
+                        "scratch": str(scratch),
+                    },
+                    shared={
+                        "model": model,
+                        "device": "cuda" if gpus else "cpu",
+                        "threads": None if gpus else max(1, cpus // pool),
+                        "scratch": str(scratch),
+                    },
+                    batch_size=model.batch_size,
+                    produce_cpus=1.0 if cpus >= 2 else 0.5,
+                    num_cpus=1.0 if cpus >= 2 else 0.5,
+                    num_gpus=1.0 if gpus else 0.0,
+                    pool_size=pool,
+                ):
+                    progress.update(int(result["rows"]), parts=0)
+            finally:
+                progress.close()
         stats = run_parts(
             ctx,
             self.name,
             items,
-            ShardEmbedWriter,
+            ShardPartWriter,
             shared={
-                "model": cfg.embed.model,
-                "device": "cuda" if gpus else "cpu",
+                "scratch": str(scratch),
+                "dim": dim,
                 "dtype": cfg.embed.dtype,
                 "out_dir": str(out_dir),
-                "id_field": cfg.input.id_column,
             },
             num_cpus=1.0,
-            num_gpus=1.0 if gpus else 0.0,
-            pool_size=cfg.embed.workers,
-            actors=True,  # the model loads once per actor
         )
+        shutil.rmtree(scratch, ignore_errors=True)
         rows_out = sum(s["rows_out"] for s in stats)
         if rows_out == 0:
             raise InputError(f"{cfg.input.path}: no usable sample in any shard")
@@ -237,8 +303,7 @@ class EmbedStage(Stage):
             }
             dropped = {**dropped, **{k: v for k, v in failed.items() if v}}
             rows_in += sum(failed.values())
-        dim = max(s.get("dim", 0) for s in stats)
-        extra = {"dim": dim, "dtype": cfg.embed.dtype, "model": cfg.embed.model.name}
+        extra = {"dim": dim, "dtype": cfg.embed.dtype, "model": model.name}
         if downloaded:
             extra["downloaded"] = downloaded
         return StageResult(rows_in, rows_out, dropped, extra)

@@ -94,3 +94,50 @@ def test_shards_embed_with_bad_samples_counted(ray_session, tmp_path):
     # Every later stage runs on image-embedded rows exactly as on precomputed ones.
     sample_rows = pq.read_table(tmp_path / "run" / "sample").to_pandas()
     assert sample_rows.kept.sum() == min(3, len(sample_rows))
+
+
+def embed_only(shards, run, batch_size, resume=False, log=quiet_log):
+    from condense.pipeline.rundir import RunDir
+    from condense.pipeline.runner import _run_stage
+    from condense.runtime.ray import RayExecutor
+    from condense.stages.base import StageContext
+    from condense.stages.embed import EmbedStage
+
+    cfg = make_config(
+        shards,
+        input={"kind": "webdataset"},
+        embed={"model": {"name": TINY, "batch_size": batch_size}},
+    )
+    ctx = StageContext(run=RunDir(run), config=cfg, executor=RayExecutor(), progress=False)
+    ctx.log = log
+    _run_stage(ctx, EmbedStage(), "test", resume=resume)
+    return pq.read_table(run / "embed").to_pandas().sort_values("sample_id").reset_index()
+
+
+def test_embeddings_do_not_depend_on_batch_size_and_resume_redoes_one_shard(ray_session, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(3):
+        write_shard(shards / f"{s:05d}.tar", [sample(f"{s}{i:04d}", 10 * s + i) for i in range(7)])
+    a = embed_only(shards, tmp_path / "a", batch_size=3)
+    b = embed_only(shards, tmp_path / "b", batch_size=64)
+    assert list(a.sample_id) == list(b.sample_id) and len(a) == 21
+    assert list(a.source) == list(b.source) and list(a.caption) == list(b.caption)
+    for column in ("img_emb", "txt_emb"):
+        x, y = np.stack(a[column].to_numpy()), np.stack(b[column].to_numpy())
+        assert np.allclose(x, y, atol=1e-5)
+    assert not (tmp_path / "a" / "embed" / "_encoded").exists()  # scratch removed
+    # Lose one part: a resumed run re-encodes that shard only and ends with the same rows.
+    part = tmp_path / "a" / "embed" / "part-00001.parquet"
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "a" / "embed").glob("part-*.parquet")}
+    part.unlink()
+    (tmp_path / "a" / "embed" / "_parts" / "00001.json").unlink()
+    (tmp_path / "a" / "embed" / "_stage.json").unlink()
+    (tmp_path / "a" / "embed" / "_progress.json").write_text('{"fingerprint": "test"}')
+    log = []
+    again = embed_only(shards, tmp_path / "a", batch_size=3, resume=True, log=log.append)
+    assert any("[embed] 1 shards: decoding on CPU tasks" in line for line in log)
+    assert list(again.sample_id) == list(a.sample_id)
+    for p, mtime in kept.items():
+        if p != part:
+            assert p.stat().st_mtime_ns == mtime
