@@ -7,8 +7,10 @@ batch size, in the same run, alternating, best of `--repeats`:
 
 - plain loop: one process reads each tar with `tarfile`, decodes with PIL, preprocesses and
   encodes images and captions with open_clip, using every CPU thread torch wants;
-- condense: the embed stage as the pipeline runs it (Ray actors, one per CPU, each with the
-  model loaded once, decoding and encoding its shards, writing embed/ parts).
+- condense: the embed stage as the pipeline runs it: a Ray Data stream where CPU tasks decode
+  and preprocess the shards while an actor pool (one actor on a CPU machine, using the other
+  CPUs' threads) encodes them, then one task per shard writes its embed/ part. The stage's
+  time includes starting the actor and loading the model in it.
 
 It prints images/s for each and the ratio (target on CPU: condense >= 0.9x the plain loop).
 """
