@@ -20,7 +20,11 @@ class Counter:
         self.seen += 1
         if isinstance(item, dict) and "n" in item:
             return {"part": item["part"], "value": item["n"] + self.offset, "pid": self.pid}
-        return {"rows": np.array([len(item["x"])]), "total": np.array([int(item["x"].sum())])}
+        return {
+            "rows": np.array([len(item["x"])]),
+            "total": np.array([int(item["x"].sum())]),
+            "same_process": np.array([bool((item["pid"] == os.getpid()).any())]),
+        }
 
 
 def test_tasks_and_actor_pool_give_the_same_results(ray_session):
@@ -47,7 +51,7 @@ def test_tasks_and_actor_pool_give_the_same_results(ray_session):
 def produce(item, scale):
     for start in range(0, item["n"], 4):
         x = np.arange(start, min(start + 4, item["n"])) * scale
-        yield {"x": x}
+        yield {"x": x, "pid": np.full(len(x), os.getpid())}
 
 
 def test_stream_sees_every_produced_row_once(ray_session):
@@ -69,3 +73,5 @@ def test_stream_sees_every_produced_row_once(ray_session):
     assert sum(int(r["rows"]) for r in results) == 29
     assert sum(int(r["total"]) for r in results) == 2 * sum(sum(range(n)) for n in [0, 3, 9, 17])
     assert all(int(r["rows"]) <= 5 for r in results)
+    # Produced on CPU tasks, consumed in the actors: never fused into one process.
+    assert not any(bool(r["same_process"]) for r in results)

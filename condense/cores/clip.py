@@ -46,13 +46,6 @@ def preprocess_config(model: str, pretrained: str | None = None) -> dict:
     return cfg
 
 
-def embed_dim(model: str) -> int:
-    """The embedding dimension of `model`, from its config (no weights built)."""
-    import open_clip
-
-    return int(open_clip.get_model_config(register(model))["embed_dim"])
-
-
 def image_transform(cfg: dict):
     """PIL image -> preprocessed CHW float tensor, for a `preprocess_config`."""
     from open_clip.transform import PreprocessCfg, image_transform_v2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Literal
 
@@ -79,24 +80,27 @@ def sample_id_of(key: str, meta: dict, id_field: str | None) -> str | None:
 DECODED = "decoded.json"  # in a shard's scratch folder: written once the shard is decoded
 
 
+@lru_cache(maxsize=4)
+def _transform(model: str, pretrained: str | None):
+    """The model's image transform, once per worker process (no weights are built)."""
+    from condense.cores.clip import image_transform, preprocess_config
+
+    return image_transform(preprocess_config(model, pretrained))
+
+
 def decode_shard(
-    item: dict,
-    transform_cfg: dict,
-    max_pixels: int,
-    id_field: str | None,
-    batch_size: int,
-    scratch: str,
+    item: dict, model: ModelConfig, id_field: str | None, scratch: str
 ) -> Iterator[dict[str, np.ndarray]]:
     """CPU side of the embed stream: stream one shard, decode and preprocess its images, yield
     batches of at most `batch_size` rows (part, idx, sample_id, caption, url, pixels). Decoded
     images live only until their batch is yielded. Dropped samples are counted by reason into
     `scratch/<part>/decoded.json`, written after the last batch."""
-    from condense.cores.clip import image_transform
     from condense.cores.images import decode_rgb
     from condense.pipeline.rundir import atomic_write_json
     from condense.readers.shards import read_shard, usable
 
-    transform = image_transform(transform_cfg)
+    transform = _transform(model.name, model.pretrained)
+    batch_size, max_pixels = model.batch_size, model.max_pixels
     dropped: Counter = Counter()
     rows: dict[str, list] = {"sample_id": [], "caption": [], "url": [], "pixels": []}
     kept = 0
@@ -139,6 +143,14 @@ def decode_shard(
     )
 
 
+def texts(values: np.ndarray):
+    """A string column from a batch column: Ray Data hands a column of all-missing strings
+    back as floats (NaN), so anything but a string is missing."""
+    import pyarrow as pa
+
+    return pa.array([v if isinstance(v, str) else None for v in values.tolist()], pa.string())
+
+
 class BatchEncoder:
     """Actor side of the embed stream: the CLIP model, loaded once, encodes batches of
     preprocessed images and their captions and writes the embeddings to the shard's scratch
@@ -174,16 +186,16 @@ class BatchEncoder:
 
         enc = self.encoder
         img = enc.encode_images(enc.torch.from_numpy(np.ascontiguousarray(batch["pixels"])))
-        txt = enc.encode_texts([str(c) for c in batch["caption"]])
+        txt = enc.encode_texts(texts(batch["caption"]).to_pylist())
         parts, counts = [], []
         for part in sorted(set(batch["part"].tolist())):
             rows = np.flatnonzero(batch["part"] == part)
             table = pa.table(
                 {
                     "idx": pa.array(batch["idx"][rows], pa.int64()),
-                    "sample_id": pa.array(batch["sample_id"][rows].tolist(), pa.string()),
-                    "caption": pa.array(batch["caption"][rows].tolist(), pa.string()),
-                    "url": pa.array(batch["url"][rows].tolist(), pa.string()),
+                    "sample_id": texts(batch["sample_id"][rows]),
+                    "caption": texts(batch["caption"][rows]),
+                    "url": texts(batch["url"][rows]),
                     "img": S.vectors_to_arrow(img[rows]),
                     "txt": S.vectors_to_arrow(txt[rows]),
                 }
@@ -192,7 +204,11 @@ class BatchEncoder:
             write_scratch(self.scratch / part / f"{first:09d}.arrow", [table], table.schema)
             parts.append(part)
             counts.append(len(rows))
-        return {"part": np.array(parts, dtype=object), "rows": np.array(counts, np.int64)}
+        return {
+            "part": np.array(parts, dtype=object),
+            "rows": np.array(counts, np.int64),
+            "dim": np.full(len(parts), img.shape[1], np.int64),
+        }
 
 
 def encoded_rows(folder: Path, source: str, dim: int) -> tuple[RawRows, dict[str, int]] | None:

@@ -22,6 +22,8 @@ from condense.runtime import RayConfig
 log = logging.getLogger(__name__)
 
 
+# Bytes reserved per producing task of map_stream: a decode task imports torch (~0.6 GiB).
+PRODUCE_MEMORY = 1 << 30
 _STARTED_HERE = False  # whether init_ray connected this process (so shutdown_ray may disconnect it)
 
 
@@ -274,6 +276,10 @@ class RayExecutor:
             batch_size=1,
             batch_format="numpy",
             num_cpus=produce_cpus,
+            # What a producer may hold (a batch of decoded images). Remote args that differ also
+            # keep Ray Data from fusing this step into the actors, which it would do where the
+            # CPU and GPU counts match (CPU-only clusters): producing stays on CPU tasks.
+            memory=PRODUCE_MEMORY,
         )
         ds = ds.map_batches(
             _BatchActor,

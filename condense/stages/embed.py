@@ -210,7 +210,6 @@ class EmbedStage(Stage):
         A resumed run keeps written parts and shards already fully encoded."""
         import shutil
 
-        from condense.cores.clip import embed_dim, preprocess_config
         from condense.readers.webdataset import (
             BatchEncoder,
             decode_shard,
@@ -236,7 +235,7 @@ class EmbedStage(Stage):
             if encoded_rows(scratch / item["part"], item["source"], 0) is None:
                 shutil.rmtree(scratch / item["part"], ignore_errors=True)
                 todo.append(item)
-        dim = embed_dim(model.name)
+        dim = self._encoded_dim(scratch, out_dir)
         if todo:
             gpus = ctx.executor.gpus()
             cpus = ctx.executor.cpus()
@@ -254,10 +253,8 @@ class EmbedStage(Stage):
                     decode_shard,
                     BatchEncoder,
                     produce_shared={
-                        "transform_cfg": preprocess_config(model.name, model.pretrained),
-                        "max_pixels": model.max_pixels,
+                        "model": model,
                         "id_field": cfg.input.id_column,
-                        "batch_size": model.batch_size,
                         "scratch": str(scratch),
                     },
                     shared={
@@ -273,6 +270,7 @@ class EmbedStage(Stage):
                     pool_size=pool,
                 ):
                     progress.update(int(result["rows"]), parts=0)
+                    dim = int(result["dim"])
             finally:
                 progress.close()
         stats = run_parts(
@@ -307,6 +305,19 @@ class EmbedStage(Stage):
         if downloaded:
             extra["downloaded"] = downloaded
         return StageResult(rows_in, rows_out, dropped, extra)
+
+    @staticmethod
+    def _encoded_dim(scratch: Path, out_dir: Path) -> int:
+        """The embedding dimension of what an interrupted run already encoded or wrote (0 if
+        nothing): parts of shards without a usable sample are written with it."""
+        import pyarrow.ipc
+        import pyarrow.parquet as pq
+
+        for path in sorted(scratch.glob("*/*.arrow")):
+            return pyarrow.ipc.open_file(path).schema.field("img").type.list_size
+        for path in sorted(out_dir.glob("part-*.parquet")):
+            return pq.read_schema(path).field(S.IMG_EMB).type.list_size
+        return 0
 
     def _download(self, ctx: StageContext) -> dict[str, int]:
         """input.kind urls: img2dataset into RUN/input/download (skipped when already done)."""

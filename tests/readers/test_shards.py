@@ -152,3 +152,25 @@ def test_decompression_bomb_guard():
     huge = io.BytesIO()
     Image.new("1", (20_000, 20_000)).save(huge, format="PNG")  # 400M pixels, tiny file
     assert decode_rgb(huge.getvalue()) == (None, "too_large")
+
+
+def test_shards_listed_and_streamed_through_fsspec():
+    """input.path may be any fsspec URL: shards are found below it and streamed from it."""
+    import fsspec
+
+    from condense.readers.webdataset import list_shards, open_shard
+
+    fs = fsspec.filesystem("memory")
+    data = make_tar([("k1.jpg", image_bytes()), ("k1.txt", b"one"), ("k2.txt", b"two")])
+    fs.pipe("/bucket/laion/00000.tar", data)
+    fs.pipe("/bucket/laion/sub/00001.tar", data)
+    fs.pipe("/bucket/laion/readme.md", b"not a shard")
+    items = list_shards("memory://bucket/laion")
+    assert [i["source"] for i in items] == ["00000.tar", "sub/00001.tar"]
+    assert [i["path"] for i in items] == [
+        "memory://bucket/laion/00000.tar",
+        "memory://bucket/laion/sub/00001.tar",
+    ]
+    with open_shard(items[1]["path"]) as f:
+        got = [(s.key, s.caption) for s in read_shard(f, Counter())]
+    assert got == [("k1", "one"), ("k2", "two")]
