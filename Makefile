@@ -40,7 +40,7 @@ format: $(STAMP) ## ruff format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-cluster bench-dedup bench-select ## every benchmark (~40 min on 2 cores)
+bench: bench-cluster bench-dedup bench-select bench-embed ## every benchmark (~55 min on 2 cores)
 
 bench-cluster: $(STAMP) ## cluster stage vs bare faiss on 1M x 768 rows (~10 min)
 	$(BIN)/python bench/bench_cluster.py
@@ -52,7 +52,10 @@ bench-dedup: $(STAMP) ## dedup core vs SemDeDup / Bunny BFS / networkx, then the
 bench-select: $(STAMP) ## bands and sample at 1M and 10M rows (~5 min)
 	$(BIN)/python bench/bench_select.py
 
+bench-embed: $(STAMP) ## embed stage on image shards vs a plain open_clip loop (~12 min)
+	$(BIN)/python bench/bench_embed.py
+
 clean: ## remove runs, caches and the venv
 	rm -rf runs .pytest_cache .ruff_cache $(VENV)
 
-.PHONY: help install demo test lint format bench bench-cluster bench-dedup bench-select clean
+.PHONY: help install demo test lint format bench bench-cluster bench-dedup bench-select bench-embed clean
