@@ -26,7 +26,7 @@ help: ## list the targets
 
 install: $(STAMP) ## create .venv and install condense with its dev tools
 
-demo: $(STAMP) ## run the embedded default end to end and print the funnel
+demo: $(STAMP) ## the image demo: photos served, downloaded, condensed, exported (~1 min)
 	$(BIN)/condense demo --run-dir runs/demo
 
 test: $(STAMP) ## run the test suite (real Ray, real faiss, real files)

@@ -34,15 +34,24 @@ def register(model: str) -> str:
 
 def preprocess_config(model: str, pretrained: str | None = None) -> dict:
     """The image preprocessing (size, mean, std, interpolation, resize mode) the encoder of
-    `model` with `pretrained` uses, without building its weights: decode tasks preprocess
-    images on CPUs with it while the model lives in the encoder actors."""
+    `model` with `pretrained` uses, from configs alone (no weights are built), as open_clip
+    derives it: its defaults, the model config's `preprocess_cfg`, a pretrained tag's own
+    settings, the vision tower's image size. Decode tasks preprocess on CPUs with it while the
+    model lives in the encoder actors. A checkpoint file adds nothing (pass pretrained=None)."""
+    from dataclasses import asdict
+
     import open_clip
-    from open_clip.transform import merge_preprocess_dict
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     name = register(model)
-    cfg = dict(open_clip.create_model(name, pretrained=None, device="meta").visual.preprocess_cfg)
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None:
+        raise ValueError(f"unknown open_clip model {model!r}")
+    cfg = merge_preprocess_dict(asdict(PreprocessCfg()), model_cfg.get("preprocess_cfg", {}))
     if pretrained and not Path(pretrained).exists():  # a tag: its own normalisation
         cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(name, pretrained))
+    size = model_cfg["vision_cfg"].get("image_size", cfg["size"])
+    cfg["size"] = (size, size) if isinstance(size, int) else tuple(size)
     return cfg
 
 

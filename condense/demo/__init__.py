@@ -28,11 +28,18 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
+PORT = 8765  # the demo's preferred port: the same urls on every run, so a rerun skips stages
+
+
 @contextlib.contextmanager
-def serve(folder: Path) -> Iterator[str]:
-    """Serve `folder` over HTTP on 127.0.0.1 (a free port); yields the base url."""
+def serve(folder: Path, port: int = PORT) -> Iterator[str]:
+    """Serve `folder` over HTTP on 127.0.0.1 (`port`, or any free one when it is taken);
+    yields the base url."""
     handler = partial(QuietHandler, directory=str(folder))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -83,7 +90,8 @@ def run_demo(
     checkpoint = folder / "thumbnail-clip.pt"
     if not checkpoint.exists():
         write_checkpoint(MODEL_CONFIG, checkpoint)
-    with serve(folder) as base:
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    with serve(folder / "images") as base:  # the photos only, not the rest of RUN/input
         counts = build_corpus(folder, base_url=base)
         log(
             f"[demo] corpus: {counts['rows']} urls of photos from scikit-image and scikit-learn "

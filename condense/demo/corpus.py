@@ -8,8 +8,8 @@ a horizontal flip. Two pairs of distinct photos in the packages are near-duplica
 wild (a chessboard saved in colour and in gray; the two views of a stereo motorcycle pair), and
 the truth says so. A few urls are broken on purpose: missing files (404) and garbage bytes.
 
-`build_corpus(folder)` writes the images, `urls.parquet` (url, caption, sample_id; urls under
-a placeholder base) and `truth.parquet` (sample_id, group_id: -1 for an image without
+`build_corpus(folder, base_url)` writes the images into folder/images (served at base_url),
+`urls.parquet` (url, caption, sample_id) and `truth.parquet` (sample_id, group_id: -1 for an image without
 duplicates), which `condense report` scores dedup against.
 """
 
@@ -152,16 +152,16 @@ def build_corpus(folder: Path, seed: int = 0, base_url: str = "http://127.0.0.1:
             rows.append((sample_id, f"{sample_id}.jpg", "a broken link"))
     order = rng.permutation(len(rows))  # a crawl does not list copies next to their original
     rows = [rows[i] for i in order]
-    pq.write_table(
-        pa.table(
-            {
-                "url": [f"{base_url}/images/{file}" for _, file, _ in rows],
-                "caption": [caption for _, _, caption in rows],
-                "sample_id": [sample_id for sample_id, _, _ in rows],
-            }
-        ),
-        Path(folder) / "urls.parquet",
+    urls = pa.table(
+        {
+            "url": [f"{base_url}/{file}" for _, file, _ in rows],
+            "caption": [caption for _, _, caption in rows],
+            "sample_id": [sample_id for sample_id, _, _ in rows],
+        }
     )
+    path = Path(folder) / "urls.parquet"
+    if not (path.exists() and pq.read_table(path).equals(urls)):  # unchanged: reruns skip
+        pq.write_table(urls, path)
     ids = sorted(truth)
     originals = [truth[i] for i in ids]
     sizes = {o: originals.count(o) for o in set(originals)}

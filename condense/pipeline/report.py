@@ -117,19 +117,18 @@ def format_quality(q: dict) -> str:
 def sample_images(run_dir: str | Path, sample_ids: list[str]) -> dict[str, bytes]:
     """Image bytes of the given samples of an image run, read from their source shards
     (embed/ says which shard holds each); {} for runs on precomputed embeddings."""
-    from collections import Counter
-
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     from condense.config import load_config
-    from condense.readers.shards import read_shard
-    from condense.readers.webdataset import image_root, list_shards, open_shard, sample_id_of
+    from condense.readers import IMAGE_KINDS
+    from condense.readers.shards import IMAGE_EXTENSIONS
+    from condense.readers.webdataset import find_samples, image_root, list_shards
 
     run = RunDir(run_dir)
     config = load_config(run.root / "config.yaml")
-    if config.input.kind not in ("webdataset", "urls") or not sample_ids:
+    if config.input.kind not in IMAGE_KINDS or not sample_ids:
         return {}
     rows = pq.read_table(run.stage_dir("embed"), columns=["sample_id", "source"])
     rows = rows.filter(pc.is_in(rows.column("sample_id"), pa.array(sample_ids, pa.string())))
@@ -138,12 +137,16 @@ def sample_images(run_dir: str | Path, sample_ids: list[str]) -> dict[str, bytes
         rows.column("sample_id").to_pylist(), rows.column("source").to_pylist(), strict=True
     ):
         wanted.setdefault(source, set()).add(sample_id)
-    paths = {s["source"]: s["path"] for s in list_shards(image_root(config, run.root))}
+    try:
+        paths = {s["source"]: s["path"] for s in list_shards(image_root(config, run.root))}
+    except CondenseError:  # the source shards are gone: nothing to show
+        return {}
     found: dict[str, bytes] = {}
     for source, ids in wanted.items():
-        with open_shard(paths[source]) as f:
-            for sample in read_shard(f, Counter()):
-                sample_id = sample_id_of(sample.key, sample.meta, config.input.id_column)
-                if sample_id in ids and sample.image:
-                    found[sample_id] = sample.image
+        if source not in paths:
+            continue
+        for sample_id, members in find_samples(paths[source], ids, config.input.id_column):
+            image = next((data for ext, data in members if ext in IMAGE_EXTENSIONS), None)
+            if image:
+                found[sample_id] = image
     return found

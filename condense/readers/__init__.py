@@ -17,6 +17,8 @@ from condense.readers.urls import DownloadConfig
 from condense.strict import StrictModel
 from condense.synth import SynthConfig
 
+IMAGE_KINDS = ("webdataset", "urls")  # inputs that hold images (embedded with CLIP)
+
 
 class InputConfig(StrictModel):
     """What the pipeline reads."""

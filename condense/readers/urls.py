@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import Field
 
 from condense.errors import InputError
+from condense.pipeline.rundir import atomic_write_json, read_json
 from condense.strict import StrictModel
 
 # Beside the download folder (img2dataset reads every *.json inside it as a shard's stats):
@@ -76,17 +77,14 @@ def run_download(input_cfg, out: str) -> dict:
         "download": input_cfg.download.model_dump(),
         "columns": [input_cfg.url_column, input_cfg.caption_column, input_cfg.id_column],
     }
-    done = out_dir.parent / DONE
-    if done.exists() and json.loads(done.read_text()).get("settings") == wanted:
-        return json.loads(done.read_text())["totals"]
-    started = out_dir.parent / STARTED
-    if out_dir.exists() and not (
-        started.exists() and json.loads(started.read_text()) == wanted
-    ):  # a different download was here: start afresh
-        shutil.rmtree(out_dir)
+    done = read_json(out_dir.parent / DONE)
+    if done is not None and done.get("settings") == wanted:
+        return done["totals"]
+    if out_dir.exists() and read_json(out_dir.parent / STARTED) != wanted:
+        shutil.rmtree(out_dir)  # a different download was here: start afresh
     out_dir.mkdir(parents=True, exist_ok=True)
-    done.unlink(missing_ok=True)
-    started.write_text(json.dumps(wanted))
+    (out_dir.parent / DONE).unlink(missing_ok=True)
+    atomic_write_json(out_dir.parent / STARTED, wanted)
     env = {
         **os.environ,
         "NO_ALBUMENTATIONS_UPDATE": "1",  # albumentations would check PyPI for updates
@@ -108,7 +106,7 @@ def run_download(input_cfg, out: str) -> dict:
             raise InputError("input.kind urls needs img2dataset: pip install 'condense[urls]'")
         raise InputError(f"img2dataset failed on {source}:\n{proc.stderr[-2000:]}")
     totals = download_totals(out_dir)
-    done.write_text(json.dumps({"settings": wanted, "totals": totals}))
+    atomic_write_json(out_dir.parent / DONE, {"settings": wanted, "totals": totals})
     return totals
 
 

@@ -80,6 +80,57 @@ def sample_id_of(key: str, meta: dict, id_field: str | None) -> str | None:
 DECODED = "decoded.json"  # in a shard's scratch folder: written once the shard is decoded
 
 
+def find_samples(
+    path: str, ids: set[str], id_field: str | None
+) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """(sample_id, members exactly as stored) of the samples of one shard whose id is in `ids`,
+    in shard order, streamed; reading stops once all were found. Ids never found are left in
+    `ids` (the set is consumed)."""
+    from condense.readers.shards import read_members
+
+    if not ids:
+        return
+    with open_shard(path) as f:
+        for key, members in read_members(f, Counter()):
+            sample_id = key
+            if id_field:  # the id lives in the sample's .json
+                meta = next((data for ext, data in members if ext == "json"), None)
+                sample_id = sample_id_of(key, parse_meta(meta), id_field)
+            if sample_id in ids:
+                ids.discard(sample_id)
+                yield sample_id, members
+                if not ids:
+                    return
+
+
+def parse_meta(data: bytes | None) -> dict:
+    """A sample's .json as a dict ({} when absent or not a JSON object)."""
+    import json
+
+    try:
+        meta = json.loads(data.decode("utf-8")) if data else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def encoded_count(folder: Path) -> int | None:
+    """Rows a shard's scratch folder holds, or None unless the shard was decoded and every
+    decoded row encoded (read from file footers: no vectors are loaded)."""
+    import pyarrow.ipc
+
+    from condense.pipeline.rundir import read_json
+
+    decoded = read_json(folder / DECODED)
+    if decoded is None:
+        return None
+    rows = 0
+    for path in folder.glob("*.arrow"):
+        with pyarrow.ipc.open_file(path) as reader:
+            rows += sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    return rows if rows == decoded["rows"] else None
+
+
 @lru_cache(maxsize=4)
 def _transform(model: str, pretrained: str | None):
     """The model's image transform, once per worker process (no weights are built)."""
@@ -99,7 +150,8 @@ def decode_shard(
     from condense.pipeline.rundir import atomic_write_json
     from condense.readers.shards import read_shard, usable
 
-    transform = _transform(model.name, model.pretrained)
+    # A checkpoint replaces the tag in the encoder, so the tag's normalisation does not apply.
+    transform = _transform(model.name, None if model.checkpoint else model.pretrained)
     batch_size, max_pixels = model.batch_size, model.max_pixels
     dropped: Counter = Counter()
     rows: dict[str, list] = {"sample_id": [], "caption": [], "url": [], "pixels": []}

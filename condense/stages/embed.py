@@ -8,7 +8,7 @@ embed/ looks the same whatever the input and every later stage is shared.
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import numpy as np
@@ -26,7 +26,7 @@ from condense.cores.vectors import (
 )
 from condense.errors import InputError
 from condense.pipeline.rundir import PARTS_DIR
-from condense.readers import Reader, open_reader, resolve_input
+from condense.readers import IMAGE_KINDS, Reader, open_reader, resolve_input
 from condense.readers.webdataset import ModelConfig
 from condense.stages.base import (
     Progress,
@@ -52,8 +52,10 @@ class EmbedConfig(StrictModel):
     dtype: Literal["float16", "float32"] = "float32"
     rows_per_part: int = 100_000  # rows per output part file (and per unit of work / resume)
     check_duplicate_ids: bool = True  # fail when a sample_id occurs twice (rows are joined by id)
-    model: ModelConfig = ModelConfig()  # CLIP model for image inputs (input.kind: webdataset)
-    workers: int | None = None  # parallel readers; None: one per CPU
+    model: ModelConfig = ModelConfig()  # CLIP model for image inputs (webdataset, urls)
+    # Embeddings inputs: parallel readers (None: one per CPU). Image inputs: CLIP encoder
+    # actors (None: one per GPU, or one per 8 CPUs on a CPU-only cluster).
+    workers: int | None = None
 
     runtime_fields = frozenset({"workers"})
 
@@ -138,19 +140,23 @@ def store_rows(raw, part: str, dtype: str, out_dir: str, dropped_before: dict[st
     }
 
 
-def input_listing(cfg) -> list[tuple[str, int]]:
-    """Names and sizes of the input files: new or rewritten files make embed (and what follows)
-    run again, even when the config is unchanged."""
+def input_listing(cfg) -> list[tuple]:
+    """Names and sizes of the input files (local or any fsspec URL): new or rewritten files make
+    embed (and what follows) run again, even when the config is unchanged."""
     if cfg.kind == "synth" or not cfg.path:
         return []
-    root = Path(cfg.path)
-    if root.is_file():  # a url list: a rewritten file downloads again
-        stat = root.stat()
-        return [(root.name, stat.st_size, stat.st_mtime_ns)]
-    if not root.is_dir():
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(cfg.path)
+    if fs.isfile(root):  # a url list: a rewritten file downloads again
+        info = fs.info(root)
+        return [(PurePosixPath(root).name, info.get("size"), str(info.get("mtime", "")))]
+    if not fs.isdir(root):
         return []
+    prefix = root.rstrip("/") + "/"
     return sorted(
-        (str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file()
+        (path.removeprefix(prefix), info.get("size"))
+        for path, info in fs.find(root, detail=True).items()
     )
 
 
@@ -168,7 +174,7 @@ class EmbedStage(Stage):
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config
-        if cfg.input.kind in ("webdataset", "urls"):
+        if cfg.input.kind in IMAGE_KINDS:
             return self._run_images(ctx)
         input_cfg = resolve_input(cfg.input, ctx.run.root, ctx.log)
         reader = open_reader(input_cfg)
@@ -213,7 +219,7 @@ class EmbedStage(Stage):
         from condense.readers.webdataset import (
             BatchEncoder,
             decode_shard,
-            encoded_rows,
+            encoded_count,
             image_root,
             list_shards,
         )
@@ -232,7 +238,7 @@ class EmbedStage(Stage):
         for item in items:
             if item["part"] in recorded and item["part"] in written:
                 continue
-            if encoded_rows(scratch / item["part"], item["source"], 0) is None:
+            if encoded_count(scratch / item["part"]) is None:
                 shutil.rmtree(scratch / item["part"], ignore_errors=True)
                 todo.append(item)
         dim = self._encoded_dim(scratch, out_dir)

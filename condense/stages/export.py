@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import tarfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ from condense import schema as S
 from condense.cores.names import safe_names
 from condense.errors import StageError
 from condense.pipeline.rundir import atomic_file, atomic_write_bytes, atomic_write_json
+from condense.readers import IMAGE_KINDS
 from condense.stages.base import (
     Stage,
     StageContext,
@@ -54,7 +54,6 @@ from condense.strict import StrictModel
 KEYS_DIR = "keys"
 SHARDS_DIR = "shards"
 CORESET_JSON = "coreset.json"
-IMAGE_INPUTS = ("webdataset", "urls")
 
 
 class ExportConfig(StrictModel):
@@ -111,7 +110,7 @@ class ExportStage(Stage):
             )
         files = write_key_lists(out_dir)
         extra = {"key_lists": files, "kind": "urls"}
-        if ctx.config.input.kind in IMAGE_INPUTS:
+        if ctx.config.input.kind in IMAGE_KINDS:
             extra = {**extra, **self._write_shards(ctx, out_dir), "kind": "webdataset"}
         return StageResult(len(coreset), exported, {}, extra)
 
@@ -197,7 +196,7 @@ def plan_shards(out_dir: Path, shard_size: int) -> list[dict]:
         return []
     table = pq.read_table(parts, columns=[S.SOURCE, S.SAMPLE_ID, S.URL, S.CAPTION])
     table = table.sort_by([(S.SOURCE, "ascending"), (S.SAMPLE_ID, "ascending")])
-    keys = safe_names(table.column(S.SAMPLE_ID).to_pylist())
+    keys = safe_names(table.column(S.SAMPLE_ID).to_pylist(), dots=False)
     table = table.append_column("key", pa.array(keys, pa.string()))
     items = []
     for number, start in enumerate(range(0, len(table), shard_size)):
@@ -215,44 +214,32 @@ class ShardCopier:
         self.paths, self.out_dir, self.id_field = paths, Path(out_dir), id_field
 
     def process(self, item: dict) -> dict:
-        from condense.readers.shards import IMAGE_EXTENSIONS, read_members
+        from condense.readers.shards import IMAGE_EXTENSIONS
+        from condense.readers.webdataset import find_samples
 
-        COPIED = {*IMAGE_EXTENSIONS, "txt", "json"}
-        from condense.readers.webdataset import open_shard
-
+        copied = {*IMAGE_EXTENSIONS, "txt", "json"}  # never a .pickle or .pyd a reader may load
         start, started_at = time.perf_counter(), time.time()
         table = item["table"]
         wanted: dict[str, dict[str, int]] = {}
-        for row, (source, sample_id) in enumerate(
-            zip(
-                table.column(S.SOURCE).to_pylist(),
-                table.column(S.SAMPLE_ID).to_pylist(),
-                strict=True,
-            )
-        ):
+        sources, ids = table.column(S.SOURCE).to_pylist(), table.column(S.SAMPLE_ID).to_pylist()
+        for row, (source, sample_id) in enumerate(zip(sources, ids, strict=True)):
             wanted.setdefault(source, {})[sample_id] = row
         order, image_ext, written = [], [], 0
         shard = self.out_dir / item["shard"]
         keys = table.column("key").to_pylist()
         with atomic_file(shard.with_suffix(".tar")) as f, tarfile.open(fileobj=f, mode="w|") as tar:
             for source in sorted(wanted):
-                need = wanted[source]
                 if source not in self.paths:
                     raise StageError(f"export: source shard {source} is no longer in the input")
-                with open_shard(self.paths[source]) as src:
-                    for key, members in read_members(src, Counter()):
-                        row = need.pop(self.sample_id(key, members), None)
-                        if row is None:
-                            continue
-                        ext = next((e for e, _ in members if e in IMAGE_EXTENSIONS), None)
-                        for member_ext, data in members:
-                            if member_ext in COPIED:  # never a .pickle or .pyd a reader might load
-                                add_member(tar, f"{keys[row]}.{member_ext}", data)
-                                written += len(data)
-                        order.append(row)
-                        image_ext.append(ext)
-                        if not need:
-                            break  # the rest of this source is not needed
+                need = set(wanted[source])
+                for sample_id, members in find_samples(self.paths[source], need, self.id_field):
+                    row = wanted[source][sample_id]
+                    for ext, data in members:
+                        if ext in copied:
+                            add_member(tar, f"{keys[row]}.{ext}", data)
+                            written += len(data)
+                    order.append(row)
+                    image_ext.append(next((e for e, _ in members if e in IMAGE_EXTENSIONS), None))
                 if need:
                     missing = ", ".join(sorted(need)[:5])
                     raise StageError(
@@ -291,19 +278,6 @@ class ShardCopier:
             },
         )
         return {"part": item["part"], "rows_in": len(rows), "bytes": written, "seconds": seconds}
-
-    def sample_id(self, key: str, members: list[tuple[str, bytes]]) -> str | None:
-        """The id embed gave this sample (its key, or a field of its .json)."""
-        from condense.readers.shards import Sample, add_to_sample
-        from condense.readers.webdataset import sample_id_of
-
-        if not self.id_field:
-            return key
-        sample = Sample(key)
-        for ext, data in members:
-            if ext == "json":
-                add_to_sample(sample, ext, data)
-        return sample_id_of(key, sample.meta, self.id_field)
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

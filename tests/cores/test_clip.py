@@ -39,3 +39,23 @@ def test_bad_settings_are_refused():
         ClipEncoder(TINY, precision="fp16")
     with pytest.raises(FileNotFoundError, match="nowhere.json"):
         ClipEncoder("/nowhere.json")
+
+
+def test_preprocessing_from_configs_matches_the_encoder(encoder):
+    """Decode tasks preprocess without the model: same settings and pixels as the encoder's."""
+    import open_clip
+    from open_clip.transform import merge_preprocess_dict
+
+    from condense.cores.clip import image_transform, preprocess_config
+
+    cfg = preprocess_config(TINY)
+    assert cfg == encoder.model.visual.preprocess_cfg
+    image = Image.new("RGB", (90, 50), (10, 200, 30))
+    assert np.array_equal(image_transform(cfg)(image).numpy(), encoder.preprocess(image).numpy())
+    # A registry model with a tag (its own mean, std and resize mode), as open_clip derives it
+    # when it builds the model, here without building any weights.
+    built = open_clip.create_model("ViT-B-16-SigLIP", pretrained=None, device="meta")
+    tag = open_clip.get_pretrained_cfg("ViT-B-16-SigLIP", "webli")
+    want = merge_preprocess_dict(dict(built.visual.preprocess_cfg), tag)
+    assert preprocess_config("ViT-B-16-SigLIP", "webli") == want
+    assert want["resize_mode"] == "squash" and want["mean"] == (0.5, 0.5, 0.5)

@@ -13,3 +13,10 @@ def test_safe_names_cannot_escape_or_collide():
     names = safe_names(["a/b", "a_b", "a?b", "A", "a"])
     assert len({n.lower() for n in names}) == 5
     assert names[1] == "a_b" and names[3] == "A"
+
+
+def test_keys_never_hold_a_dot():
+    """A WebDataset key ends at its first dot, so keys made from ids lose theirs (distinctly)."""
+    keys = safe_names(["a.b", "a_b", "v1.2/000", "1.0", "plain"], dots=False)
+    assert all("." not in k for k in keys) and len(set(keys)) == 5
+    assert keys[1] == "a_b" and keys[4] == "plain" and keys[0].startswith("a_b-")

@@ -72,3 +72,17 @@ def test_demo_end_to_end(demo_run):
 
     decoded = list(wds.WebDataset([str(s) for s in shards], shardshuffle=False).decode("pil"))
     assert len(decoded) == 4 and all(isinstance(d["jpg"], Image.Image) for d in decoded)
+
+
+def test_demo_rerun_skips_every_stage(demo_run):
+    """The corpus, its urls (the same port) and the settings are unchanged: nothing reruns,
+    nothing downloads again."""
+    from condense.demo import PORT, run_demo
+
+    urls = pq.read_table(demo_run / "input" / "urls.parquet").column("url").to_pylist()
+    if not urls[0].startswith(f"http://127.0.0.1:{PORT}/"):
+        pytest.skip(f"port {PORT} was taken: the first run's urls named another port")
+    log: list[str] = []
+    run_demo(demo_run, log=log.append, progress=False)
+    skipped = [line for line in log if "complete with these settings: skipped" in line]
+    assert len(skipped) == 7, log

@@ -4,6 +4,7 @@
 import json
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from condense.pipeline.runner import run_pipeline
+from condense.readers.shards import read_shard
 from tests.conftest import make_config, quiet_log
 from tests.stages.test_embed_images import TINY, picture
 
@@ -49,10 +51,14 @@ def server():
     httpd.shutdown()
 
 
+def sample_id(i: int) -> str:
+    return f"id-{i:03d}" if i % 2 else f"id.{i:03d}.v1"  # dots: never in a WebDataset key
+
+
 def url_list(path, base):
     kinds = ["img"] * 24 + ["missing"] * 3 + ["garbage"] * 2 + ["slow"] * 2
     rows = [
-        (f"{base}/{kind}/{i}.jpg", f"a photo number {i}", f"id-{i:03d}")
+        (f"{base}/{kind}/{i}.jpg", f"a photo number {i}", sample_id(i))
         for i, kind in enumerate(kinds)
     ]
     urls, captions, ids = zip(*rows, strict=True)
@@ -85,12 +91,18 @@ def test_urls_download_embed_and_export(ray_session, tmp_path, server):
     assert sorted((run / "input" / "download").glob("*.tar"))  # img2dataset's own shards
     embed = pq.read_table(run / "embed", columns=["sample_id", "url", "caption"]).to_pandas()
     # The ids come from the url list (img2dataset saved the column), urls and captions too.
-    assert sorted(embed.sample_id) == [f"id-{i:03d}" for i in range(24)]
+    assert sorted(embed.sample_id) == sorted(sample_id(i) for i in range(24))
     row = embed.set_index("sample_id").loc["id-007"]
     assert row.url == f"{server}/img/7.jpg" and row.caption == "a photo number 7"
     # Export copies the downloaded samples into the coreset shards.
     index = pq.read_table(sorted((run / "export" / "shards").glob("*.parquet"))).to_pandas()
     assert sorted(index.sample_id) == sorted(embed.sample_id)
+    # Every exported sample reads back whole, ids with dots included (their keys lost them).
+    exported = []
+    for shard in sorted((run / "export" / "shards").glob("*.tar")):
+        with open(shard, "rb") as f:
+            exported += [s for s in read_shard(f, Counter()) if s.image and s.caption]
+    assert sorted(s.key for s in exported) == sorted(index.key) and len(exported) == 24
 
     # A rerun with another batch size embeds again but downloads nothing.
     hits = len(HITS)
