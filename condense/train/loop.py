@@ -1,0 +1,159 @@
+"""One worker's training loop (plain PyTorch, no Ray): stage 1 trains the projector only.
+
+Batches of `per_device_batch` samples; gradients accumulate to `global_batch`; AdamW with a
+cosine schedule after a linear warmup; bf16 autocast on GPUs that have it. Samples that cannot
+be used (an image that does not decode, text past max_length: truncated) are counted, never
+raised mid-epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from condense.train.data import load_image
+from condense.train.model import BunnyModel
+from condense.train.templates import encode
+
+
+@dataclass
+class LoopConfig:
+    lr: float = 5e-4
+    global_batch: int = 256
+    per_device_batch: int = 8
+    epochs: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_length: int = 2048
+    template: str = "plain"
+    seed: int = 0
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    samples: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    skipped: dict[str, int] = field(default_factory=dict)
+    trainable: int = 0
+
+
+def freeze_for_stage1(model: BunnyModel) -> int:
+    """Vision tower and LLM frozen, in eval mode; the projector trains. Returns its size."""
+    model.requires_grad_(False)
+    model.eval()
+    model.projector.requires_grad_(True)
+    model.projector.train()
+    return sum(p.numel() for p in model.projector.parameters())
+
+
+def cosine(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(
+    model: BunnyModel,
+    samples: Callable[[], Iterable[tuple[list[dict], bytes | None]]],
+    n_samples: int,
+    tokenizer,
+    image_size: int,
+    cfg: LoopConfig,
+    log: Callable[[str], None] = print,
+) -> LoopResult:
+    torch.manual_seed(cfg.seed)
+    trainable = freeze_for_stage1(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    log(f"[train] stage 1: {trainable:,} trainable parameters (the projector)")
+    accumulate = max(1, cfg.global_batch // cfg.per_device_batch)
+    steps_per_epoch = max(1, math.ceil(n_samples / (cfg.per_device_batch * accumulate)))
+    total = steps_per_epoch * cfg.epochs
+    warmup = max(1, round(cfg.warmup_ratio * total))
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, total, warmup))
+    device = next(model.projector.parameters()).device
+    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    result = LoopResult(steps=0, trainable=trainable)
+    skipped: Counter = Counter()
+    start = time.perf_counter()
+    window = {"micro": 0, "loss": 0.0, "tokens": 0}  # micro-batches since the last step
+
+    def micro_step(batch: list) -> None:
+        loss, tokens = _micro_step(model, batch, device, autocast, accumulate)
+        window["micro"] += 1
+        window["loss"] += loss
+        window["tokens"] += tokens
+        result.samples += len(batch)
+
+    def optimizer_step() -> None:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        result.steps += 1
+        result.losses.append(window["loss"])
+        result.tokens += window["tokens"]
+        window.update(micro=0, loss=0.0, tokens=0)
+
+    for _ in range(cfg.epochs):
+        batch: list = []
+        for turns, image in samples():
+            pix = load_image(image, image_size, skipped)
+            if image is not None and pix is None:
+                continue
+            try:
+                ids, labels, truncated = encode(turns, cfg.template, tokenizer, cfg.max_length)
+            except ValueError:
+                skipped["bad_turns"] += 1
+                continue
+            skipped["truncated"] += int(truncated)
+            batch.append((ids, labels, pix))
+            if len(batch) == cfg.per_device_batch:
+                micro_step(batch)
+                batch = []
+                if window["micro"] == accumulate:
+                    optimizer_step()
+        if batch:  # the epoch's last, smaller batch
+            micro_step(batch)
+        if window["micro"]:  # the epoch ends with a step
+            optimizer_step()
+    result.seconds = time.perf_counter() - start
+    result.skipped = {k: v for k, v in skipped.items() if v}
+    return result
+
+
+def _micro_step(model, batch, device, autocast: bool, accumulate: int) -> tuple[float, int]:
+    ids = [b[0] for b in batch]
+    labels = [b[1] for b in batch]
+    images = [b[2] for b in batch if b[2] is not None]
+    pixels = torch.from_numpy(np.stack(images)).to(device) if images else None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(ids, labels, pixels)
+    (out.loss / accumulate).backward()
+    tokens = sum(sum(1 for x in lab if x != -100) for lab in labels)
+    return float(out.loss.detach()) / accumulate, tokens
+
+
+def save_projector(model: BunnyModel, folder: Path) -> Path:
+    """The projector's weights in safetensors (Hugging Face convention: mm_projector)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "mm_projector.safetensors"
+    state = {
+        f"projector.{k}": v.detach().cpu().contiguous()
+        for k, v in model.projector.state_dict().items()
+    }
+    save_file(state, str(path))
+    return path

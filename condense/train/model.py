@@ -1,0 +1,136 @@
+"""The Bunny model: vision tower -> projector (mlp2x_gelu) -> causal LLM, with exact-key registries.
+
+- Vision towers (`VISION_TOWERS`): `hf-clip` and `hf-siglip` (Hugging Face vision models, from
+  a local path or a config dict with random weights). Features come from a configurable hidden
+  layer (default -2), all patch tokens (CLIP's class token dropped).
+- Projectors (`PROJECTORS`): `mlp2x_gelu` = Linear(vision, llm), GELU, Linear(llm, llm).
+- The LLM: any Hugging Face causal LM, from a local path (optionally a GGUF file in it) or a
+  config dict with random weights.
+
+`BunnyModel.forward` replaces each IMAGE_TOKEN in the ids by the image's projected patch tokens;
+the labels get -100 there, so image tokens never count in the loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from condense.train.templates import IGNORE, IMAGE_TOKEN
+
+
+class HFVisionTower(nn.Module):
+    """A Hugging Face vision model; hidden states of `layer`, patch tokens only."""
+
+    def __init__(self, model: nn.Module, layer: int, drop_class_token: bool):
+        super().__init__()
+        self.model, self.layer, self.drop_class_token = model, layer, drop_class_token
+        self.hidden_size = model.config.hidden_size
+        self.image_size = model.config.image_size
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixels, output_hidden_states=True)
+        features = out.hidden_states[self.layer]
+        return features[:, 1:] if self.drop_class_token else features
+
+
+def _hf_vision(kind: str):
+    def build(path: str | None = None, config: dict | None = None, layer: int = -2):
+        import transformers
+
+        model_cls, config_cls, cls_token = {
+            "clip": (transformers.CLIPVisionModel, transformers.CLIPVisionConfig, True),
+            "siglip": (transformers.SiglipVisionModel, transformers.SiglipVisionConfig, False),
+        }[kind]
+        model = model_cls.from_pretrained(path) if path else model_cls(config_cls(**(config or {})))
+        return HFVisionTower(model, layer, cls_token)
+
+    return build
+
+
+VISION_TOWERS = {"hf-clip": _hf_vision("clip"), "hf-siglip": _hf_vision("siglip")}
+
+
+def mlp2x_gelu(vision_size: int, llm_size: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(vision_size, llm_size), nn.GELU(), nn.Linear(llm_size, llm_size))
+
+
+PROJECTORS = {"mlp2x_gelu": mlp2x_gelu}
+
+
+def pick(registry: dict[str, Any], name: str, what: str):
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}: use one of {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def build_llm(path: str | None = None, config: dict | None = None, gguf_file: str | None = None):
+    """A causal LM: from a local path (a GGUF file in it with `gguf_file`) or a config dict
+    (`model_type` plus sizes) with random weights."""
+    import transformers
+
+    if path:
+        return transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file)
+    cfg = dict(config or {})
+    model_type = cfg.pop("model_type", "llama")
+    return transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(model_type, **cfg)
+    )
+
+
+class BunnyModel(nn.Module):
+    def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module):
+        super().__init__()
+        self.vision, self.projector, self.llm = vision, projector, llm
+
+    def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.vision(pixels))
+
+    def merge(
+        self,
+        input_ids: list[list[int]],
+        labels: list[list[int]] | None,
+        pixels: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """inputs_embeds, attention_mask and labels of a batch, image tokens spliced in,
+        right-padded. Images are taken in order, one per IMAGE_TOKEN."""
+        embed = self.llm.get_input_embeddings()
+        device = embed.weight.device
+        images = self.image_tokens(pixels) if pixels is not None and len(pixels) else None
+        rows, row_labels, used = [], [], 0
+        for b, ids in enumerate(input_ids):
+            lab = labels[b] if labels is not None else [IGNORE] * len(ids)
+            pieces, piece_labels, start = [], [], 0
+            cuts = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN] + [len(ids)]
+            for cut in cuts:
+                text = torch.tensor(ids[start:cut], dtype=torch.long, device=device)
+                pieces.append(embed(text))
+                piece_labels.append(torch.tensor(lab[start:cut], dtype=torch.long, device=device))
+                if cut < len(ids):
+                    if images is None or used >= len(images):
+                        raise ValueError("more <image> tokens than images in the batch")
+                    image = images[used].to(pieces[-1].dtype)
+                    used += 1
+                    pieces.append(image)
+                    piece_labels.append(torch.full((len(image),), IGNORE, device=device))
+                start = cut + 1
+            rows.append(torch.cat(pieces))
+            row_labels.append(torch.cat(piece_labels))
+        if images is not None and used != len(images):
+            raise ValueError(f"{len(images)} images for {used} <image> tokens")
+        length = max(len(r) for r in rows)
+        width = rows[0].shape[1]
+        embeds = rows[0].new_zeros((len(rows), length, width))
+        mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
+        out_labels = torch.full((len(rows), length), IGNORE, dtype=torch.long, device=device)
+        for b, (row, lab) in enumerate(zip(rows, row_labels, strict=True)):
+            embeds[b, : len(row)] = row
+            mask[b, : len(row)] = 1
+            out_labels[b, : len(lab)] = lab
+        return {"inputs_embeds": embeds, "attention_mask": mask, "labels": out_labels}
+
+    def forward(self, input_ids, labels=None, pixels=None):
+        batch = self.merge(input_ids, labels, pixels)
+        return self.llm(**batch)

@@ -1,0 +1,95 @@
+"""Conversation templates: a LLaVA-format sample -> token ids and labels, masked as the template says.
+
+A sample is a list of turns `{"from": "human"|"gpt", "value": text}`; `<image>` in a human turn
+marks where the projected image tokens go. Token ids hold IMAGE_TOKEN (-200) there, one per
+image; the model replaces it with the image's patch tokens. Labels are -100 (ignored by the
+loss) on the image, on everything the template says the model is given (system prompt, user
+turns, role markers) and on padding; the assistant's words and the turn end it must produce are
+trained on.
+
+- `plain` (stage 1): the image, then the caption and "\\n"; only the caption and "\\n" count.
+- `bunny`: "SYSTEM USER: <image>\\nQ ASSISTANT: A<eos>USER: ..." (Bunny's default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGE = "<image>"
+IMAGE_TOKEN = -200  # stands for the image in token ids (replaced by its patch tokens)
+IGNORE = -100  # label ignored by the loss
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    system: str = ""
+    user: str = ""  # role prefixes, as the template writes them
+    assistant: str = ""
+    sep: str = ""  # after a user turn
+    turn_end: str = ""  # after an assistant turn (trained on); "<eos>" means the tokenizer's
+
+
+TEMPLATES: dict[str, Template] = {
+    "plain": Template("plain", turn_end="\n"),
+    "bunny": Template(
+        "bunny",
+        system="A chat between a curious user and an artificial intelligence assistant. "
+        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+        user="USER: ",
+        assistant="ASSISTANT: ",
+        sep=" ",
+        turn_end="<eos>",
+    ),
+}
+
+
+def get_template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}: use one of {', '.join(sorted(TEMPLATES))}")
+    return TEMPLATES[name]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` with `<image>` as IMAGE_TOKEN, no special tokens added."""
+    out: list[int] = []
+    for i, piece in enumerate(text.split(IMAGE)):
+        if i:
+            out.append(IMAGE_TOKEN)
+        if piece:
+            out.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def encode(
+    turns: list[dict], template: str | Template, tokenizer, max_length: int
+) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated) for one conversation."""
+    t = get_template(template) if isinstance(template, str) else template
+    if not turns or len(turns) % 2:
+        raise ValueError("a conversation needs human/gpt turn pairs")
+    end = tokenizer.eos_token if t.turn_end == "<eos>" else t.turn_end
+    ids: list[int] = []
+    labels: list[int] = []
+
+    def add(text: str, trained: bool) -> None:
+        piece = _ids(tokenizer, text)
+        ids.extend(piece)
+        labels.extend([IGNORE if i == IMAGE_TOKEN or not trained else i for i in piece])
+
+    if tokenizer.bos_token_id is not None and t.name != "plain":
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE)
+    if t.system:
+        add(t.system + t.sep, False)
+    for k in range(0, len(turns), 2):
+        human, gpt = turns[k], turns[k + 1]
+        if human.get("from") != "human" or gpt.get("from") != "gpt":
+            raise ValueError(f"turns {k} and {k + 1} are not a human/gpt pair")
+        if t.name == "plain":  # the prompt is the image alone; the caption follows it
+            add(IMAGE if IMAGE in human["value"] else "", False)
+        else:
+            add(t.user + human["value"] + t.sep + t.assistant, False)
+        add(gpt["value"] + end, True)
+    truncated = len(ids) > max_length
+    return ids[:max_length], labels[:max_length], truncated
