@@ -74,10 +74,11 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_from_dict(data: dict[str, Any], origin: str = "config") -> PipelineConfig:
-    """Validate a config mapping; errors name each bad key by its dotted path."""
+def config_from_dict(data: dict[str, Any], origin: str = "config", model=None) -> PipelineConfig:
+    """Validate a config mapping (a PipelineConfig unless `model` names another config class);
+    errors name each bad key by its dotted path."""
     try:
-        return PipelineConfig.model_validate(data)
+        return (model or PipelineConfig).model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -89,8 +90,8 @@ def config_from_dict(data: dict[str, Any], origin: str = "config") -> PipelineCo
         raise ConfigError(f"invalid config {origin}:\n" + "\n".join(lines)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load a YAML config and apply --set overrides."""
+def load_config(path: str | Path, overrides: list[str] | None = None, model=None) -> PipelineConfig:
+    """Load a YAML config and apply --set overrides (a PipelineConfig unless `model` says)."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -101,4 +102,4 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = _merge(data, parse_overrides(overrides or []))
-    return config_from_dict(data, str(path))
+    return config_from_dict(data, str(path), model)

@@ -126,3 +126,23 @@ def test_stage1_reads_the_shards_a_run_exported(demo_run):
     cfg = LoopConfig(global_batch=4, per_device_batch=2, epochs=1)
     result = train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None)
     assert result.samples == 4 and result.steps == 1 and result.tokens > 0
+
+
+def test_condense_train_stage1_command(demo_run, capsys):
+    import json
+
+    from condense.cli import main
+    from tests.conftest import REPO
+
+    tiny = str(REPO / "configs" / "train" / "stage1-tiny.yaml")
+    assert main(["train", "stage1", tiny, "--run-dir", str(demo_run)]) == 0
+    out = demo_run / "train" / "stage1"
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["samples"] == 4 and state["steps"] == 1 and state["trainable_parameters"] > 0
+    assert (out / "mm_projector.safetensors").exists() and (out / "config.yaml").exists()
+    assert "3,936 trainable parameters" in capsys.readouterr().out
+    assert (
+        main(["train", "stage1", tiny, "--run-dir", str(demo_run), "--set", "vision.name=clip"])
+        == 2
+    )
+    assert "unknown vision tower 'clip': use one of hf-clip, hf-siglip" in capsys.readouterr().err

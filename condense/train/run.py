@@ -1,0 +1,98 @@
+"""`condense train stage1`: the projector trained on a run's exported coreset, saved in RUN/train/."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from condense.errors import ConfigError, InputError
+from condense.train.config import TrainConfig
+
+
+def build_model(cfg: TrainConfig):
+    """(BunnyModel, tokenizer) from the config's registries and paths."""
+    from condense.train.model import PROJECTORS, VISION_TOWERS, BunnyModel, build_llm, pick
+    from condense.train.tokenizers import load_tokenizer
+
+    try:
+        vision_builder = pick(VISION_TOWERS, cfg.vision.name, "vision tower")
+        projector_builder = pick(PROJECTORS, cfg.projector, "projector")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if not (cfg.llm.path or cfg.llm.config):
+        raise ConfigError("llm.path or llm.config is required")
+    vision = vision_builder(path=cfg.vision.path, config=cfg.vision.config, layer=cfg.vision.layer)
+    llm = build_llm(cfg.llm.path, cfg.llm.config, cfg.llm.gguf_file)
+    projector = projector_builder(vision.hidden_size, llm.config.hidden_size)
+    tokenizer = load_tokenizer(cfg.llm.tokenizer or cfg.llm.path, cfg.llm.gguf_file)
+    return BunnyModel(vision, projector, llm), tokenizer
+
+
+def stage1_samples(cfg: TrainConfig, run_dir: Path, skipped: Counter):
+    """(a callable giving one epoch's samples, their count) from the shards or a JSON."""
+    from condense.train.data import json_samples, shard_samples
+
+    if cfg.data.llava_json:
+        data = list(json_samples(Path(cfg.data.llava_json), cfg.data.image_folder, skipped))
+        return (lambda: data), len(data)
+    folder = Path(cfg.data.shards) if cfg.data.shards else run_dir / "export" / "shards"
+    shards = sorted(folder.glob("*.tar"))
+    if not shards:
+        raise InputError(
+            f"{folder}: no WebDataset shards; run the pipeline (its export stage) first, "
+            "or set data.shards or data.llava_json"
+        )
+    counts = [json.loads(p.read_text()).get("count", 0) for p in folder.glob("*_stats.json")]
+    total = (
+        sum(counts)
+        if len(counts) == len(shards)
+        else sum(1 for _ in shard_samples(shards, Counter()))
+    )
+    return (lambda: shard_samples(shards, skipped)), total
+
+
+def train_stage1(cfg: TrainConfig, run_dir: str | Path, log=print) -> dict:
+    """Train the projector (vision tower and LLM frozen) and save it in RUN/train/stage1/."""
+    import yaml
+
+    from condense.train.loop import LoopConfig, save_projector, train
+
+    run_dir = Path(run_dir)
+    model, tokenizer = build_model(cfg)
+    skipped: Counter = Counter()
+    samples, total = stage1_samples(cfg, run_dir, skipped)
+    loop = LoopConfig(
+        lr=cfg.lr,
+        global_batch=cfg.global_batch,
+        per_device_batch=cfg.per_device_batch,
+        epochs=cfg.epochs,
+        warmup_ratio=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        max_length=cfg.max_length,
+        template=cfg.template,
+        seed=cfg.seed,
+    )
+    log(f"[train] stage 1 on {total:,} samples, global batch {cfg.global_batch}")
+    result = train(model, samples, total, tokenizer, model.vision.image_size, loop, log)
+    out = run_dir / "train" / "stage1"
+    save_projector(model, out)
+    skipped.update(result.skipped)
+    state = {
+        "steps": result.steps,
+        "samples": result.samples,
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+        "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+        "trainable_parameters": result.trainable,
+        "losses": result.losses,
+        "skipped": dict(skipped),
+    }
+    (out / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    first, last = (result.losses[0], result.losses[-1]) if result.losses else (0.0, 0.0)
+    log(
+        f"[train] stage 1 done: {result.steps} steps, {result.samples:,} samples, loss "
+        f"{first:.3f} -> {last:.3f}, {state['tokens_per_second']:,.0f} tokens/s; projector in {out}"
+    )
+    return state
