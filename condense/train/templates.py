@@ -9,6 +9,10 @@ trained on.
 
 - `plain` (stage 1): the image, then the caption and "\\n"; only the caption and "\\n" count.
 - `bunny`: "SYSTEM USER: <image>\\nQ ASSISTANT: A<eos>USER: ..." (Bunny's default).
+- `phi3`: "<|system|>\\nSYSTEM<|end|>\\n<|user|>\\nQ<|end|>\\n<|assistant|>\\nA<|end|>\\n".
+- `llama3`: "<|start_header_id|>system<|end_header_id|>\\n\\nSYSTEM<|eot_id|>" then per turn
+  "<|start_header_id|>user<|end_header_id|>\\n\\nQ<|eot_id|><|start_header_id|>assistant
+  <|end_header_id|>\\n\\nA<|eot_id|>".
 """
 
 from __future__ import annotations
@@ -20,26 +24,42 @@ IMAGE_TOKEN = -200  # stands for the image in token ids (replaced by its patch t
 IGNORE = -100  # label ignored by the loss
 
 
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
 @dataclass(frozen=True)
 class Template:
     name: str
-    system: str = ""
-    user: str = ""  # role prefixes, as the template writes them
-    assistant: str = ""
-    sep: str = ""  # after a user turn
-    turn_end: str = ""  # after an assistant turn (trained on); "<eos>" means the tokenizer's
+    system: str = ""  # the system prompt with its role marker (`sep` closes it)
+    user: str = ""  # before a user turn
+    assistant: str = ""  # between a user turn and the answer (given, not trained)
+    sep: str = ""  # after the system prompt and after a user turn
+    turn_end: str = ""  # after an answer (trained on); "<eos>" means the tokenizer's
 
 
 TEMPLATES: dict[str, Template] = {
     "plain": Template("plain", turn_end="\n"),
     "bunny": Template(
-        "bunny",
-        system="A chat between a curious user and an artificial intelligence assistant. "
-        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-        user="USER: ",
-        assistant="ASSISTANT: ",
-        sep=" ",
-        turn_end="<eos>",
+        "bunny", system=SYSTEM, user="USER: ", assistant="ASSISTANT: ", sep=" ", turn_end="<eos>"
+    ),
+    "phi3": Template(
+        "phi3",
+        system=f"<|system|>\n{SYSTEM}",
+        user="<|user|>\n",
+        assistant="<|assistant|>\n",
+        sep="<|end|>\n",
+        turn_end="<|end|>\n",
+    ),
+    "llama3": Template(
+        "llama3",
+        system=f"<|start_header_id|>system<|end_header_id|>\n\n{SYSTEM}",
+        user="<|start_header_id|>user<|end_header_id|>\n\n",
+        assistant="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        sep="<|eot_id|>",
+        turn_end="<|eot_id|>",
     ),
 }
 

@@ -56,7 +56,9 @@ def test_plain_and_bunny_masks():
     assert ids[0] == tok.bos_token_id and ids.count(IMAGE_TOKEN) == 1
     ids, labels, truncated = encode(turns, "bunny", tok, 20)
     assert truncated and len(ids) == len(labels) == 20
-    with pytest.raises(ValueError, match="unknown template 'nope'.*bunny, plain"):
+    with pytest.raises(
+        ValueError, match="unknown template 'nope': use one of bunny, llama3, phi3, plain"
+    ):
         encode(turns, "nope", tok, 10)
     with pytest.raises(ValueError, match="unknown vision tower"):
         pick(VISION_TOWERS, "clip", "vision tower")
@@ -146,3 +148,49 @@ def test_condense_train_stage1_command(demo_run, capsys):
         == 2
     )
     assert "unknown vision tower 'clip': use one of hf-clip, hf-siglip" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("template", "text", "answer_end"),
+    [
+        (
+            "phi3",
+            "<|system|>\nSYS<|end|>\n<|user|>\n<image>\nQ1<|end|>\n<|assistant|>\nA1<|end|>\n"
+            "<|user|>\nQ2<|end|>\n<|assistant|>\nA2<|end|>\n",
+            "<|end|>\n",
+        ),
+        (
+            "llama3",
+            "<|start_header_id|>system<|end_header_id|>\n\nSYS<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\n<image>\nQ1<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nA1<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\nQ2<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\nA2<|eot_id|>",
+            "<|eot_id|>",
+        ),
+    ],
+)
+def test_chat_templates_text_and_masks(template, text, answer_end):
+    """The whole conversation reads as the template writes it; only answers and their turn
+    ends are trained on."""
+    from dataclasses import replace
+
+    import condense.train.templates as T
+
+    original = T.TEMPLATES[template]
+    t = replace(original, system=original.system.replace(T.SYSTEM, "SYS"))  # a short system
+    tok = byte_tokenizer()
+    turns = [
+        {"from": "human", "value": "<image>\nQ1"},
+        {"from": "gpt", "value": "A1"},
+        {"from": "human", "value": "Q2"},
+        {"from": "gpt", "value": "A2"},
+    ]
+    ids, labels, _ = encode(turns, t, tok, 4000)
+    assert ids[0] == tok.bos_token_id
+    before, after = text.split("<image>")
+    want = [tok.bos_token_id, *tok(before, add_special_tokens=False)["input_ids"], IMAGE_TOKEN]
+    want += tok(after, add_special_tokens=False)["input_ids"]
+    assert ids == want
+    trained = tok.decode([x for x in labels if x != IGNORE])
+    assert trained == f"A1{answer_end}A2{answer_end}"
