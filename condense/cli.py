@@ -133,15 +133,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from condense.config import load_config
-    from condense.errors import ConfigError
     from condense.train.config import TrainConfig
 
     cfg = load_config(args.config, [*args.set, f"stage={args.stage}"], model=TrainConfig)
-    if cfg.stage == "stage2":
-        raise ConfigError("stage 2 (LoRA fine-tuning) is not available yet: see the issues")
-    from condense.train.run import train_stage1
+    from condense.train.run import train_stage
 
-    train_stage1(cfg, args.run_dir)
+    train_stage(cfg, args.run_dir)
     return 0
 
 
@@ -197,8 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train the Bunny model on a run's coreset (stage 1 for now)")
-    p.add_argument("stage", choices=["stage1", "stage2"], help="stage1: the projector only")
+    p = sub.add_parser(
+        "train", help="train the Bunny model: stage1 on a run's coreset, stage2 on instructions"
+    )
+    p.add_argument(
+        "stage",
+        choices=["stage1", "stage2"],
+        help="stage1: the projector; stage2: LoRA + projector",
+    )
     p.add_argument("config", help="YAML config, e.g. configs/train/stage1-tiny.yaml")
     p.add_argument("--run-dir", required=True, help="the run whose export/shards it trains on")
     p.add_argument(

@@ -29,6 +29,12 @@ class DataConfig(StrictModel):
     image_folder: str | None = None  # where the JSON's images are; None: beside it
 
 
+class LoraSettings(StrictModel):
+    r: int = Field(128, ge=1)
+    alpha: int = Field(256, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+
+
 class TrainConfig(StrictModel):
     """A training stage: model, data and the recipe's optimisation settings."""
 
@@ -46,3 +52,9 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     max_length: int = Field(2048, ge=8)  # longer samples are truncated (and counted)
     seed: int = 0
+    # Stage 2: LoRA on every linear layer of the LLM but lm_head; the projector (and the vision
+    # tower when unfrozen) at mm_projector_lr; starting from stage 1's projector.
+    lora: LoraSettings = LoraSettings()
+    mm_projector_lr: float = Field(2e-5, gt=0)
+    unfreeze_vision: bool = False
+    projector_from: str | None = None  # None: RUN/train/stage1/mm_projector.safetensors

@@ -1,4 +1,6 @@
-"""One worker's training loop (plain PyTorch, no Ray): stage 1 trains the projector only.
+"""One worker's training loop (plain PyTorch, no Ray): stage 1 trains the projector only;
+stage 2 trains LoRA adapters on the LLM's linear layers (lm_head excepted) and the projector
+at its own rate (and the vision tower, when unfrozen).
 
 Batches of `per_device_batch` samples; gradients accumulate to `global_batch`; AdamW with a
 cosine schedule after a linear warmup; bf16 autocast on GPUs that have it. Samples that cannot
@@ -34,6 +36,12 @@ class LoopConfig:
     max_length: int = 2048
     template: str = "plain"
     seed: int = 0
+    stage: str = "stage1"  # stage1: the projector; stage2: LoRA adapters + projector (+ vision)
+    mm_projector_lr: float = 2e-5  # stage 2: projector (and unfrozen vision tower) rate
+    lora_r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    unfreeze_vision: bool = False
 
 
 @dataclass
@@ -56,6 +64,36 @@ def freeze_for_stage1(model: BunnyModel) -> int:
     return sum(p.numel() for p in model.projector.parameters())
 
 
+def prepare_stage2(model: BunnyModel, cfg: LoopConfig) -> list[dict]:
+    """LoRA (peft) on every linear layer of the LLM but lm_head, its base weights frozen; the
+    projector trains at mm_projector_lr, the vision tower too when unfrozen. Returns the
+    optimizer's parameter groups."""
+    from peft import LoraConfig, get_peft_model
+
+    model.requires_grad_(False)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear",  # peft leaves the output layer (lm_head) out
+        task_type="CAUSAL_LM",
+    )
+    model.llm = get_peft_model(model.llm, lora)
+    model.train()
+    model.projector.requires_grad_(True)
+    slow = list(model.projector.parameters())
+    if cfg.unfreeze_vision:
+        model.vision.requires_grad_(True)
+        slow += list(model.vision.parameters())
+    else:
+        model.vision.eval()
+    adapters = [p for p in model.llm.parameters() if p.requires_grad]
+    return [
+        {"params": adapters, "lr": cfg.lr},
+        {"params": slow, "lr": cfg.mm_projector_lr},
+    ]
+
+
 def cosine(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -73,14 +111,23 @@ def train(
     log: Callable[[str], None] = print,
 ) -> LoopResult:
     torch.manual_seed(cfg.seed)
-    trainable = freeze_for_stage1(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    log(f"[train] stage 1: {trainable:,} trainable parameters (the projector)")
+    if cfg.stage == "stage2":
+        groups = prepare_stage2(model, cfg)
+        what = "LoRA adapters and the projector" + (
+            ", the vision tower" if cfg.unfreeze_vision else ""
+        )
+    else:
+        freeze_for_stage1(model)
+        groups = [{"params": list(model.projector.parameters()), "lr": cfg.lr}]
+        what = "the projector"
+    params = [p for g in groups for p in g["params"]]
+    trainable = sum(p.numel() for p in params)
+    log(f"[train] {cfg.stage}: {trainable:,} trainable parameters ({what})")
     accumulate = max(1, cfg.global_batch // cfg.per_device_batch)
     steps_per_epoch = max(1, math.ceil(n_samples / (cfg.per_device_batch * accumulate)))
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, round(cfg.warmup_ratio * total))
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, total, warmup))
     device = next(model.projector.parameters()).device
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -143,6 +190,14 @@ def _micro_step(model, batch, device, autocast: bool, accumulate: int) -> tuple[
     (out.loss / accumulate).backward()
     tokens = sum(sum(1 for x in lab if x != -100) for lab in labels)
     return float(out.loss.detach()) / accumulate, tokens
+
+
+def load_projector(model: BunnyModel, path: Path) -> None:
+    """Stage 1's projector weights into `model` (exact keys, exact shapes)."""
+    from safetensors.torch import load_file
+
+    state = {k.removeprefix("projector."): v for k, v in load_file(str(path)).items()}
+    model.projector.load_state_dict(state, strict=True)
 
 
 def save_projector(model: BunnyModel, folder: Path) -> Path:

@@ -1,4 +1,7 @@
-"""`condense train stage1`: the projector trained on a run's exported coreset, saved in RUN/train/."""
+"""`condense train stage1|stage2`: the Bunny recipe's two stages on a run, saved in RUN/train/.
+
+Stage 1 trains the projector on the run's exported coreset shards; stage 2 starts from that
+projector and trains LoRA adapters (and the projector) on instruction data (a LLaVA JSON)."""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ def build_model(cfg: TrainConfig):
     return BunnyModel(vision, projector, llm), tokenizer
 
 
-def stage1_samples(cfg: TrainConfig, run_dir: Path, skipped: Counter):
+def stage_samples(cfg: TrainConfig, run_dir: Path, skipped: Counter):
     """(a callable giving one epoch's samples, their count) from the shards or a JSON."""
     from condense.train.data import json_samples, shard_samples
 
@@ -52,16 +55,27 @@ def stage1_samples(cfg: TrainConfig, run_dir: Path, skipped: Counter):
     return (lambda: shard_samples(shards, skipped)), total
 
 
-def train_stage1(cfg: TrainConfig, run_dir: str | Path, log=print) -> dict:
-    """Train the projector (vision tower and LLM frozen) and save it in RUN/train/stage1/."""
+def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print) -> dict:
+    """Stage 1: train the projector (vision tower and LLM frozen). Stage 2: LoRA adapters and
+    the projector, from stage 1's projector, on a LLaVA JSON. Outputs go to RUN/train/<stage>/."""
     import yaml
 
-    from condense.train.loop import LoopConfig, save_projector, train
+    from condense.train.loop import LoopConfig, load_projector, save_projector, train
 
     run_dir = Path(run_dir)
     model, tokenizer = build_model(cfg)
     skipped: Counter = Counter()
-    samples, total = stage1_samples(cfg, run_dir, skipped)
+    if cfg.stage == "stage2":
+        start = Path(
+            cfg.projector_from or run_dir / "train" / "stage1" / "mm_projector.safetensors"
+        )
+        if not start.is_file():
+            raise InputError(f"stage 2 starts from stage 1's projector: {start} does not exist")
+        if not cfg.data.llava_json:
+            raise ConfigError("stage 2 trains on instruction data: set data.llava_json")
+        load_projector(model, start)
+        log(f"[train] stage 2 starts from the projector in {start}")
+    samples, total = stage_samples(cfg, run_dir, skipped)
     loop = LoopConfig(
         lr=cfg.lr,
         global_batch=cfg.global_batch,
@@ -72,11 +86,24 @@ def train_stage1(cfg: TrainConfig, run_dir: str | Path, log=print) -> dict:
         max_length=cfg.max_length,
         template=cfg.template,
         seed=cfg.seed,
+        stage=cfg.stage,
+        mm_projector_lr=cfg.mm_projector_lr,
+        lora_r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        unfreeze_vision=cfg.unfreeze_vision,
     )
-    log(f"[train] stage 1 on {total:,} samples, global batch {cfg.global_batch}")
+    log(f"[train] {cfg.stage} on {total:,} samples, global batch {cfg.global_batch}")
     result = train(model, samples, total, tokenizer, model.vision.image_size, loop, log)
-    out = run_dir / "train" / "stage1"
+    out = run_dir / "train" / cfg.stage
     save_projector(model, out)
+    if cfg.stage == "stage2":
+        model.llm.save_pretrained(out / "adapter")  # the peft adapter (Hugging Face layout)
+        if cfg.unfreeze_vision:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().cpu().contiguous() for k, v in model.vision.state_dict().items()}
+            save_file(state, str(out / "vision_tower.safetensors"))
     skipped.update(result.skipped)
     state = {
         "steps": result.steps,
@@ -92,7 +119,7 @@ def train_stage1(cfg: TrainConfig, run_dir: str | Path, log=print) -> dict:
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (0.0, 0.0)
     log(
-        f"[train] stage 1 done: {result.steps} steps, {result.samples:,} samples, loss "
-        f"{first:.3f} -> {last:.3f}, {state['tokens_per_second']:,.0f} tokens/s; projector in {out}"
+        f"[train] {cfg.stage} done: {result.steps} steps, {result.samples:,} samples, loss "
+        f"{first:.3f} -> {last:.3f}, {state['tokens_per_second']:,.0f} tokens/s; outputs in {out}"
     )
     return state

@@ -31,6 +31,9 @@ LLM = {
     "bos_token_id": 0,
     "eos_token_id": 1,
     "pad_token_id": 2,
+    # Wide enough initial weights that a frozen lm_head (after RMSNorm) can separate
+    # tokens: at the default 0.02 no adapter could bring the loss much below ln(vocab).
+    "initializer_range": 0.5,
 }
 
 
@@ -106,8 +109,8 @@ def test_stage1_trains_only_the_projector_and_the_loss_falls(tmp_path):
     assert result.steps == 30 and result.trainable == sum(
         p.numel() for p in model.projector.parameters()
     )
-    # Only the image tokens can move, in front of a frozen random LLM: the loss falls from
-    # ln(vocab) by what the projector can steer (~6%), and stays put when nothing trains.
+    # Only the image tokens can move, in front of a frozen random LLM: the loss falls by what
+    # the projector can steer, and stays put when nothing trains.
     assert sum(result.losses[-5:]) / 5 < 0.96 * result.losses[0]
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}

@@ -1,0 +1,137 @@
+"""Stage 2 on tiny random models: LoRA on the LLM's linear layers (lm_head excepted) and the
+projector train, nothing else; text-only samples mix with image samples; the loss falls."""
+
+import io
+import json
+
+import torch
+from PIL import Image
+
+from condense.train.data import json_samples
+from condense.train.loop import LoopConfig, train
+from condense.train.tokenizers import byte_tokenizer
+from tests.train.test_stage1 import tiny_model
+
+
+def llava_json(folder):
+    (folder / "images").mkdir(parents=True)
+    entries = []
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.new("RGB", (36, 36), (40 * i, 120, 200)).save(buf, "PNG")
+        (folder / "images" / f"{i}.png").write_bytes(buf.getvalue())
+        entries.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is it?"},
+                    {"from": "gpt", "value": f"shade {i}"},
+                ],
+            }
+        )
+    entries.append(  # text only
+        {
+            "id": "t",
+            "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}],
+        }
+    )
+    entries.append(
+        {"id": "m", "image": "missing.png", "conversations": entries[0]["conversations"]}
+    )
+    entries.append({"id": "x", "conversations": entries[0]["conversations"]})  # <image>, no image
+    (folder / "data.json").write_text(json.dumps(entries))
+    return folder / "data.json", folder / "images"
+
+
+def base_weights(model):
+    """The LLM's own weights by their original names (peft renames wrapped layers)."""
+    llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+    return {
+        n.replace(".base_layer", ""): p.detach().clone()
+        for n, p in llm.named_parameters()
+        if "lora_" not in n
+    }
+
+
+def run_stage2(tmp_path, unfreeze_vision=False, epochs=20):
+    from collections import Counter
+
+    path, images = llava_json(tmp_path)
+    skipped = Counter()
+    data = list(json_samples(path, images, skipped))
+    assert len(data) == 4 and skipped == {"missing_image": 1, "image_count_mismatch": 1}
+    model = tiny_model()
+    before = {
+        "llm": base_weights(model),
+        "vision": {k: v.clone() for k, v in model.vision.state_dict().items()},
+        "projector": {k: v.clone() for k, v in model.projector.state_dict().items()},
+    }
+    cfg = LoopConfig(
+        stage="stage2",
+        template="bunny",
+        lr=1e-2,
+        mm_projector_lr=1e-3,
+        global_batch=4,
+        per_device_batch=2,
+        epochs=epochs,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        unfreeze_vision=unfreeze_vision,
+        max_length=512,
+    )
+    result = train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None)
+    return model, before, result
+
+
+def changed(before, after):
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def test_stage2_trains_lora_and_projector_only(tmp_path):
+    model, before, result = run_stage2(tmp_path)
+    assert not changed(before["llm"], base_weights(model))  # base LLM bit-identical
+    assert not changed(before["vision"], model.vision.state_dict())
+    assert changed(before["projector"], model.projector.state_dict())
+    lora = [n for n, p in model.llm.named_parameters() if p.requires_grad]
+    assert lora and all("lora_" in n for n in lora)
+    assert not any("lm_head" in n for n in lora)
+    assert result.trainable == sum(
+        p.numel() for p in model.llm.parameters() if p.requires_grad
+    ) + sum(p.numel() for p in model.projector.parameters())
+    assert sum(result.losses[-3:]) / 3 < 0.5 * result.losses[0]  # over-fits a tiny batch
+
+
+def test_stage2_can_unfreeze_the_vision_tower(tmp_path):
+    model, before, _ = run_stage2(tmp_path, unfreeze_vision=True, epochs=2)
+    assert changed(before["vision"], model.vision.state_dict())
+    assert not changed(before["llm"], base_weights(model))
+
+
+def test_condense_train_stage2_command(demo_run, tmp_path, capsys):
+    """stage1 then stage2 on a run: the adapter in Hugging Face layout, the projector, counts."""
+    from condense.cli import main
+    from tests.conftest import REPO
+
+    stage1 = str(REPO / "configs" / "train" / "stage1-tiny.yaml")
+    stage2 = str(REPO / "configs" / "train" / "stage2-tiny.yaml")
+    path, images = llava_json(tmp_path)
+    run = ["--run-dir", str(demo_run), "--set", f"data.llava_json={path}"]
+    run += ["--set", f"data.image_folder={images}"]
+    missing = ["--set", f"projector_from={tmp_path / 'none.safetensors'}"]
+    assert main(["train", "stage2", stage2, *run, *missing]) == 2
+    assert "starts from stage 1's projector" in capsys.readouterr().err
+    assert main(["train", "stage1", stage1, "--run-dir", str(demo_run)]) == 0
+    assert main(["train", "stage2", stage2, *run]) == 0
+    out = demo_run / "train" / "stage2"
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "mm_projector.safetensors").exists()
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["samples"] == 4 and state["skipped"] == {
+        "missing_image": 1,
+        "image_count_mismatch": 1,
+    }
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 8 and "lm_head" not in str(config["target_modules"])
