@@ -142,6 +142,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from condense.errors import InputError
+    from condense.train.chat import answer, load_trained
+
+    image = Path(args.image)
+    if not image.is_file():
+        raise InputError(f"image {image} does not exist")
+    model, tokenizer, cfg = load_trained(args.model)
+    print(answer(model, tokenizer, cfg, image.read_bytes(), args.question, args.max_new_tokens))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from condense.pipeline.runner import STAGE_NAMES
 
@@ -208,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("chat", help="ask a trained model about an image")
+    p.add_argument("--model", required=True, help="a trained stage, e.g. runs/demo/train/stage2")
+    p.add_argument("--image", required=True, help="an image file")
+    p.add_argument("question", help="what to ask")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap (64)")
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -113,3 +113,18 @@ def encode(
         add(gpt["value"] + end, True)
     truncated = len(ids) > max_length
     return ids[:max_length], labels[:max_length], truncated
+
+
+def prompt(question: str, template: str | Template, tokenizer) -> list[int]:
+    """Token ids that ask `question` (with `<image>` where the image goes) and leave the answer
+    to the model: the same text `encode` gives up to the assistant's first word."""
+    t = get_template(template) if isinstance(template, str) else template
+    ids: list[int] = []
+    if t.name == "plain":  # stage 1 models caption the image
+        return _ids(tokenizer, IMAGE if IMAGE in question else "")
+    if tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+    if t.system:
+        ids.extend(_ids(tokenizer, t.system + t.sep))
+    ids.extend(_ids(tokenizer, t.user + question + t.sep + t.assistant))
+    return ids

@@ -197,3 +197,16 @@ def test_chat_templates_text_and_masks(template, text, answer_end):
     assert ids == want
     trained = tok.decode([x for x in labels if x != IGNORE])
     assert trained == f"A1{answer_end}A2{answer_end}"
+
+
+@pytest.mark.parametrize("template", ["plain", "bunny", "phi3", "llama3"])
+def test_chat_prompt_is_the_training_text_up_to_the_answer(template):
+    from condense.train.templates import prompt
+
+    tok = byte_tokenizer()
+    turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "a cat"}]
+    ids, labels, _ = encode(turns, template, tok, 4000)
+    asked = prompt("<image>\nWhat?", template, tok)
+    assert ids[: len(asked)] == asked
+    first_trained = next(i for i, x in enumerate(labels) if x != IGNORE)
+    assert first_trained == len(asked)  # the model answers exactly where training taught it

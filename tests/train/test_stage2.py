@@ -135,3 +135,9 @@ def test_condense_train_stage2_command(demo_run, tmp_path, capsys):
     }
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 8 and "lm_head" not in str(config["target_modules"])
+    # The trained stage reloads and answers (a tiny random model: any text, but text).
+    image = tmp_path / "images" / "0.png"
+    assert main(["chat", "--model", str(out), "--image", str(image), "What colour is it?"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["chat", "--model", str(tmp_path), "--image", str(image), "Hi"]) == 2
+    assert "not a trained stage" in capsys.readouterr().err

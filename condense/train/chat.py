@@ -1,0 +1,69 @@
+"""`condense chat`: load a trained stage's outputs and answer a question about an image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from condense.errors import InputError
+
+
+def load_trained(model_dir: str | Path):
+    """(model, tokenizer, config) from RUN/train/<stage>/: the config it ran with, the projector,
+    the peft adapter and the vision tower's weights when it trained them."""
+    import torch
+
+    from condense.config import load_config
+    from condense.train.config import TrainConfig
+    from condense.train.loop import load_projector
+    from condense.train.run import build_model
+
+    folder = Path(model_dir)
+    if (
+        not (folder / "config.yaml").is_file()
+        or not (folder / "mm_projector.safetensors").is_file()
+    ):
+        raise InputError(f"{folder}: not a trained stage (config.yaml, mm_projector.safetensors)")
+    cfg = load_config(folder / "config.yaml", model=TrainConfig)
+    model, tokenizer = build_model(cfg)
+    load_projector(model, folder / "mm_projector.safetensors")
+    if (folder / "adapter").is_dir():
+        from peft import PeftModel
+
+        model.llm = PeftModel.from_pretrained(model.llm, str(folder / "adapter"))
+    if (folder / "vision_tower.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        model.vision.load_state_dict(load_file(str(folder / "vision_tower.safetensors")))
+    model.eval()
+    torch.set_grad_enabled(False)
+    return model, tokenizer, cfg
+
+
+def answer(model, tokenizer, cfg, image: bytes | None, question: str, max_new_tokens: int = 64):
+    """The model's answer (greedy) to `question` about `image`."""
+    import numpy as np
+    import torch
+
+    from condense.train.data import pixels
+    from condense.train.templates import IMAGE, prompt
+
+    pix = None
+    if image is not None:
+        pix = pixels(image, model.vision.image_size)
+        if pix is None:
+            raise InputError("the image does not decode")
+        if IMAGE not in question:
+            question = f"{IMAGE}\n{question}"
+    ids = prompt(question, cfg.template, tokenizer)
+    batch = model.merge([ids], None, torch.from_numpy(np.stack([pix])) if pix is not None else None)
+    eos = tokenizer.eos_token_id
+    out = model.llm.generate(
+        inputs_embeds=batch["inputs_embeds"],
+        attention_mask=batch["attention_mask"],
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=1,
+        do_sample=False,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+    )
+    return tokenizer.decode(out[0], skip_special_tokens=True).strip()
