@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, [*args.set, f"stage={args.stage}"], model=TrainConfig)
     from condense.train.run import train_stage
 
-    train_stage(cfg, args.run_dir)
+    train_stage(cfg, args.run_dir, resume=args.resume)
     return 0
 
 
@@ -218,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", required=True, help="the run whose export/shards it trains on")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the stage's last checkpoint"
     )
     p.set_defaults(func=cmd_train)
 

@@ -10,8 +10,6 @@ from condense.errors import InputError
 def load_trained(model_dir: str | Path):
     """(model, tokenizer, config) from RUN/train/<stage>/: the config it ran with, the projector,
     the peft adapter and the vision tower's weights when it trained them."""
-    import torch
-
     from condense.config import load_config
     from condense.train.config import TrainConfig
     from condense.train.loop import load_projector
@@ -35,7 +33,6 @@ def load_trained(model_dir: str | Path):
 
         model.vision.load_state_dict(load_file(str(folder / "vision_tower.safetensors")))
     model.eval()
-    torch.set_grad_enabled(False)
     return model, tokenizer, cfg
 
 
@@ -55,15 +52,17 @@ def answer(model, tokenizer, cfg, image: bytes | None, question: str, max_new_to
         if IMAGE not in question:
             question = f"{IMAGE}\n{question}"
     ids = prompt(question, cfg.template, tokenizer)
-    batch = model.merge([ids], None, torch.from_numpy(np.stack([pix])) if pix is not None else None)
+    images = torch.from_numpy(np.stack([pix])) if pix is not None else None
     eos = tokenizer.eos_token_id
-    out = model.llm.generate(
-        inputs_embeds=batch["inputs_embeds"],
-        attention_mask=batch["attention_mask"],
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=1,
-        do_sample=False,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
-    )
+    with torch.inference_mode():
+        batch = model.merge([ids], None, images)
+        out = model.llm.generate(
+            inputs_embeds=batch["inputs_embeds"],
+            attention_mask=batch["attention_mask"],
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=1,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        )
     return tokenizer.decode(out[0], skip_special_tokens=True).strip()

@@ -58,3 +58,8 @@ class TrainConfig(StrictModel):
     mm_projector_lr: float = Field(2e-5, gt=0)
     unfreeze_vision: bool = False
     projector_from: str | None = None  # None: RUN/train/stage1/mm_projector.safetensors
+    # Checkpoints (trainable weights, optimizer, scheduler, RNG, data position) every
+    # save_every steps and at each epoch end, in RUN/train/<stage>/checkpoint/; --resume
+    # continues from the last one and ends where an uninterrupted run would.
+    save_every: int = Field(100, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # stop early (a smoke test); a checkpoint first

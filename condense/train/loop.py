@@ -24,6 +24,8 @@ from condense.train.data import load_image
 from condense.train.model import BunnyModel
 from condense.train.templates import encode
 
+CHECKPOINT = "checkpoint.pt"
+
 
 @dataclass
 class LoopConfig:
@@ -42,6 +44,10 @@ class LoopConfig:
     lora_alpha: int = 256
     lora_dropout: float = 0.05
     unfreeze_vision: bool = False
+    checkpoint_dir: Path | None = None  # where checkpoint.pt goes (None: no checkpoints)
+    save_every: int = 100  # optimizer steps between checkpoints (and one at each epoch end)
+    resume: bool = False  # continue from checkpoint_dir/checkpoint.pt when it exists
+    max_steps: int | None = None  # stop after this many steps (a checkpoint is written first)
 
 
 @dataclass
@@ -153,9 +159,57 @@ def train(
         result.tokens += window["tokens"]
         window.update(micro=0, loss=0.0, tokens=0)
 
-    for _ in range(cfg.epochs):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    path = Path(cfg.checkpoint_dir) / CHECKPOINT if cfg.checkpoint_dir else None
+
+    def save(epoch: int, position: int) -> None:
+        """Trainable weights, optimizer, scheduler, RNG and the data position, atomically."""
+        import os
+
+        state = {
+            "params": {n: p.detach().cpu() for n, p in named},
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": torch.get_rng_state(),
+            "epoch": epoch,
+            "position": position,
+            "steps": result.steps,
+            "losses": result.losses,
+            "samples": result.samples,
+            "tokens": result.tokens,
+            "skipped": dict(skipped),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    first_epoch, skip = 0, 0
+    if cfg.resume and path is not None and path.exists():
+        state = torch.load(path, weights_only=True)
+        with torch.no_grad():
+            for n, p in named:
+                p.copy_(state["params"][n])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        first_epoch, skip = state["epoch"], state["position"]
+        result.steps, result.losses = state["steps"], list(state["losses"])
+        result.samples, result.tokens = state["samples"], state["tokens"]
+        skipped.update(state["skipped"])
+        log(f"[train] resuming at step {result.steps} (epoch {first_epoch + 1}, sample {skip})")
+
+    def stop() -> bool:
+        return cfg.max_steps is not None and result.steps >= cfg.max_steps
+
+    for epoch in range(first_epoch, cfg.epochs):
         batch: list = []
+        position = 0  # samples drawn from this epoch's stream
         for turns, image in samples():
+            position += 1
+            if skip:  # consumed before the checkpoint this run resumed from
+                skip -= 1
+                continue
             pix = load_image(image, image_size, skipped)
             if image is not None and pix is None:
                 continue
@@ -171,10 +225,20 @@ def train(
                 batch = []
                 if window["micro"] == accumulate:
                     optimizer_step()
+                    if path is not None and (result.steps % cfg.save_every == 0 or stop()):
+                        save(epoch, position)
+                    if stop():
+                        break
+        if stop() and not batch and not window["micro"]:
+            break
         if batch:  # the epoch's last, smaller batch
             micro_step(batch)
         if window["micro"]:  # the epoch ends with a step
             optimizer_step()
+        if path is not None:
+            save(epoch + 1, 0)
+        if stop():
+            break
     result.seconds = time.perf_counter() - start
     result.skipped = {k: v for k, v in skipped.items() if v}
     return result

@@ -55,7 +55,7 @@ def stage_samples(cfg: TrainConfig, run_dir: Path, skipped: Counter):
     return (lambda: shard_samples(shards, skipped)), total
 
 
-def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print) -> dict:
+def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool = False) -> dict:
     """Stage 1: train the projector (vision tower and LLM frozen). Stage 2: LoRA adapters and
     the projector, from stage 1's projector, on a LLaVA JSON. Outputs go to RUN/train/<stage>/."""
     import yaml
@@ -92,6 +92,10 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print) -> dict:
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         unfreeze_vision=cfg.unfreeze_vision,
+        checkpoint_dir=run_dir / "train" / cfg.stage / "checkpoint",
+        save_every=cfg.save_every,
+        resume=resume,
+        max_steps=cfg.max_steps,
     )
     log(f"[train] {cfg.stage} on {total:,} samples, global batch {cfg.global_batch}")
     result = train(model, samples, total, tokenizer, model.vision.image_size, loop, log)

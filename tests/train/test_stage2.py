@@ -4,6 +4,7 @@ projector train, nothing else; text-only samples mix with image samples; the los
 import io
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -141,3 +142,46 @@ def test_condense_train_stage2_command(demo_run, tmp_path, capsys):
     assert capsys.readouterr().out.strip()
     assert main(["chat", "--model", str(tmp_path), "--image", str(image), "Hi"]) == 2
     assert "not a trained stage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])  # inside the first epoch; at its end
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, stop_at):
+    from collections import Counter
+
+    path, images = llava_json(tmp_path)
+    data = list(json_samples(path, images, Counter()))
+
+    def run(checkpoints, **kw):
+        model = tiny_model()
+        cfg = LoopConfig(
+            stage="stage2",
+            template="bunny",
+            lr=1e-2,
+            mm_projector_lr=1e-3,
+            global_batch=1,
+            per_device_batch=1,
+            epochs=2,
+            lora_r=4,
+            lora_alpha=8,
+            lora_dropout=0.1,
+            max_length=512,
+            checkpoint_dir=checkpoints,
+            save_every=2,
+            **kw,
+        )
+        result = train(
+            model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None
+        )
+        weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        return result, weights
+
+    whole, want = run(tmp_path / "a")
+    assert whole.steps == 8
+    first, _ = run(tmp_path / "b", max_steps=stop_at)
+    assert first.steps == stop_at
+    resumed, got = run(tmp_path / "b", resume=True)
+    assert resumed.steps == 8 and resumed.samples == whole.samples
+    assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
