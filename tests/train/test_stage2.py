@@ -45,6 +45,23 @@ def llava_json(folder):
     return folder / "data.json", folder / "images"
 
 
+def stage2_config(**overrides) -> LoopConfig:
+    """Stage 2 settings for the tiny model: rates high enough to move in a few steps."""
+    settings = dict(
+        stage="stage2",
+        template="bunny",
+        lr=1e-2,
+        mm_projector_lr=1e-3,
+        global_batch=4,
+        per_device_batch=2,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        max_length=512,
+    )
+    return LoopConfig(**{**settings, **overrides})
+
+
 def base_weights(model):
     """The LLM's own weights by their original names (peft renames wrapped layers)."""
     llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
@@ -68,20 +85,7 @@ def run_stage2(tmp_path, unfreeze_vision=False, epochs=20):
         "vision": {k: v.clone() for k, v in model.vision.state_dict().items()},
         "projector": {k: v.clone() for k, v in model.projector.state_dict().items()},
     }
-    cfg = LoopConfig(
-        stage="stage2",
-        template="bunny",
-        lr=1e-2,
-        mm_projector_lr=1e-3,
-        global_batch=4,
-        per_device_batch=2,
-        epochs=epochs,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
-        unfreeze_vision=unfreeze_vision,
-        max_length=512,
-    )
+    cfg = stage2_config(epochs=epochs, unfreeze_vision=unfreeze_vision)
     result = train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None)
     return model, before, result
 
@@ -153,18 +157,11 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, stop_at):
 
     def run(checkpoints, **kw):
         model = tiny_model()
-        cfg = LoopConfig(
-            stage="stage2",
-            template="bunny",
-            lr=1e-2,
-            mm_projector_lr=1e-3,
+        cfg = stage2_config(
             global_batch=1,
             per_device_batch=1,
             epochs=2,
-            lora_r=4,
-            lora_alpha=8,
             lora_dropout=0.1,
-            max_length=512,
             checkpoint_dir=checkpoints,
             save_every=2,
             **kw,
