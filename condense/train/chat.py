@@ -24,7 +24,11 @@ def load_trained(model_dir: str | Path):
     cfg = load_config(folder / "config.yaml", model=TrainConfig)
     model, tokenizer = build_model(cfg)
     load_projector(model, folder / "mm_projector.safetensors")
-    if (folder / "adapter").is_dir():
+    if (folder / "merged").is_dir():  # the adapter already folded in
+        from condense.train.model import build_llm
+
+        model.llm = build_llm(str(folder / "merged"))
+    elif (folder / "adapter").is_dir():
         from peft import PeftModel
 
         model.llm = PeftModel.from_pretrained(model.llm, str(folder / "adapter"))

@@ -62,4 +62,5 @@ class TrainConfig(StrictModel):
     # save_every steps and at each epoch end, in RUN/train/<stage>/checkpoint/; --resume
     # continues from the last one and ends where an uninterrupted run would.
     save_every: int = Field(100, ge=1)
+    merge: bool = False  # stage 2: also save the LLM with the adapter merged in (merged/)
     max_steps: int | None = Field(None, ge=1)  # stop early (a smoke test); a checkpoint first

@@ -25,9 +25,17 @@ def build_model(cfg: TrainConfig):
         raise ConfigError(str(e)) from None
     if not (cfg.llm.path or cfg.llm.config):
         raise ConfigError("llm.path or llm.config is required")
-    vision = vision_builder(path=cfg.vision.path, config=cfg.vision.config, layer=cfg.vision.layer)
-    llm = build_llm(cfg.llm.path, cfg.llm.config, cfg.llm.gguf_file)
-    projector = projector_builder(vision.hidden_size, llm.config.hidden_size)
+    import torch
+
+    # Components built from a config get random weights: drawn from the config's seed, so that
+    # training and `condense chat` (which saves no frozen weights) build the same model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        vision = vision_builder(
+            path=cfg.vision.path, config=cfg.vision.config, layer=cfg.vision.layer
+        )
+        llm = build_llm(cfg.llm.path, cfg.llm.config, cfg.llm.gguf_file)
+        projector = projector_builder(vision.hidden_size, llm.config.hidden_size)
     tokenizer = load_tokenizer(cfg.llm.tokenizer or cfg.llm.path, cfg.llm.gguf_file)
     return BunnyModel(vision, projector, llm), tokenizer
 
@@ -103,6 +111,9 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
     save_projector(model, out)
     if cfg.stage == "stage2":
         model.llm.save_pretrained(out / "adapter")  # the peft adapter (Hugging Face layout)
+        if cfg.merge:  # a plain Hugging Face model: the adapter folded into the weights
+            model.llm.merge_and_unload().save_pretrained(out / "merged")
+            log(f"[train] merged LLM in {out / 'merged'}")
         if cfg.unfreeze_vision:
             from safetensors.torch import save_file
 

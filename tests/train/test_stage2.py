@@ -182,3 +182,30 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, stop_at):
     assert set(got) == set(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_merged_llm_answers_like_the_adapter(demo_run, tmp_path, capsys):
+    """merge: true saves the LLM with the adapter folded in; chat gives the same answer."""
+    import shutil
+
+    from condense.cli import main
+    from tests.conftest import REPO
+
+    stage1 = str(REPO / "configs" / "train" / "stage1-tiny.yaml")
+    stage2 = str(REPO / "configs" / "train" / "stage2-tiny.yaml")
+    path, images = llava_json(tmp_path)
+    run = tmp_path / "run"
+    shutil.copytree(demo_run / "export", run / "export")
+    assert main(["train", "stage1", stage1, "--run-dir", str(run)]) == 0
+    args = ["--run-dir", str(run), "--set", f"data.llava_json={path}"]
+    args += ["--set", f"data.image_folder={images}", "--set", "merge=true"]
+    assert main(["train", "stage2", stage2, *args]) == 0
+    out = run / "train" / "stage2"
+    assert (out / "merged" / "config.json").exists()
+    capsys.readouterr()
+    question = ["--image", str(images / "1.png"), "What colour is it?"]
+    assert main(["chat", "--model", str(out), *question]) == 0
+    merged = capsys.readouterr().out
+    shutil.rmtree(out / "merged")
+    assert main(["chat", "--model", str(out), *question]) == 0
+    assert capsys.readouterr().out == merged
