@@ -11,6 +11,7 @@ raised mid-epoch.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -48,6 +49,8 @@ class LoopConfig:
     save_every: int = 100  # optimizer steps between checkpoints (and one at each epoch end)
     resume: bool = False  # continue from checkpoint_dir/checkpoint.pt when it exists
     max_steps: int | None = None  # stop after this many steps (a checkpoint is written first)
+    log_every: int = 10  # steps between progress lines when there is no terminal
+    progress_bar: bool = True  # a tqdm bar when stderr is a terminal
 
 
 @dataclass
@@ -158,6 +161,21 @@ def train(
         result.losses.append(window["loss"])
         result.tokens += window["tokens"]
         window.update(micro=0, loss=0.0, tokens=0)
+        report()
+
+    def report() -> None:
+        """Loss, tokens/s and time left: a live bar on a terminal, else a line every
+        log_every steps (and at the last step), for logs such as `ray job logs`."""
+        elapsed = time.perf_counter() - start
+        done = result.steps - first_step
+        left = elapsed / done * (total - result.steps) if done else 0.0
+        rate = (result.tokens - first_tokens) / max(elapsed, 1e-9)
+        text = f"loss {result.losses[-1]:.4f} | {rate:,.0f} tokens/s | {left:,.0f} s left"
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(text)
+        elif result.steps % cfg.log_every == 0 or result.steps == total:
+            log(f"[train] step {result.steps}/{total}: {text}")
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     path = Path(cfg.checkpoint_dir) / CHECKPOINT if cfg.checkpoint_dir else None
@@ -202,6 +220,13 @@ def train(
     def stop() -> bool:
         return cfg.max_steps is not None and result.steps >= cfg.max_steps
 
+    first_step, first_tokens = result.steps, result.tokens  # this run's share, for rates
+    bar = None
+    if cfg.progress_bar and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=result.steps, desc=cfg.stage, unit="step")
+
     for epoch in range(first_epoch, cfg.epochs):
         batch: list = []
         position = 0  # samples drawn from this epoch's stream
@@ -239,6 +264,8 @@ def train(
             save(epoch + 1, 0)
         if stop():
             break
+    if bar is not None:
+        bar.close()
     result.seconds = time.perf_counter() - start
     result.skipped = {k: v for k, v in skipped.items() if v}
     return result

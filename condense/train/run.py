@@ -104,6 +104,7 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
         save_every=cfg.save_every,
         resume=resume,
         max_steps=cfg.max_steps,
+        log_every=cfg.log_every,
     )
     log(f"[train] {cfg.stage} on {total:,} samples, global batch {cfg.global_batch}")
     result = train(model, samples, total, tokenizer, model.vision.image_size, loop, log)

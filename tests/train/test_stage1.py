@@ -105,7 +105,13 @@ def test_stage1_trains_only_the_projector_and_the_loss_falls(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = captions(4)
     cfg = LoopConfig(lr=2e-2, global_batch=4, per_device_batch=2, epochs=30, warmup_ratio=0.03)
-    result = train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None)
+    lines: list[str] = []
+    result = train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lines.append)
+    progress = [line for line in lines if line.startswith("[train] step ")]
+    assert [line.split(":")[0] for line in progress] == [
+        f"[train] step {n}/30" for n in (10, 20, 30)
+    ]
+    assert "tokens/s" in progress[-1] and progress[-1].endswith("0 s left")
     assert result.steps == 30 and result.trainable == sum(
         p.numel() for p in model.projector.parameters()
     )
