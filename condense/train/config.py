@@ -62,6 +62,7 @@ class TrainConfig(StrictModel):
     # save_every steps and at each epoch end, in RUN/train/<stage>/checkpoint/; --resume
     # continues from the last one and ends where an uninterrupted run would.
     save_every: int = Field(100, ge=1)
+    gradient_checkpointing: bool = False  # recompute the LLM's activations: less memory
     log_every: int = Field(10, ge=1)  # steps between progress lines (without a terminal)
     merge: bool = False  # stage 2: also save the LLM with the adapter merged in (merged/)
     max_steps: int | None = Field(None, ge=1)  # stop early (a smoke test); a checkpoint first

@@ -50,6 +50,7 @@ class LoopConfig:
     resume: bool = False  # continue from checkpoint_dir/checkpoint.pt when it exists
     max_steps: int | None = None  # stop after this many steps (a checkpoint is written first)
     log_every: int = 10  # steps between progress lines when there is no terminal
+    gradient_checkpointing: bool = False  # recompute the LLM's activations in the backward pass
     progress_bar: bool = True  # a tqdm bar when stderr is a terminal
 
 
@@ -129,6 +130,9 @@ def train(
         freeze_for_stage1(model)
         groups = [{"params": list(model.projector.parameters()), "lr": cfg.lr}]
         what = "the projector"
+    if cfg.gradient_checkpointing:
+        llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for g in groups for p in g["params"]]
     trainable = sum(p.numel() for p in params)
     log(f"[train] {cfg.stage}: {trainable:,} trainable parameters ({what})")

@@ -105,6 +105,7 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
         resume=resume,
         max_steps=cfg.max_steps,
         log_every=cfg.log_every,
+        gradient_checkpointing=cfg.gradient_checkpointing,
     )
     log(f"[train] {cfg.stage} on {total:,} samples, global batch {cfg.global_batch}")
     result = train(model, samples, total, tokenizer, model.vision.image_size, loop, log)

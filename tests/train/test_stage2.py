@@ -209,3 +209,19 @@ def test_merged_llm_answers_like_the_adapter(demo_run, tmp_path, capsys):
     shutil.rmtree(out / "merged")
     assert main(["chat", "--model", str(out), *question]) == 0
     assert capsys.readouterr().out == merged
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path):
+    """Recomputing activations saves memory, never changes the result."""
+    from collections import Counter
+
+    path, images = llava_json(tmp_path)
+    data = list(json_samples(path, images, Counter()))
+    runs = []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        cfg = stage2_config(epochs=2, gradient_checkpointing=checkpointing)
+        runs.append(
+            train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None)
+        )
+    assert runs[1].losses == pytest.approx(runs[0].losses, rel=1e-4)
