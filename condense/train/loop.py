@@ -65,13 +65,12 @@ class LoopResult:
     trainable: int = 0
 
 
-def freeze_for_stage1(model: BunnyModel) -> int:
-    """Vision tower and LLM frozen, in eval mode; the projector trains. Returns its size."""
+def freeze_for_stage1(model: BunnyModel) -> None:
+    """Vision tower and LLM frozen, in eval mode; the projector trains."""
     model.requires_grad_(False)
     model.eval()
     model.projector.requires_grad_(True)
     model.projector.train()
-    return sum(p.numel() for p in model.projector.parameters())
 
 
 def prepare_stage2(model: BunnyModel, cfg: LoopConfig) -> list[dict]:
