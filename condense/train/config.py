@@ -66,3 +66,11 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1)  # steps between progress lines (without a terminal)
     merge: bool = False  # stage 2: also save the LLM with the adapter merged in (merged/)
     max_steps: int | None = Field(None, ge=1)  # stop early (a smoke test); a checkpoint first
+    # Workers: 1 trains in this process (plain PyTorch, no Ray). More run a Ray Train
+    # TorchTrainer on the Ray cluster (RAY_ADDRESS, e.g. under `ray job submit`, else a local
+    # Ray): DDP, or FSDP (weights, gradients and optimizer state sharded) for large models.
+    # global_batch must be a multiple of per_device_batch x workers.
+    workers: int = Field(1, ge=1)
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    use_gpu: bool | None = None  # None: one GPU per worker when the cluster has GPUs
+    cpus_per_worker: float = Field(1.0, gt=0)

@@ -15,6 +15,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,8 @@ import torch
 
 from condense.train.data import load_image
 from condense.train.model import BunnyModel
-from condense.train.templates import encode
+from condense.train.parallel import Single
+from condense.train.templates import IGNORE, IMAGE_TOKEN, encode
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -118,8 +120,28 @@ def train(
     image_size: int,
     cfg: LoopConfig,
     log: Callable[[str], None] = print,
+    parallel: Single | None = None,
 ) -> LoopResult:
-    torch.manual_seed(cfg.seed)
+    """Train `model` on `samples` (one epoch's stream, the same on every worker).
+
+    Each optimizer step takes the next `global_batch` samples of the stream in blocks of
+    `per_device_batch`; block j goes to worker j % world, so any number of workers sees the
+    same steps as one (the global batch is a multiple of per_device_batch x workers). Each
+    micro-batch's mean loss is divided by the micro-batches per worker per step, and DDP/FSDP
+    average the gradients over the workers: the gradient one worker would compute.
+    """
+    parallel = parallel or Single()
+    if not parallel.is_main:
+        log = _silent
+    torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every worker
+    per_step = cfg.per_device_batch * parallel.world
+    if cfg.global_batch % per_step:
+        raise ValueError(
+            f"global_batch {cfg.global_batch} is not a multiple of per_device_batch "
+            f"{cfg.per_device_batch} x {parallel.world} worker(s)"
+        )
+    accumulate = cfg.global_batch // per_step
+    model.to(parallel.device)
     if cfg.stage == "stage2":
         groups = prepare_stage2(model, cfg)
         what = "LoRA adapters and the projector" + (
@@ -131,39 +153,61 @@ def train(
         what = "the projector"
     if cfg.gradient_checkpointing:
         llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(llm, "activation_checkpointing_enable"):  # the newer name
+            llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [[name_of[id(p)] for p in g["params"]] for g in groups]
+    # Stage 2 has text-only samples: the projector may be left out of a batch's graph.
+    module = parallel.wrap(model, text_only_batches=cfg.stage == "stage2")
+    own = dict(model.named_parameters())  # FSDP has replaced them with sharded ones
+    groups = [{**g, "params": [own[n] for n in ns]} for g, ns in zip(groups, names, strict=True)]
+    torch.manual_seed(cfg.seed + parallel.rank)  # and each its own LoRA dropout
     params = [p for g in groups for p in g["params"]]
-    trainable = sum(p.numel() for p in params)
+    trainable_names = [n for ns in names for n in ns]
     log(f"[train] {cfg.stage}: {trainable:,} trainable parameters ({what})")
-    accumulate = max(1, cfg.global_batch // cfg.per_device_batch)
-    steps_per_epoch = max(1, math.ceil(n_samples / (cfg.per_device_batch * accumulate)))
+    steps_per_epoch = max(1, math.ceil(n_samples / cfg.global_batch))
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, round(cfg.warmup_ratio * total))
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, total, warmup))
-    device = next(model.projector.parameters()).device
+    device = parallel.device
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
     result = LoopResult(steps=0, trainable=trainable)
     skipped: Counter = Counter()
     start = time.perf_counter()
-    window = {"micro": 0, "loss": 0.0, "tokens": 0}  # micro-batches since the last step
+    window = {"loss": 0.0, "tokens": 0, "samples": 0}  # this worker's, since the last step
+    dummy = _dummy_batch(tokenizer, image_size)
 
-    def micro_step(batch: list) -> None:
-        loss, tokens = _micro_step(model, batch, device, autocast, accumulate)
-        window["micro"] += 1
-        window["loss"] += loss
-        window["tokens"] += tokens
-        result.samples += len(batch)
+    def micro_step(batch: list | None, last: bool) -> None:
+        """Forward and backward of one micro-batch; gradients are all-reduced on the last
+        one of a step. An empty one (its samples all skipped, or past the stream's end on
+        this worker) runs a zero-weight pass, so every worker joins every all-reduce."""
+        if not batch and parallel.world == 1:
+            return
+        with nullcontext() if last else parallel.no_sync(module):
+            loss, tokens = _micro_step(
+                module, batch or dummy, device, autocast, 1 / accumulate if batch else 0.0
+            )
+        if batch:
+            window["loss"] += loss
+            window["tokens"] += tokens
+            window["samples"] += len(batch)
 
     def optimizer_step() -> None:
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # DTensor-aware under FSDP
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        loss, tokens, count = parallel.sum([window["loss"], window["tokens"], window["samples"]])
         result.steps += 1
-        result.losses.append(window["loss"])
-        result.tokens += window["tokens"]
-        window.update(micro=0, loss=0.0, tokens=0)
+        result.losses.append(loss / parallel.world)
+        result.tokens += int(tokens)
+        result.samples += int(count)
+        window.update(loss=0.0, tokens=0, samples=0)
         report()
 
     def report() -> None:
@@ -180,25 +224,30 @@ def train(
         elif result.steps % cfg.log_every == 0 or result.steps == total:
             log(f"[train] step {result.steps}/{total}: {text}")
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     path = Path(cfg.checkpoint_dir) / CHECKPOINT if cfg.checkpoint_dir else None
 
     def save(epoch: int, position: int) -> None:
         """Trainable weights, optimizer, scheduler, RNG and the data position, atomically."""
         import os
 
+        weights, opt_state = parallel.state(model, opt, trainable_names)
+        rng = parallel.gather(torch.get_rng_state())
+        counts = parallel.gather(dict(skipped))
+        if not parallel.is_main:
+            return
         state = {
-            "params": {n: p.detach().cpu() for n, p in named},
-            "optimizer": opt.state_dict(),
+            "params": weights,
+            "optimizer": opt_state,
             "scheduler": sched.state_dict(),
-            "rng": torch.get_rng_state(),
+            "rng": rng,
             "epoch": epoch,
             "position": position,
+            "global_batch": cfg.global_batch,
             "steps": result.steps,
             "losses": result.losses,
             "samples": result.samples,
             "tokens": result.tokens,
-            "skipped": dict(skipped),
+            "skipped": dict(sum((Counter(c) for c in counts), Counter())),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -208,82 +257,152 @@ def train(
     first_epoch, skip = 0, 0
     if cfg.resume and path is not None and path.exists():
         state = torch.load(path, weights_only=True)
-        with torch.no_grad():
-            for n, p in named:
-                p.copy_(state["params"][n])
-        opt.load_state_dict(state["optimizer"])
+        if state["global_batch"] != cfg.global_batch:
+            raise ValueError(
+                f"{path} was written with global_batch {state['global_batch']}; resume with "
+                f"the same global batch (it was {cfg.global_batch})"
+            )
+        parallel.load_state(model, opt, trainable_names, state["params"], state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        rng = state["rng"]
+        torch.set_rng_state(rng[parallel.rank] if len(rng) == parallel.world else rng[0])
         first_epoch, skip = state["epoch"], state["position"]
         result.steps, result.losses = state["steps"], list(state["losses"])
         result.samples, result.tokens = state["samples"], state["tokens"]
-        skipped.update(state["skipped"])
+        if parallel.is_main:  # the counts of all workers, summed once
+            skipped.update(state["skipped"])
         log(f"[train] resuming at step {result.steps} (epoch {first_epoch + 1}, sample {skip})")
 
     def stop() -> bool:
         return cfg.max_steps is not None and result.steps >= cfg.max_steps
 
+    def prepare(sample: tuple[list[dict], bytes | None]):
+        turns, image = sample
+        if image is None and cfg.stage == "stage1":
+            skipped["no_image"] += 1  # nothing for the projector to learn from
+            return None
+        pix = load_image(image, image_size, skipped)
+        if image is not None and pix is None:
+            return None
+        try:
+            ids, labels, truncated = encode(turns, cfg.template, tokenizer, cfg.max_length)
+        except ValueError:
+            skipped["bad_turns"] += 1
+            return None
+        skipped["truncated"] += int(truncated)
+        return ids, labels, pix
+
     first_step, first_tokens = result.steps, result.tokens  # this run's share, for rates
     bar = None
-    if cfg.progress_bar and sys.stderr.isatty():
+    if cfg.progress_bar and parallel.is_main and sys.stderr.isatty():
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=result.steps, desc=cfg.stage, unit="step")
 
     for epoch in range(first_epoch, cfg.epochs):
-        batch: list = []
-        position = 0  # samples drawn from this epoch's stream
-        for turns, image in samples():
-            position += 1
-            if skip:  # consumed before the checkpoint this run resumed from
-                skip -= 1
+        blocks = _micro_batches(
+            samples(), skip, cfg.global_batch, cfg.per_device_batch, parallel, prepare
+        )
+        skip = 0
+        for batch, end in blocks:
+            micro_step(batch, last=end is not None)
+            if end is None:
                 continue
-            pix = load_image(image, image_size, skipped)
-            if image is not None and pix is None:
-                continue
-            try:
-                ids, labels, truncated = encode(turns, cfg.template, tokenizer, cfg.max_length)
-            except ValueError:
-                skipped["bad_turns"] += 1
-                continue
-            skipped["truncated"] += int(truncated)
-            batch.append((ids, labels, pix))
-            if len(batch) == cfg.per_device_batch:
-                micro_step(batch)
-                batch = []
-                if window["micro"] == accumulate:
-                    optimizer_step()
-                    if path is not None and (result.steps % cfg.save_every == 0 or stop()):
-                        save(epoch, position)
-                    if stop():
-                        break
-        if stop() and not batch and not window["micro"]:
-            break
-        if batch:  # the epoch's last, smaller batch
-            micro_step(batch)
-        if window["micro"]:  # the epoch ends with a step
             optimizer_step()
-        if path is not None:
-            save(epoch + 1, 0)
+            if end == 0:  # the epoch's end
+                if path is not None:
+                    save(epoch + 1, 0)
+            elif path is not None and (result.steps % cfg.save_every == 0 or stop()):
+                save(epoch, end)
+            if stop():
+                break
         if stop():
             break
     if bar is not None:
         bar.close()
     result.seconds = time.perf_counter() - start
-    result.skipped = {k: v for k, v in skipped.items() if v}
+    total_skipped = sum((Counter(c) for c in parallel.gather(dict(skipped))), Counter())
+    result.skipped = {k: v for k, v in sorted(total_skipped.items()) if v}
     return result
 
 
-def _micro_step(model, batch, device, autocast: bool, accumulate: int) -> tuple[float, int]:
+def _silent(_: str) -> None:
+    pass
+
+
+def _micro_batches(stream, skip: int, span: int, size: int, parallel: Single, prepare):
+    """This worker's micro-batches, as (batch, end): end is None inside a step, else the
+    stream position after the step, or 0 after the epoch's last step.
+
+    A step covers `span` consecutive samples (from position `skip`), in blocks of `size`;
+    block j is this worker's when j % world == rank. Every worker yields the same number of
+    micro-batches per step, an empty one (None) where it has no block. A block's unusable
+    samples are dropped (prepare returns None), so a micro-batch may be short or empty.
+    """
+    rank, world = parallel.rank, parallel.world
+    held = None  # this worker's last finished block, yielded when the next one or the step ends
+    block: list = []
+    n = 0  # samples of the current step seen so far
+    for position, sample, last in _flag_last(stream):
+        if position < skip:
+            continue
+        mine = (n // size) % world == rank
+        if mine:
+            item = prepare(sample)
+            if item is not None:
+                block.append(item)
+        n += 1
+        if mine and n % size == 0:
+            if held is not None:
+                yield held, None
+            held, block = block, []
+        if n == span:
+            yield held, 0 if last else position + 1
+            held, n = None, 0
+    if not n:
+        return
+    if ((n - 1) // size) % world == rank and n % size:  # this worker's unfinished last block
+        if held is not None:
+            yield held, None
+        held, block = block, []
+    blocks = math.ceil(n / size)
+    slots = math.ceil(blocks / world)  # micro-batches per worker in this last step
+    mine = len(range(rank, blocks, world))
+    tail = ([held] if held is not None else []) + [None] * (slots - mine)
+    for i, batch in enumerate(tail):
+        yield batch, 0 if i == len(tail) - 1 else None
+
+
+def _flag_last(stream):
+    """(position, item, whether it is the stream's last) for each item."""
+    it = iter(stream)
+    try:
+        item = next(it)
+    except StopIteration:
+        return
+    position = 0
+    for following in it:
+        yield position, item, False
+        item, position = following, position + 1
+    yield position, item, True
+
+
+def _dummy_batch(tokenizer, image_size: int) -> list:
+    """One tiny sample with an image, for zero-weight passes (every trainable part in use)."""
+    t = tokenizer.eos_token_id
+    return [([IMAGE_TOKEN, t], [IGNORE, t], np.zeros((3, image_size, image_size), np.float32))]
+
+
+def _micro_step(module, batch, device, autocast: bool, weight: float) -> tuple[float, int]:
     ids = [b[0] for b in batch]
     labels = [b[1] for b in batch]
     images = [b[2] for b in batch if b[2] is not None]
     pixels = torch.from_numpy(np.stack(images)).to(device) if images else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(ids, labels, pixels)
-    (out.loss / accumulate).backward()
-    tokens = sum(sum(1 for x in lab if x != -100) for lab in labels)
-    return float(out.loss.detach()) / accumulate, tokens
+        out = module(ids, labels, pixels)
+    (out.loss * weight).backward()
+    tokens = sum(sum(1 for x in lab if x != IGNORE) for lab in labels)
+    return float(out.loss.detach()) * weight, tokens
 
 
 def load_projector(model: BunnyModel, path: Path) -> None:

@@ -84,6 +84,9 @@ class BunnyModel(nn.Module):
     def __init__(self, vision: nn.Module, projector: nn.Module, llm: nn.Module):
         super().__init__()
         self.vision, self.projector, self.llm = vision, projector, llm
+        # FSDP needs every worker to run the same sharded modules: a batch without images
+        # then still runs the vision tower and projector (on one blank image, at weight 0).
+        self.always_run_vision = False
 
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.projector(self.vision(pixels))
@@ -123,6 +126,12 @@ class BunnyModel(nn.Module):
         length = max(len(r) for r in rows)
         width = rows[0].shape[1]
         embeds = rows[0].new_zeros((len(rows), length, width))
+        if images is None and self.always_run_vision:
+            # A blank image through the vision tower and projector, added at weight 0: the
+            # same modules run, forward and backward, in the same order as for an image batch.
+            size = self.vision.image_size
+            blank = self.image_tokens(embeds.new_zeros((1, 3, size, size)))
+            embeds = embeds + 0.0 * blank.sum()
         mask = torch.zeros((len(rows), length), dtype=torch.long, device=device)
         out_labels = torch.full((len(rows), length), IGNORE, dtype=torch.long, device=device)
         for b, (row, lab) in enumerate(zip(rows, row_labels, strict=True)):
@@ -132,5 +141,4 @@ class BunnyModel(nn.Module):
         return {"inputs_embeds": embeds, "attention_mask": mask, "labels": out_labels}
 
     def forward(self, input_ids, labels=None, pixels=None):
-        batch = self.merge(input_ids, labels, pixels)
-        return self.llm(**batch)
+        return self.llm(**self.merge(input_ids, labels, pixels))

@@ -65,12 +65,67 @@ def stage_samples(cfg: TrainConfig, run_dir: Path, skipped: Counter):
 
 def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool = False) -> dict:
     """Stage 1: train the projector (vision tower and LLM frozen). Stage 2: LoRA adapters and
-    the projector, from stage 1's projector, on a LLaVA JSON. Outputs go to RUN/train/<stage>/."""
+    the projector, from stage 1's projector, on a LLaVA JSON. Outputs go to RUN/train/<stage>/.
+
+    One worker runs here, in plain PyTorch. `workers` > 1 runs a Ray Train TorchTrainer (DDP,
+    or FSDP with `strategy: fsdp`) on the Ray cluster this process joins."""
+    if cfg.workers > 1:
+        return train_on_ray(cfg, run_dir, log, resume)
+    from condense.train.parallel import make_parallel
+
+    return run_worker(cfg, Path(run_dir), log, resume, make_parallel(cfg.strategy))
+
+
+def train_on_ray(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool = False) -> dict:
+    """The stage on `cfg.workers` Ray Train workers; returns the trainer state they saved."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from condense.config import RayConfig
+    from condense.runtime.ray import cluster_resources, init_ray
+
+    init_ray(RayConfig())
+    gpus = cfg.use_gpu if cfg.use_gpu is not None else cluster_resources()["GPU"] >= 1
+    run_dir = Path(run_dir).resolve()
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={"cfg": cfg.model_dump(), "run_dir": str(run_dir), "resume": resume},
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers,
+            use_gpu=gpus,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpus else {})},
+        ),
+        run_config=RunConfig(
+            name=f"condense-{cfg.stage}", storage_path=str(run_dir / "train" / "ray")
+        ),
+    )
+    log(
+        f"[train] {cfg.stage} on {cfg.workers} Ray Train workers "
+        f"({cfg.strategy}, {'GPU' if gpus else 'CPU'})"
+    )
+    trainer.fit()
+    # The main worker wrote it (the run directory is on storage every node sees).
+    return json.loads((run_dir / "train" / cfg.stage / "trainer_state.json").read_text())
+
+
+def _ray_worker(config: dict) -> None:
+    """One Ray Train worker: the same run as one process, in the process group Ray set up."""
+    import ray.train.torch
+
+    from condense.train.parallel import make_parallel
+
+    cfg = TrainConfig(**config["cfg"])
+    parallel = make_parallel(cfg.strategy, ray.train.torch.get_device())
+    run_worker(cfg, Path(config["run_dir"]), print, config["resume"], parallel)
+
+
+def run_worker(cfg: TrainConfig, run_dir: Path, log, resume: bool, parallel) -> dict:
+    """Build, train and (on the main worker) save one stage; every worker runs this."""
     import yaml
 
     from condense.train.loop import LoopConfig, load_projector, save_projector, train
 
-    run_dir = Path(run_dir)
     model, tokenizer = build_model(cfg)
     skipped: Counter = Counter()
     if cfg.stage == "stage2":
@@ -82,7 +137,8 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
         if not cfg.data.llava_json:
             raise ConfigError("stage 2 trains on instruction data: set data.llava_json")
         load_projector(model, start)
-        log(f"[train] stage 2 starts from the projector in {start}")
+        if parallel.is_main:
+            log(f"[train] stage 2 starts from the projector in {start}")
     samples, total = stage_samples(cfg, run_dir, skipped)
     loop = LoopConfig(
         lr=cfg.lr,
@@ -107,9 +163,37 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
         log_every=cfg.log_every,
         gradient_checkpointing=cfg.gradient_checkpointing,
     )
-    log(f"[train] {cfg.stage} on {total:,} samples, global batch {cfg.global_batch}")
-    result = train(model, samples, total, tokenizer, model.vision.image_size, loop, log)
+    if parallel.is_main:
+        log(f"[train] {cfg.stage} on {total:,} samples, global batch {cfg.global_batch}")
+    try:
+        result = train(
+            model, samples, total, tokenizer, model.vision.image_size, loop, log, parallel
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    full = parallel.full_state_dict(model)  # FSDP: the shards gathered (a collective)
+    if not result.samples:
+        reasons = ", ".join(
+            f"{k}={v}" for k, v in sorted((skipped + Counter(result.skipped)).items())
+        )
+        raise InputError(f"no sample could be used ({reasons or 'no samples'})")
+    skipped.update(result.skipped)  # data-level skips (every worker reads, and counts, them all)
     out = run_dir / "train" / cfg.stage
+    state = {
+        "steps": result.steps,
+        "samples": result.samples,
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+        "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+        "trainable_parameters": result.trainable,
+        "workers": parallel.world,
+        "losses": result.losses,
+        "skipped": dict(skipped),
+    }
+    if not parallel.is_main:
+        return state
+    if full is not None:  # an unsharded copy to save from
+        model = _unsharded(cfg, full, loop)
     save_projector(model, out)
     if cfg.stage == "stage2":
         model.llm.save_pretrained(out / "adapter")  # the peft adapter (Hugging Face layout)
@@ -119,19 +203,11 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
         if cfg.unfreeze_vision:
             from safetensors.torch import save_file
 
-            state = {k: v.detach().cpu().contiguous() for k, v in model.vision.state_dict().items()}
-            save_file(state, str(out / "vision_tower.safetensors"))
-    skipped.update(result.skipped)
-    state = {
-        "steps": result.steps,
-        "samples": result.samples,
-        "tokens": result.tokens,
-        "seconds": result.seconds,
-        "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
-        "trainable_parameters": result.trainable,
-        "losses": result.losses,
-        "skipped": dict(skipped),
-    }
+            state_dict = model.vision.state_dict()
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+                str(out / "vision_tower.safetensors"),
+            )
     (out / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (0.0, 0.0)
@@ -140,3 +216,14 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
         f"{first:.3f} -> {last:.3f}, {state['tokens_per_second']:,.0f} tokens/s; outputs in {out}"
     )
     return state
+
+
+def _unsharded(cfg: TrainConfig, full: dict, loop):
+    """A plain model in the trained layout (peft-wrapped in stage 2) holding `full`."""
+    from condense.train.loop import prepare_stage2
+
+    model, _ = build_model(cfg)
+    if cfg.stage == "stage2":
+        prepare_stage2(model, loop)
+    model.load_state_dict(full, strict=True)
+    return model

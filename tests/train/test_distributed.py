@@ -1,0 +1,117 @@
+"""Several workers train as one: the block schedule, and Ray Train workers (DDP, FSDP) against
+one process with the same global batch."""
+
+import io
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from condense.train.loop import _micro_batches
+from tests.conftest import REPO
+
+
+def schedule(n, span, size, world, unusable=()):
+    """Each worker's micro-batches (lists of sample numbers; None: an empty pass) and ends."""
+    out = []
+    for rank in range(world):
+        worker = SimpleNamespace(rank=rank, world=world)
+        out.append(
+            list(
+                _micro_batches(
+                    range(n), 0, span, size, worker, lambda i: None if i in unusable else i
+                )
+            )
+        )
+    return out
+
+
+def test_blocks_go_round_robin_and_every_worker_joins_every_step():
+    # 11 samples, steps of 4, blocks of 1, two workers: steps {0..3}, {4..7}, {8..10}.
+    w0, w1 = schedule(11, 4, 1, 2)
+    assert w0 == [([0], None), ([2], 5 - 1), ([4], None), ([6], 8), ([8], None), ([10], 0)]
+    # The last step has 3 samples: worker 1 gets one block and then an empty pass.
+    assert w1 == [([1], None), ([3], 4), ([5], None), ([7], 8), ([9], None), (None, 0)]
+    (one,) = schedule(11, 4, 1, 1)
+    assert [b for b, _ in one] == [[i] for i in range(11)]
+    assert [e for _, e in one if e is not None] == [4, 8, 0]
+    # Blocks of 2 within steps of 8 on two workers; an unusable sample shortens its block.
+    w0, w1 = schedule(8, 8, 2, 2, unusable={5})
+    assert w0 == [([0, 1], None), ([4], 0)] and w1 == [([2, 3], None), ([6, 7], 0)]
+    # Fewer samples than workers: the second worker only passes.
+    assert schedule(1, 4, 1, 2) == [[([0], 0)], [(None, 0)]]
+
+
+def test_resuming_skips_whole_steps():
+    worker = SimpleNamespace(rank=1, world=2)
+    got = list(_micro_batches(range(10), 4, 4, 1, worker, lambda i: i))
+    assert got == [([5], None), ([7], 8), ([9], 0)]
+
+
+def caption_json(folder, n):
+    (folder / "images").mkdir(parents=True)
+    entries = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.new("RGB", (36, 36), (25 * i % 255, 90, 200 - 10 * i)).save(buf, "PNG")
+        (folder / "images" / f"{i}.png").write_bytes(buf.getvalue())
+        turns = [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": f"hue {i}"}]
+        entries.append({"id": str(i), "image": f"{i}.png", "conversations": turns})
+    entries.append(
+        {
+            "id": "t",
+            "conversations": [  # text only: stage 2 trains on it
+                {"from": "human", "value": "Hi"},
+                {"from": "gpt", "value": "Hello"},
+            ],
+        }
+    )
+    (folder / "data.json").write_text(json.dumps(entries))
+    return folder / "data.json"
+
+
+def run_stage(stage, run_dir, data, workers, strategy="ddp", **settings):
+    from condense.config import load_config
+    from condense.train.config import TrainConfig
+    from condense.train.run import train_stage
+
+    overrides = [f"data.llava_json={data}", f"data.image_folder={data.parent / 'images'}"]
+    overrides += [f"workers={workers}", f"strategy={strategy}"]
+    overrides += ["cpus_per_worker=0.5", "global_batch=4", "per_device_batch=1", "epochs=2"]
+    overrides += [f"{k}={v}" for k, v in settings.items()]
+    cfg = load_config(
+        REPO / "configs" / "train" / f"{stage}-tiny.yaml",
+        [*overrides, f"stage={stage}"],
+        model=TrainConfig,
+    )
+    state = train_stage(cfg, run_dir, log=lambda _: None)
+    from safetensors.torch import load_file
+
+    projector = load_file(str(run_dir / "train" / stage / "mm_projector.safetensors"))
+    return state, projector
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ray_train_workers_match_one(ray_session, tmp_path, strategy):
+    """Stage 1 then stage 2 (LoRA, a text-only sample, a short last step) on two Ray Train
+    workers give the losses and weights of one process with the same global batch."""
+    data = caption_json(tmp_path, 9)
+    results = {}
+    for workers in (1, 2):
+        run = tmp_path / f"run{workers}"
+        one = run_stage("stage1", run, data, workers, strategy)
+        two = run_stage("stage2", run, data, workers, strategy, **{"lora.dropout": 0.0})
+        results[workers] = (one, two)
+    for (state1, proj1), (state2, proj2) in zip(results[1], results[2], strict=True):
+        assert state2["workers"] == 2 and state1["workers"] == 1
+        assert state1["steps"] == state2["steps"] == 6  # 2 epochs of ceil(10 / 4) steps
+        assert state1["samples"] == state2["samples"]
+        assert state1["tokens"] == state2["tokens"]
+        assert state1["losses"] == pytest.approx(state2["losses"], rel=1e-4)
+        for k in proj1:
+            torch.testing.assert_close(proj1[k], proj2[k], rtol=1e-4, atol=1e-5)
+    stage1 = results[2][0][0]
+    assert stage1["skipped"] == {"no_image": 2}  # the text-only sample, once per epoch
