@@ -135,7 +135,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from condense.config import load_config
     from condense.train.config import TrainConfig
 
-    cfg = load_config(args.config, [*args.set, f"stage={args.stage}"], model=TrainConfig)
+    overrides = [*args.set, f"stage={args.stage}"]
+    overrides += [f"workers={args.workers}"] if args.workers else []
+    overrides += [f"strategy={args.strategy}"] if args.strategy else []
+    cfg = load_config(args.config, overrides, model=TrainConfig)
     from condense.train.run import train_stage
 
     train_stage(cfg, args.run_dir, resume=args.resume)
@@ -222,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume", action="store_true", help="continue from the stage's last checkpoint"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="Ray Train workers (default: the config's `workers`, 1: plain PyTorch, no Ray)",
+    )
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="several workers: ddp or fsdp")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("chat", help="ask a trained model about an image")

@@ -119,3 +119,49 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, venv_env, tmp_path):
     clusters = pq.read_table(sorted((run_dir / "cluster").glob("part-*.parquet"))).to_pandas()
     assert len(clusters) == 3000 and clusters.cluster_id.nunique() == 8
     assert Path(run_dir / "config.yaml").exists() and Path(run_dir / "manifest.json").exists()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_trains_on_two_workers(ray_head, venv_env, tmp_path):
+    """jobs/train.py under `ray job submit`: stage 1 on two Ray Train workers (DDP, gloo)."""
+    from tests.train.test_distributed import caption_json
+
+    data = caption_json(tmp_path, 6)
+    run_dir = tmp_path / "run"
+    submit = subprocess.run(
+        [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            ray_head,
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "jobs/train.py",
+            "stage1",
+            "configs/train/stage1-tiny.yaml",
+            "--run-dir",
+            str(run_dir),
+            "--workers",
+            "2",
+            "--set",
+            "cpus_per_worker=0.5",
+            "--set",
+            f"data.llava_json={data}",
+            "--set",
+            f"data.image_folder={data.parent / 'images'}",
+        ],
+        cwd=REPO,
+        env=venv_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "succeeded" in submit.stdout
+    assert "[train] stage1 on 2 Ray Train workers (ddp, CPU)" in submit.stdout
+    state = json.loads((run_dir / "train" / "stage1" / "trainer_state.json").read_text())
+    assert state["workers"] == 2 and state["samples"] == 6 and state["steps"] == 2
+    assert (run_dir / "train" / "stage1" / "mm_projector.safetensors").exists()

@@ -69,6 +69,11 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
 
     One worker runs here, in plain PyTorch. `workers` > 1 runs a Ray Train TorchTrainer (DDP,
     or FSDP with `strategy: fsdp`) on the Ray cluster this process joins."""
+    if cfg.global_batch % (cfg.per_device_batch * cfg.workers):
+        raise ConfigError(
+            f"global_batch {cfg.global_batch} is not a multiple of per_device_batch "
+            f"{cfg.per_device_batch} x {cfg.workers} worker(s)"
+        )
     if cfg.workers > 1:
         return train_on_ray(cfg, run_dir, log, resume)
     from condense.train.parallel import make_parallel

@@ -157,6 +157,10 @@ def test_condense_train_stage1_command(demo_run, capsys):
         == 2
     )
     assert "unknown vision tower 'clip': use one of hf-clip, hf-siglip" in capsys.readouterr().err
+    # Checked before any Ray worker starts: a global batch that workers cannot split evenly.
+    odd = ["--workers", "3", "--set", "global_batch=4", "--set", "per_device_batch=1"]
+    assert main(["train", "stage1", tiny, "--run-dir", str(demo_run), *odd]) == 2
+    assert "global_batch 4 is not a multiple of per_device_batch 1 x 3" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
