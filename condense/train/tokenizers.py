@@ -25,4 +25,6 @@ def load_tokenizer(path: str | None, gguf_file: str | None = None):
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    from condense.train.model import local_path
+
+    return AutoTokenizer.from_pretrained(local_path(path), gguf_file=gguf_file)

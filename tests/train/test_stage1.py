@@ -60,7 +60,7 @@ def test_plain_and_bunny_masks():
     ids, labels, truncated = encode(turns, "bunny", tok, 20)
     assert truncated and len(ids) == len(labels) == 20
     with pytest.raises(
-        ValueError, match="unknown template 'nope': use one of bunny, llama3, phi3, plain"
+        ValueError, match="unknown template 'nope': use one of bunny, chatml, llama3, phi3, plain"
     ):
         encode(turns, "nope", tok, 10)
     with pytest.raises(ValueError, match="unknown vision tower"):
@@ -181,6 +181,13 @@ def test_condense_train_stage1_command(demo_run, capsys):
             "<|start_header_id|>assistant<|end_header_id|>\n\nA2<|eot_id|>",
             "<|eot_id|>",
         ),
+        (
+            "chatml",
+            "<|im_start|>system\nSYS<|im_end|>\n<|im_start|>user\n<image>\nQ1<|im_end|>\n"
+            "<|im_start|>assistant\nA1<|im_end|>\n<|im_start|>user\nQ2<|im_end|>\n"
+            "<|im_start|>assistant\nA2<|im_end|>\n",
+            "<|im_end|>\n",
+        ),
     ],
 )
 def test_chat_templates_text_and_masks(template, text, answer_end):
@@ -200,16 +207,16 @@ def test_chat_templates_text_and_masks(template, text, answer_end):
         {"from": "gpt", "value": "A2"},
     ]
     ids, labels, _ = encode(turns, t, tok, 4000)
-    assert ids[0] == tok.bos_token_id
+    bos = [tok.bos_token_id] if t.bos else []  # chatml's bos would be <|im_start|> again
     before, after = text.split("<image>")
-    want = [tok.bos_token_id, *tok(before, add_special_tokens=False)["input_ids"], IMAGE_TOKEN]
+    want = [*bos, *tok(before, add_special_tokens=False)["input_ids"], IMAGE_TOKEN]
     want += tok(after, add_special_tokens=False)["input_ids"]
     assert ids == want
     trained = tok.decode([x for x in labels if x != IGNORE])
     assert trained == f"A1{answer_end}A2{answer_end}"
 
 
-@pytest.mark.parametrize("template", ["plain", "bunny", "phi3", "llama3"])
+@pytest.mark.parametrize("template", ["plain", "bunny", "phi3", "llama3", "chatml"])
 def test_chat_prompt_is_the_training_text_up_to_the_answer(template):
     from condense.train.templates import prompt
 
