@@ -168,9 +168,6 @@ def bench_stage(stage: str, args, device: torch.device, peak: float | None) -> N
         f"({patches} + {args.text}) | {seconds * 1e3:,.0f} | {tokens / seconds:,.0f} | "
         f"{trained / seconds:,.0f} | {tflops:,.1f} | {mfu} | {memory} |"
     )
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -196,7 +193,9 @@ def main() -> None:
     )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for stage in args.stages.split(","):
-        bench_stage(stage, args, device, peak)
+        bench_stage(stage, args, device, peak)  # its model is freed when it returns
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
