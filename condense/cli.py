@@ -22,6 +22,7 @@ def _find_condense_error(exc: BaseException) -> CondenseError | None:
         if isinstance(e, CondenseError):
             return e
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        stack += list(getattr(e, "worker_failures", {}).values())  # Ray Train's workers
     return None
 
 

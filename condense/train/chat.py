@@ -50,7 +50,7 @@ def answer(model, tokenizer, cfg, image: bytes | None, question: str, max_new_to
 
     pix = None
     if image is not None:
-        pix = pixels(image, model.vision.image_size)
+        pix = pixels(image, model.vision.image_size, model.vision.mean, model.vision.std)
         if pix is None:
             raise InputError("the image does not decode")
         if IMAGE not in question:

@@ -11,7 +11,8 @@ from condense.strict import StrictModel
 
 class VisionConfig(StrictModel):
     name: str = "hf-siglip"  # a key of condense.train.model.VISION_TOWERS
-    path: str | None = None  # a local Hugging Face model folder (nothing downloads)
+    path: str | None = None  # a local Hugging Face folder; open-clip: a checkpoint file
+    model: str | None = None  # open-clip: an open_clip model name (EVA02-L-14) or JSON config
     config: dict[str, Any] | None = None  # or a config with random weights (tests, demos)
     layer: int = -2  # hidden layer whose patch tokens are projected
 

@@ -11,9 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 def shard_samples(shards: list[Path], skipped: Counter) -> Iterator[tuple[list[dict], bytes]]:
     """Stage-1 samples from WebDataset shards: the image and, as the gpt turn, its caption."""
@@ -51,10 +48,11 @@ def json_samples(path: Path, image_folder: Path | None, skipped: Counter):
         yield turns, image
 
 
-def pixels(data: bytes, size: int) -> np.ndarray | None:
-    """CHW float32 pixels (shortest side resized, centre-cropped, CLIP-normalised); None if the
-    bytes do not decode."""
+def pixels(data: bytes, size: int, mean=None, std=None) -> np.ndarray | None:
+    """CHW float32 pixels (shortest side resized, centre-cropped, normalised by the vision
+    tower's mean and std, CLIP's by default); None if the bytes do not decode."""
     from condense.cores.images import decode_rgb
+    from condense.train.model import CLIP_MEAN, CLIP_STD
 
     image, reason = decode_rgb(data)
     if image is None:
@@ -66,14 +64,14 @@ def pixels(data: bytes, size: int) -> np.ndarray | None:
     left, top = (w - size) // 2, (h - size) // 2
     image = image.crop((left, top, left + size, top + size))
     a = np.asarray(image, dtype=np.float32) / 255.0
-    a = (a - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    a = (a - np.array(mean or CLIP_MEAN, np.float32)) / np.array(std or CLIP_STD, np.float32)
     return a.transpose(2, 0, 1).copy()
 
 
-def load_image(data: bytes | None, size: int, skipped: Counter):
+def load_image(data: bytes | None, size: int, skipped: Counter, mean=None, std=None):
     if data is None:
         return None
-    out = pixels(data, size)
+    out = pixels(data, size, mean, std)
     if out is None:
         skipped["undecodable_image"] += 1
     return out

@@ -181,6 +181,7 @@ def train(
     start = time.perf_counter()
     window = {"loss": 0.0, "tokens": 0, "samples": 0}  # this worker's, since the last step
     dummy = _dummy_batch(tokenizer, image_size)
+    mean, std = getattr(model.vision, "mean", None), getattr(model.vision, "std", None)
 
     def micro_step(batch: list | None, last: bool) -> None:
         """Forward and backward of one micro-batch; gradients are all-reduced on the last
@@ -281,7 +282,7 @@ def train(
         if image is None and cfg.stage == "stage1":
             skipped["no_image"] += 1  # nothing for the projector to learn from
             return None
-        pix = load_image(image, image_size, skipped)
+        pix = load_image(image, image_size, skipped, mean, std)
         if image is not None and pix is None:
             return None
         try:

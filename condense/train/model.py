@@ -1,8 +1,10 @@
 """The Bunny model: vision tower -> projector (mlp2x_gelu) -> causal LLM, with exact-key registries.
 
 - Vision towers (`VISION_TOWERS`): `hf-clip` and `hf-siglip` (Hugging Face vision models, from
-  a local path or a config dict with random weights). Features come from a configurable hidden
-  layer (default -2), all patch tokens (CLIP's class token dropped).
+  a local path or a config dict with random weights) and `open-clip` (any open_clip image tower,
+  EVA-CLIP included, by name or JSON config, weights from a local checkpoint or random).
+  Features come from a configurable hidden layer (default -2), all patch tokens (class tokens
+  dropped); each tower knows the pixel normalisation it was trained with.
 - Projectors (`PROJECTORS`): `mlp2x_gelu` = Linear(vision, llm), GELU, Linear(llm, llm).
 - The LLM: any Hugging Face causal LM, from a local path (optionally a GGUF file in it) or a
   config dict with random weights.
@@ -20,15 +22,21 @@ from torch import nn
 
 from condense.train.templates import IGNORE, IMAGE_TOKEN
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
+
 
 class HFVisionTower(nn.Module):
-    """A Hugging Face vision model; hidden states of `layer`, patch tokens only."""
+    """A Hugging Face vision model; hidden states of `layer`, patch tokens only. `mean` and
+    `std` normalise its pixels (the folder's preprocessor_config.json, else the family's)."""
 
-    def __init__(self, model: nn.Module, layer: int, drop_class_token: bool):
+    def __init__(self, model: nn.Module, layer: int, drop_class_token: bool, mean, std):
         super().__init__()
         self.model, self.layer, self.drop_class_token = model, layer, drop_class_token
         self.hidden_size = model.config.hidden_size
         self.image_size = model.config.image_size
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixels, output_hidden_states=True)
@@ -37,20 +45,85 @@ class HFVisionTower(nn.Module):
 
 
 def _hf_vision(kind: str):
-    def build(path: str | None = None, config: dict | None = None, layer: int = -2):
+    def build(path: str | None = None, config: dict | None = None, layer: int = -2, **_):
+        import json
+        from pathlib import Path
+
         import transformers
 
-        model_cls, config_cls, cls_token = {
-            "clip": (transformers.CLIPVisionModel, transformers.CLIPVisionConfig, True),
-            "siglip": (transformers.SiglipVisionModel, transformers.SiglipVisionConfig, False),
+        model_cls, config_cls, cls_token, mean, std = {
+            "clip": (
+                transformers.CLIPVisionModel,
+                transformers.CLIPVisionConfig,
+                True,
+                CLIP_MEAN,
+                CLIP_STD,
+            ),
+            "siglip": (
+                transformers.SiglipVisionModel,
+                transformers.SiglipVisionConfig,
+                False,
+                SIGLIP_MEAN,
+                SIGLIP_STD,
+            ),
         }[kind]
-        model = model_cls.from_pretrained(path) if path else model_cls(config_cls(**(config or {})))
-        return HFVisionTower(model, layer, cls_token)
+        if path:
+            model = model_cls.from_pretrained(path)
+            processor = Path(path) / "preprocessor_config.json"
+            if processor.is_file():
+                settings = json.loads(processor.read_text())
+                mean = settings.get("image_mean", mean)
+                std = settings.get("image_std", std)
+        else:
+            model = model_cls(config_cls(**(config or {})))
+        return HFVisionTower(model, layer, cls_token, mean, std)
 
     return build
 
 
-VISION_TOWERS = {"hf-clip": _hf_vision("clip"), "hf-siglip": _hf_vision("siglip")}
+class OpenClipVisionTower(nn.Module):
+    """An open_clip image tower (CLIP, EVA-CLIP, SigLIP as open_clip builds them): the patch
+    tokens after block `layer` (negative: from the end), class and register tokens dropped."""
+
+    def __init__(self, visual: nn.Module, layer: int):
+        super().__init__()
+        self.visual, self.layer = visual, layer
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, tuple | list) else size)
+        trunk = getattr(visual, "trunk", None)  # timm towers (EVA): open_clip's TimmModel
+        self.hidden_size = trunk.num_features if trunk is not None else visual.transformer.width
+        self.mean = tuple(getattr(visual, "image_mean", None) or CLIP_MEAN)
+        self.std = tuple(getattr(visual, "image_std", None) or CLIP_STD)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.visual.forward_intermediates(
+            pixels, indices=[self.layer], stop_early=True, intermediates_only=True, output_fmt="NLC"
+        )
+        return out["image_intermediates"][0]
+
+
+def _open_clip_vision(
+    path: str | None = None, config: dict | None = None, layer: int = -2, model: str | None = None
+):
+    """`model`: an open_clip model name (e.g. EVA02-L-14) or a model config JSON; `path`: a
+    local checkpoint file (None: random weights)."""
+    import open_clip
+
+    from condense.cores.clip import register
+
+    if not model:
+        raise ValueError(
+            "the open-clip vision tower needs vision.model (an open_clip name or JSON)"
+        )
+    net = open_clip.create_model(register(model), pretrained=path)
+    return OpenClipVisionTower(net.visual, layer)
+
+
+VISION_TOWERS = {
+    "hf-clip": _hf_vision("clip"),
+    "hf-siglip": _hf_vision("siglip"),
+    "open-clip": _open_clip_vision,
+}
 
 
 def mlp2x_gelu(vision_size: int, llm_size: int) -> nn.Module:

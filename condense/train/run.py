@@ -32,12 +32,27 @@ def build_model(cfg: TrainConfig):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         vision = vision_builder(
-            path=cfg.vision.path, config=cfg.vision.config, layer=cfg.vision.layer
+            path=cfg.vision.path,
+            config=cfg.vision.config,
+            layer=cfg.vision.layer,
+            model=cfg.vision.model,
         )
         llm = build_llm(cfg.llm.path, cfg.llm.config, cfg.llm.gguf_file)
         projector = projector_builder(vision.hidden_size, llm.config.hidden_size)
     tokenizer = load_tokenizer(cfg.llm.tokenizer or cfg.llm.path, cfg.llm.gguf_file)
     return BunnyModel(vision, projector, llm), tokenizer
+
+
+def shard_files(cfg: TrainConfig, run_dir: Path) -> list[Path]:
+    """The WebDataset shards stage 1 reads: data.shards, else RUN/export/shards."""
+    folder = Path(cfg.data.shards) if cfg.data.shards else run_dir / "export" / "shards"
+    shards = sorted(folder.glob("*.tar"))
+    if not shards:
+        raise InputError(
+            f"{folder}: no WebDataset shards; run the pipeline (its export stage) first, "
+            "or set data.shards or data.llava_json"
+        )
+    return shards
 
 
 def stage_samples(cfg: TrainConfig, run_dir: Path, skipped: Counter):
@@ -47,20 +62,41 @@ def stage_samples(cfg: TrainConfig, run_dir: Path, skipped: Counter):
     if cfg.data.llava_json:
         data = list(json_samples(Path(cfg.data.llava_json), cfg.data.image_folder, skipped))
         return (lambda: data), len(data)
-    folder = Path(cfg.data.shards) if cfg.data.shards else run_dir / "export" / "shards"
-    shards = sorted(folder.glob("*.tar"))
-    if not shards:
-        raise InputError(
-            f"{folder}: no WebDataset shards; run the pipeline (its export stage) first, "
-            "or set data.shards or data.llava_json"
-        )
-    counts = [json.loads(p.read_text()).get("count", 0) for p in folder.glob("*_stats.json")]
+    shards = shard_files(cfg, run_dir)
+    stats = [
+        json.loads(p.read_text()).get("count", 0) for p in shards[0].parent.glob("*_stats.json")
+    ]
     total = (
-        sum(counts)
-        if len(counts) == len(shards)
+        sum(stats)
+        if len(stats) == len(shards)
         else sum(1 for _ in shard_samples(shards, Counter()))
     )
     return (lambda: shard_samples(shards, skipped)), total
+
+
+def projector_start(cfg: TrainConfig, run_dir: Path) -> Path:
+    """Where stage 2's projector comes from: projector_from, else stage 1's output."""
+    return Path(cfg.projector_from or run_dir / "train" / "stage1" / "mm_projector.safetensors")
+
+
+def check_inputs(cfg: TrainConfig, run_dir: Path) -> None:
+    """What can be checked before any worker starts: settings, and that the inputs exist."""
+    if cfg.global_batch % (cfg.per_device_batch * cfg.workers):
+        raise ConfigError(
+            f"global_batch {cfg.global_batch} is not a multiple of per_device_batch "
+            f"{cfg.per_device_batch} x {cfg.workers} worker(s)"
+        )
+    if cfg.stage == "stage2":
+        if not cfg.data.llava_json:
+            raise ConfigError("stage 2 trains on instruction data: set data.llava_json")
+        start = projector_start(cfg, run_dir)
+        if not start.is_file():
+            raise InputError(f"stage 2 starts from stage 1's projector: {start} does not exist")
+    if cfg.data.llava_json:
+        if not Path(cfg.data.llava_json).is_file():
+            raise InputError(f"data.llava_json: {cfg.data.llava_json} does not exist")
+    else:
+        shard_files(cfg, run_dir)
 
 
 def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool = False) -> dict:
@@ -69,11 +105,7 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
 
     One worker runs here, in plain PyTorch. `workers` > 1 runs a Ray Train TorchTrainer (DDP,
     or FSDP with `strategy: fsdp`) on the Ray cluster this process joins."""
-    if cfg.global_batch % (cfg.per_device_batch * cfg.workers):
-        raise ConfigError(
-            f"global_batch {cfg.global_batch} is not a multiple of per_device_batch "
-            f"{cfg.per_device_batch} x {cfg.workers} worker(s)"
-        )
+    check_inputs(cfg, Path(run_dir))
     if cfg.workers > 1:
         return train_on_ray(cfg, run_dir, log, resume)
     from condense.train.parallel import make_parallel
@@ -134,13 +166,7 @@ def run_worker(cfg: TrainConfig, run_dir: Path, log, resume: bool, parallel) -> 
     model, tokenizer = build_model(cfg)
     skipped: Counter = Counter()
     if cfg.stage == "stage2":
-        start = Path(
-            cfg.projector_from or run_dir / "train" / "stage1" / "mm_projector.safetensors"
-        )
-        if not start.is_file():
-            raise InputError(f"stage 2 starts from stage 1's projector: {start} does not exist")
-        if not cfg.data.llava_json:
-            raise ConfigError("stage 2 trains on instruction data: set data.llava_json")
+        start = projector_start(cfg, run_dir)
         load_projector(model, start)
         if parallel.is_main:
             log(f"[train] stage 2 starts from the projector in {start}")

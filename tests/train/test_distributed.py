@@ -115,3 +115,20 @@ def test_two_ray_train_workers_match_one(ray_session, tmp_path, strategy):
             torch.testing.assert_close(proj1[k], proj2[k], rtol=1e-4, atol=1e-5)
     stage1 = results[2][0][0]
     assert stage1["skipped"] == {"no_image": 2}  # the text-only sample, once per epoch
+
+
+@pytest.mark.slow
+def test_a_workers_error_reaches_the_command_line(ray_session, tmp_path, capsys):
+    """An input problem found inside the Ray Train workers is reported like one found here."""
+    from condense.cli import main
+
+    data = caption_json(tmp_path, 2)
+    for image in (tmp_path / "images").iterdir():
+        image.unlink()  # every sample's image is missing: nothing can be trained on
+    args = ["train", "stage1", str(REPO / "configs" / "train" / "stage1-tiny.yaml")]
+    args += ["--run-dir", str(tmp_path / "run"), "--workers", "2"]
+    args += ["--set", "cpus_per_worker=0.5", "--set", f"data.llava_json={data}"]
+    args += ["--set", f"data.image_folder={tmp_path / 'images'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no sample could be used (missing_image=2" in err

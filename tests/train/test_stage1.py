@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,3 +228,47 @@ def test_chat_prompt_is_the_training_text_up_to_the_answer(template):
     assert ids[: len(asked)] == asked
     first_trained = next(i for i, x in enumerate(labels) if x != IGNORE)
     assert first_trained == len(asked)  # the model answers exactly where training taught it
+
+
+def test_open_clip_tower_gives_the_patch_tokens_of_its_layer():
+    """EVA-CLIP and other open_clip towers: layer -2 of a 2-block ViT is block 0's output."""
+    from tests.conftest import REPO
+
+    tiny = str(REPO / "configs" / "models" / "tiny-clip.json")
+    tower = pick(VISION_TOWERS, "open-clip", "vision tower")(model=tiny, layer=-2)
+    x = torch.randn(2, 3, 64, 64)
+    vis = tower.visual
+    tokens = vis.conv1(x).flatten(2).transpose(1, 2)
+    cls = vis.class_embedding.expand(2, 1, -1)
+    tokens = vis.ln_pre(torch.cat([cls, tokens], 1) + vis.positional_embedding)
+    want = vis.transformer.resblocks[0](tokens)[:, 1:]  # the class token dropped
+    torch.testing.assert_close(tower(x), want)
+    assert tower.hidden_size == 64 and tower.image_size == 64
+    # It trains like any tower: stage 1 moves only the projector.
+    llm = build_llm(config=LLM)
+    projector = pick(PROJECTORS, "mlp2x_gelu", "projector")(64, LLM["hidden_size"])
+    model = BunnyModel(tower, projector, llm)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = LoopConfig(global_batch=2, per_device_batch=2, epochs=2)
+    data = captions(2)
+    result = train(model, lambda: data, 2, byte_tokenizer(), 64, cfg, log=lambda _: None)
+    assert result.steps == 2 and result.samples == 4
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert changed and all(k.startswith("projector.") for k in changed)
+
+
+def test_pixels_are_normalised_as_the_tower_was_trained():
+    import io
+
+    from PIL import Image
+
+    from condense.train.data import pixels
+
+    siglip = pick(VISION_TOWERS, "hf-siglip", "vision tower")(config=VISION)
+    clip = pick(VISION_TOWERS, "hf-clip", "vision tower")(config=VISION)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (255, 255, 255)).save(buf, "PNG")
+    white = pixels(buf.getvalue(), 32, siglip.mean, siglip.std)
+    assert white.shape == (3, 32, 32) and np.allclose(white, 1.0)  # (1 - 0.5) / 0.5
+    white = pixels(buf.getvalue(), 32, clip.mean, clip.std)
+    assert np.allclose(white[0], (1 - 0.48145466) / 0.26862954)
