@@ -65,6 +65,7 @@ class LoopResult:
     seconds: float = 0.0
     skipped: dict[str, int] = field(default_factory=dict)
     trainable: int = 0
+    tokens_per_second: float = 0.0  # this run's (a resumed run: since it resumed)
 
 
 def freeze_for_stage1(model: BunnyModel) -> None:
@@ -140,7 +141,6 @@ def train(
             f"global_batch {cfg.global_batch} is not a multiple of per_device_batch "
             f"{cfg.per_device_batch} x {parallel.world} worker(s)"
         )
-    accumulate = cfg.global_batch // per_step
     model.to(parallel.device)
     if cfg.stage == "stage2":
         groups = prepare_stage2(model, cfg)
@@ -153,11 +153,7 @@ def train(
         what = "the projector"
     if cfg.gradient_checkpointing:
         llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
-        kwargs = {"use_reentrant": False}
-        if hasattr(llm, "activation_checkpointing_enable"):  # the newer name
-            llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        checkpoint_activations(llm)
     trainable = sum(p.numel() for g in groups for p in g["params"])
     name_of = {id(p): n for n, p in model.named_parameters()}
     names = [[name_of[id(p)] for p in g["params"]] for g in groups]
@@ -169,6 +165,7 @@ def train(
     params = [p for g in groups for p in g["params"]]
     trainable_names = [n for ns in names for n in ns]
     log(f"[train] {cfg.stage}: {trainable:,} trainable parameters ({what})")
+    full = cfg.global_batch // cfg.per_device_batch  # blocks (micro-batches) in a whole step
     steps_per_epoch = max(1, math.ceil(n_samples / cfg.global_batch))
     total = steps_per_epoch * cfg.epochs
     warmup = max(1, round(cfg.warmup_ratio * total))
@@ -183,15 +180,18 @@ def train(
     dummy = _dummy_batch(tokenizer, image_size)
     mean, std = getattr(model.vision, "mean", None), getattr(model.vision, "std", None)
 
-    def micro_step(batch: list | None, last: bool) -> None:
-        """Forward and backward of one micro-batch; gradients are all-reduced on the last
-        one of a step. An empty one (its samples all skipped, or past the stream's end on
-        this worker) runs a zero-weight pass, so every worker joins every all-reduce."""
+    def micro_step(batch: list | None, last: bool, weight: float) -> None:
+        """Forward and backward of one micro-batch, its mean loss weighted by 1 / the
+        micro-batches per worker in a step (DDP and FSDP then average over the workers: the
+        step's gradient is the mean over its micro-batches; a short last step is scaled up
+        before the optimizer steps). Gradients are all-reduced on the last micro-batch of a
+        step. An empty one (its samples all skipped, or past the stream's end on this
+        worker) runs a zero-weight pass, so every worker joins every all-reduce."""
         if not batch and parallel.world == 1:
             return
         with nullcontext() if last else parallel.no_sync(module):
             loss, tokens = _micro_step(
-                module, batch or dummy, device, autocast, 1 / accumulate if batch else 0.0
+                module, batch or dummy, device, autocast, weight * bool(batch)
             )
         if batch:
             window["loss"] += loss
@@ -232,7 +232,7 @@ def train(
         import os
 
         weights, opt_state = parallel.state(model, opt, trainable_names)
-        rng = parallel.gather(torch.get_rng_state())
+        rng = parallel.gather(_rng_state(device))
         counts = parallel.gather(dict(skipped))
         if not parallel.is_main:
             return
@@ -263,10 +263,13 @@ def train(
                 f"{path} was written with global_batch {state['global_batch']}; resume with "
                 f"the same global batch (it was {cfg.global_batch})"
             )
-        parallel.load_state(model, opt, trainable_names, state["params"], state["optimizer"])
+        parallel.load_state(model, opt, state["params"], state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng[parallel.rank] if len(rng) == parallel.world else rng[0])
+        rng = state["rng"]  # each worker its own draws; with another worker count, derived ones
+        if len(rng) == parallel.world:
+            _set_rng_state(rng[parallel.rank], device)
+        else:
+            torch.manual_seed(cfg.seed + parallel.rank + 1000 * state["steps"])
         first_epoch, skip = state["epoch"], state["position"]
         result.steps, result.losses = state["steps"], list(state["losses"])
         result.samples, result.tokens = state["samples"], state["tokens"]
@@ -290,6 +293,12 @@ def train(
         except ValueError:
             skipped["bad_turns"] += 1
             return None
+        if ids.count(IMAGE_TOKEN) != (pix is not None):  # cut off by max_length, or a
+            skipped["image_token_mismatch"] += 1  # caption that itself says <image>
+            return None
+        if all(x == IGNORE for x in labels):  # truncated before the answer: nothing to learn
+            skipped["no_target"] += 1
+            return None
         skipped["truncated"] += int(truncated)
         return ids, labels, pix
 
@@ -305,10 +314,13 @@ def train(
             samples(), skip, cfg.global_batch, cfg.per_device_batch, parallel, prepare
         )
         skip = 0
-        for batch, end in blocks:
-            micro_step(batch, last=end is not None)
+        for batch, end, count in blocks:
+            micro_step(batch, last=end is not None, weight=parallel.world / full)
             if end is None:
                 continue
+            if count < full:  # a short last step: the mean over the blocks it has
+                _scale_gradients(params, full / count)
+                window["loss"] *= full / count
             optimizer_step()
             if end == 0:  # the epoch's end
                 if path is not None:
@@ -322,6 +334,7 @@ def train(
     if bar is not None:
         bar.close()
     result.seconds = time.perf_counter() - start
+    result.tokens_per_second = (result.tokens - first_tokens) / max(result.seconds, 1e-9)
     total_skipped = sum((Counter(c) for c in parallel.gather(dict(skipped))), Counter())
     result.skipped = {k: v for k, v in sorted(total_skipped.items()) if v}
     return result
@@ -331,9 +344,46 @@ def _silent(_: str) -> None:
     pass
 
 
+def checkpoint_activations(llm) -> None:
+    """Recompute each decoder layer's activations in the backward pass (transformers' own
+    mechanism). It acts only on layers in training mode; a frozen LLM (stage 1) stays in eval
+    mode below the layer, so dropout stays off while its layers are checkpointed."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(llm, "activation_checkpointing_enable"):  # the newer name
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for module in llm.modules():
+        if getattr(module, "gradient_checkpointing", None) is True:
+            module.training = True  # this module only: its children keep their mode
+
+
+def _scale_gradients(params: list[torch.Tensor], factor: float) -> None:
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(factor)
+
+
+def _rng_state(device: torch.device) -> dict:
+    """The random state dropout draws from: the CPU's, and the GPU's where it runs."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def _micro_batches(stream, skip: int, span: int, size: int, parallel: Single, prepare):
-    """This worker's micro-batches, as (batch, end): end is None inside a step, else the
-    stream position after the step, or 0 after the epoch's last step.
+    """This worker's micro-batches, as (batch, end, blocks): end is None inside a step, else
+    the stream position after the step, or 0 after the epoch's last step; with an end, blocks
+    is the number of blocks (micro-batches of all workers) the step had: fewer than a whole
+    step's in an epoch's short last step.
 
     A step covers `span` consecutive samples (from position `skip`), in blocks of `size`;
     block j is this worker's when j % world == rank. Every worker yields the same number of
@@ -341,6 +391,7 @@ def _micro_batches(stream, skip: int, span: int, size: int, parallel: Single, pr
     samples are dropped (prepare returns None), so a micro-batch may be short or empty.
     """
     rank, world = parallel.rank, parallel.world
+    full = span // size  # blocks in a whole step
     held = None  # this worker's last finished block, yielded when the next one or the step ends
     block: list = []
     n = 0  # samples of the current step seen so far
@@ -355,23 +406,23 @@ def _micro_batches(stream, skip: int, span: int, size: int, parallel: Single, pr
         n += 1
         if mine and n % size == 0:
             if held is not None:
-                yield held, None
+                yield held, None, full
             held, block = block, []
         if n == span:
-            yield held, 0 if last else position + 1
+            yield held, 0 if last else position + 1, full
             held, n = None, 0
     if not n:
         return
+    blocks = math.ceil(n / size)  # in this last, short step
     if ((n - 1) // size) % world == rank and n % size:  # this worker's unfinished last block
         if held is not None:
-            yield held, None
+            yield held, None, blocks
         held, block = block, []
-    blocks = math.ceil(n / size)
     slots = math.ceil(blocks / world)  # micro-batches per worker in this last step
     mine = len(range(rank, blocks, world))
     tail = ([held] if held is not None else []) + [None] * (slots - mine)
     for i, batch in enumerate(tail):
-        yield batch, 0 if i == len(tail) - 1 else None
+        yield batch, 0 if i == len(tail) - 1 else None, blocks
 
 
 def _flag_last(stream):

@@ -17,6 +17,18 @@ from torch import nn
 STRATEGIES = ("ddp", "fsdp")
 
 
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # Whole tensors, gathered to the CPU (under FSDP only the main worker keeps them).
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole tensor: an FSDP shard is gathered (a collective)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -46,16 +58,25 @@ class Single:
         return [obj]
 
     def state(self, model: nn.Module, opt: torch.optim.Optimizer, names: list[str]):
-        """(the named trainable tensors on the CPU, the optimizer's state), for a checkpoint."""
-        params = dict(model.named_parameters())
-        return {n: params[n].detach().cpu() for n in names}, opt.state_dict()
+        """(the named trainable tensors, whole, on the CPU; the optimizer's state keyed by
+        parameter name), for a checkpoint. The same layout for every strategy, so a run may
+        resume with another one; a collective under FSDP (every worker calls it)."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    def load_state(self, model, opt, names, params: dict, opt_state: dict) -> None:
-        own = dict(model.named_parameters())
-        with torch.no_grad():
-            for n in names:
-                own[n].copy_(params[n])
-        opt.load_state_dict(opt_state)
+        params = dict(model.named_parameters())
+        weights = {n: _whole(params[n]).detach().cpu() for n in names}
+        return weights, get_optimizer_state_dict(model, opt, options=_full_options())
+
+    def load_state(self, model, opt, params: dict, opt_state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, params, options=options)
+        set_optimizer_state_dict(model, opt, optim_state_dict=opt_state, options=options)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on the main process (None elsewhere), for the outputs."""
@@ -125,29 +146,10 @@ class FSDP(DDP):
         finally:
             module.set_requires_gradient_sync(True)
 
-    def _options(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        return StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-    def state(self, model, opt, names):
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        weights, opt_state = get_state_dict(model, opt, options=self._options())
-        return {n: weights[n] for n in names if n in weights}, opt_state
-
-    def load_state(self, model, opt, names, params, opt_state):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        options = StateDictOptions(full_state_dict=True, strict=False, broadcast_from_rank0=False)
-        set_state_dict(
-            model, opt, model_state_dict=params, optim_state_dict=opt_state, options=options
-        )
-
     def full_state_dict(self, model):
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(model, options=self._options())
+        return get_model_state_dict(model, options=_full_options())
 
 
 def make_parallel(strategy: str = "ddp", device: torch.device | None = None) -> Single:

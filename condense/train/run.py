@@ -124,9 +124,10 @@ def train_on_ray(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool 
     init_ray(RayConfig())
     gpus = cfg.use_gpu if cfg.use_gpu is not None else cluster_resources()["GPU"] >= 1
     run_dir = Path(run_dir).resolve()
+    settings = _absolute_paths(cfg.model_dump())  # Ray Train workers run in folders of their own
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "run_dir": str(run_dir), "resume": resume},
+        train_loop_config={"cfg": settings, "run_dir": str(run_dir), "resume": resume},
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
@@ -144,6 +145,27 @@ def train_on_ray(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool 
     trainer.fit()
     # The main worker wrote it (the run directory is on storage every node sees).
     return json.loads((run_dir / "train" / cfg.stage / "trainer_state.json").read_text())
+
+
+def _absolute_paths(settings: dict) -> dict:
+    """The config's file and folder settings made absolute (package: and bytes left as is)."""
+
+    def fix(value):
+        if not value or value == "bytes" or value.startswith("package:"):
+            return value
+        path = Path(value).expanduser()
+        return str(path.resolve()) if path.exists() else value  # a model name stays a name
+
+    data, vision, llm = settings["data"], settings["vision"], settings["llm"]
+    for section, keys in (
+        (data, ("shards", "llava_json", "image_folder")),
+        (vision, ("path", "model")),
+        (llm, ("path", "tokenizer")),
+        (settings, ("projector_from",)),
+    ):
+        for key in keys:
+            section[key] = fix(section[key])
+    return settings
 
 
 def _ray_worker(config: dict) -> None:
@@ -215,7 +237,7 @@ def run_worker(cfg: TrainConfig, run_dir: Path, log, resume: bool, parallel) -> 
         "samples": result.samples,
         "tokens": result.tokens,
         "seconds": result.seconds,
-        "tokens_per_second": result.tokens / max(result.seconds, 1e-9),
+        "tokens_per_second": result.tokens_per_second,
         "trainable_parameters": result.trainable,
         "workers": parallel.world,
         "losses": result.losses,

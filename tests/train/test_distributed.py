@@ -13,18 +13,19 @@ from condense.train.loop import _micro_batches
 from tests.conftest import REPO
 
 
-def schedule(n, span, size, world, unusable=()):
-    """Each worker's micro-batches (lists of sample numbers; None: an empty pass) and ends."""
+def schedule(n, span, size, world, unusable=(), blocks=None):
+    """Each worker's micro-batches (lists of sample numbers; None: an empty pass) and ends;
+    `blocks` collects each micro-batch's count of blocks in its step."""
     out = []
     for rank in range(world):
         worker = SimpleNamespace(rank=rank, world=world)
-        out.append(
-            list(
-                _micro_batches(
-                    range(n), 0, span, size, worker, lambda i: None if i in unusable else i
-                )
-            )
+        got = _micro_batches(
+            range(n), 0, span, size, worker, lambda i: None if i in unusable else i
         )
+        triples = list(got)
+        if blocks is not None:
+            blocks.append([c for _, e, c in triples if e is not None])  # per step
+        out.append([(b, e) for b, e, _ in triples])
     return out
 
 
@@ -34,6 +35,9 @@ def test_blocks_go_round_robin_and_every_worker_joins_every_step():
     assert w0 == [([0], None), ([2], 5 - 1), ([4], None), ([6], 8), ([8], None), ([10], 0)]
     # The last step has 3 samples: worker 1 gets one block and then an empty pass.
     assert w1 == [([1], None), ([3], 4), ([5], None), ([7], 8), ([9], None), (None, 0)]
+    counts = []
+    schedule(11, 4, 1, 2, blocks=counts)  # the last step has 3 blocks: its mean is over 3
+    assert counts == [[4, 4, 3]] * 2
     (one,) = schedule(11, 4, 1, 1)
     assert [b for b, _ in one] == [[i] for i in range(11)]
     assert [e for _, e in one if e is not None] == [4, 8, 0]
@@ -47,7 +51,8 @@ def test_blocks_go_round_robin_and_every_worker_joins_every_step():
 def test_resuming_skips_whole_steps():
     worker = SimpleNamespace(rank=1, world=2)
     got = list(_micro_batches(range(10), 4, 4, 1, worker, lambda i: i))
-    assert got == [([5], None), ([7], 8), ([9], 0)]
+    assert [(b, e) for b, e, _ in got] == [([5], None), ([7], 8), ([9], 0)]
+    assert got[-1][2] == 2  # the last step: samples 8 and 9
 
 
 def caption_json(folder, n):
@@ -118,17 +123,18 @@ def test_two_ray_train_workers_match_one(ray_session, tmp_path, strategy):
 
 
 @pytest.mark.slow
-def test_a_workers_error_reaches_the_command_line(ray_session, tmp_path, capsys):
-    """An input problem found inside the Ray Train workers is reported like one found here."""
+def test_a_workers_error_reaches_the_command_line(ray_session, tmp_path, capsys, monkeypatch):
+    """An input problem found inside the Ray Train workers is reported like one found here;
+    relative paths given here mean the same in the workers (which run in folders of their own)."""
     from condense.cli import main
 
-    data = caption_json(tmp_path, 2)
+    caption_json(tmp_path, 2)
     for image in (tmp_path / "images").iterdir():
         image.unlink()  # every sample's image is missing: nothing can be trained on
+    monkeypatch.chdir(tmp_path)
     args = ["train", "stage1", str(REPO / "configs" / "train" / "stage1-tiny.yaml")]
-    args += ["--run-dir", str(tmp_path / "run"), "--workers", "2"]
-    args += ["--set", "cpus_per_worker=0.5", "--set", f"data.llava_json={data}"]
-    args += ["--set", f"data.image_folder={tmp_path / 'images'}"]
+    args += ["--run-dir", "run", "--workers", "2", "--set", "cpus_per_worker=0.5"]
+    args += ["--set", "data.llava_json=data.json", "--set", "data.image_folder=images"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "no sample could be used (missing_image=2" in err

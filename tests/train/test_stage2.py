@@ -211,17 +211,64 @@ def test_merged_llm_answers_like_the_adapter(demo_run, tmp_path, capsys):
     assert capsys.readouterr().out == merged
 
 
-def test_gradient_checkpointing_gives_the_same_training(tmp_path):
-    """Recomputing activations saves memory, never changes the result."""
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_gradient_checkpointing_recomputes_and_gives_the_same_training(tmp_path, stage):
+    """Recomputing activations saves memory, never changes the result; in stage 1 too, where
+    the frozen LLM stays in eval mode."""
     from collections import Counter
 
     path, images = llava_json(tmp_path)
     data = list(json_samples(path, images, Counter()))
-    runs = []
+    if stage == "stage1":
+        data = [d for d in data if d[1] is not None]
+    runs, calls = [], []
     for checkpointing in (False, True):
         model = tiny_model()
-        cfg = stage2_config(epochs=2, gradient_checkpointing=checkpointing)
+        count = [0]
+        mlp = model.llm.model.layers[0].mlp
+        # a pre-hook: a recomputation stops (early) inside the MLP, before a forward hook runs
+        mlp.register_forward_pre_hook(lambda *_, c=count: c.__setitem__(0, c[0] + 1))
+        cfg = stage2_config(epochs=2, gradient_checkpointing=checkpointing, stage=stage)
         runs.append(
             train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None)
         )
+        calls.append(count[0])
+        if stage == "stage1":  # checkpointed, yet frozen and in eval mode below the layer
+            assert not model.llm.training and not mlp.training
     assert runs[1].losses == pytest.approx(runs[0].losses, rel=1e-4)
+    micro_steps = 2 * -(-len(data) // 2)  # 2 epochs of per-device batches of 2
+    assert calls == [micro_steps, 2 * micro_steps]  # each layer run again in the backward pass
+
+
+def test_samples_that_cannot_train_are_skipped_and_counted():
+    """An image cut off by max_length, a caption that says <image> itself, an answer cut off
+    entirely: each skipped and counted, never a crash mid-epoch."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (36, 36), (10, 200, 30)).save(buf, "PNG")
+    image = buf.getvalue()
+    from condense.train.templates import IMAGE_TOKEN, encode
+
+    tok = byte_tokenizer()
+    ask = [
+        {"from": "human", "value": "Look closely at this picture, please: <image>\nWhat is it?"},
+        {"from": "gpt", "value": "green"},
+    ]
+    long = [{"from": "human", "value": "Hi " * 40}, {"from": "gpt", "value": "Hello"}]
+    said = [{"from": "human", "value": "<image>\n"}, {"from": "gpt", "value": "an <image> tag"}]
+    good = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    data = [(ask, image), (long, None), (said, image), (good, None)]
+    # Long enough for `good` and both of `said`'s <image>; too short for `ask`'s image (which
+    # comes after 37 more characters) and for any of `long`'s answer.
+    start = encode(said, "bunny", tok, 10**6)[0].index(IMAGE_TOKEN)
+    limit = start + 30
+    assert len(encode(good, "bunny", tok, 10**6)[0]) <= limit
+    assert encode(said, "bunny", tok, limit)[0].count(IMAGE_TOKEN) == 2
+    model = tiny_model()
+    cfg = stage2_config(epochs=1, max_length=limit, template="bunny")
+    result = train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None)
+    assert result.samples == 1
+    assert result.skipped == {"image_token_mismatch": 2, "no_target": 1}
