@@ -138,3 +138,48 @@ def test_a_workers_error_reaches_the_command_line(ray_session, tmp_path, capsys,
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "no sample could be used (missing_image=2" in err
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_one_process_checkpoint_resumes_under_ddp_and_fsdp(tmp_path, strategy):
+    """Checkpoints name every tensor (weights, optimizer state), whatever wrote them: a run
+    checkpointed by one plain process resumes in a process group (here of one, on gloo) under
+    DDP or FSDP and ends where the uninterrupted run ends."""
+    from collections import Counter
+
+    import torch.distributed as dist
+
+    from condense.train.data import json_samples
+    from condense.train.loop import train
+    from condense.train.parallel import make_parallel
+    from condense.train.tokenizers import byte_tokenizer
+    from tests.test_jobs import free_ports
+    from tests.train.test_stage1 import tiny_model
+    from tests.train.test_stage2 import llava_json, stage2_config
+
+    path, images = llava_json(tmp_path)
+    data = list(json_samples(path, images, Counter()))
+
+    def run(checkpoints, parallel=None, **kw):
+        model = tiny_model()
+        cfg = stage2_config(
+            global_batch=2, per_device_batch=1, epochs=2, checkpoint_dir=checkpoints, **kw
+        )
+        result = train(
+            model, lambda: data, len(data), byte_tokenizer(), 32, cfg, lambda _: None, parallel
+        )
+        return result, model.projector.state_dict()
+
+    whole, want = run(tmp_path / "a")
+    run(tmp_path / "b", max_steps=2)
+    (port,) = free_ports(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        resumed, got = run(tmp_path / "b", make_parallel(strategy), resume=True)
+        got = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in got.items()}
+    finally:
+        dist.destroy_process_group()
+    assert resumed.steps == whole.steps == 4
+    assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
