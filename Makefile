@@ -32,7 +32,7 @@ install: $(STAMP) ## create .venv and install condense with its dev tools
 demo: $(STAMP) ## the image demo: photos served, downloaded, condensed, exported (~1 min)
 	$(BIN)/condense demo --run-dir runs/demo
 
-demo-train: $(STAMP) ## the demo, then Bunny stage 1 + 2 around SmolLM2-135M and a chat answer (~4 min)
+demo-train: $(STAMP) ## the demo, then Bunny stage 1 + 2 around SmolLM2-135M and a chat answer (~3 min)
 	$(BIN)/condense demo --run-dir runs/demo --train
 
 test: $(STAMP) ## run the test suite (real Ray, real faiss, real files)
