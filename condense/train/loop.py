@@ -164,6 +164,7 @@ def train(
     torch.manual_seed(cfg.seed + parallel.rank)  # and each its own LoRA dropout
     params = [p for g in groups for p in g["params"]]
     trainable_names = [n for ns in names for n in ns]
+    image_params = [own[n] for n in trainable_names if n.startswith(("projector.", "vision."))]
     log(f"[train] {cfg.stage}: {trainable:,} trainable parameters ({what})")
     full = cfg.global_batch // cfg.per_device_batch  # blocks (micro-batches) in a whole step
     steps_per_epoch = max(1, math.ceil(n_samples / cfg.global_batch))
@@ -176,7 +177,7 @@ def train(
     result = LoopResult(steps=0, trainable=trainable)
     skipped: Counter = Counter()
     start = time.perf_counter()
-    window = {"loss": 0.0, "tokens": 0, "samples": 0}  # this worker's, since the last step
+    window = {"loss": 0.0, "tokens": 0, "samples": 0, "images": 0}  # this worker's, this step
     dummy = _dummy_batch(tokenizer, image_size)
     mean, std = getattr(model.vision, "mean", None), getattr(model.vision, "std", None)
 
@@ -197,18 +198,25 @@ def train(
             window["loss"] += loss
             window["tokens"] += tokens
             window["samples"] += len(batch)
+            window["images"] += sum(1 for b in batch if b[2] is not None)
 
     def optimizer_step() -> None:
+        loss, tokens, count, images = parallel.sum([window[k] for k in window])
+        # What one process would leave without a gradient (None: AdamW leaves it alone, no
+        # momentum step) stays so: everything in a step with no sample, the image side
+        # (projector, vision tower) in a step without images; zero-weight passes gave zeros.
+        unused = params if not count else image_params if not images else []
+        for p in unused:
+            p.grad = None
         torch.nn.utils.clip_grad_norm_(params, 1.0)  # DTensor-aware under FSDP
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        loss, tokens, count = parallel.sum([window["loss"], window["tokens"], window["samples"]])
         result.steps += 1
         result.losses.append(loss / parallel.world)
         result.tokens += int(tokens)
         result.samples += int(count)
-        window.update(loss=0.0, tokens=0, samples=0)
+        window.update(loss=0.0, tokens=0, samples=0, images=0)
         report()
 
     def report() -> None:

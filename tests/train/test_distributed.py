@@ -183,3 +183,40 @@ def test_a_one_process_checkpoint_resumes_under_ddp_and_fsdp(tmp_path, strategy)
     assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_step_without_images_leaves_the_projector_alone_under_fsdp(tmp_path):
+    """FSDP runs the projector on a blank image at weight 0 in a batch without images; its zero
+    gradient must not become an AdamW momentum step that one process would not take."""
+    from collections import Counter
+
+    import torch.distributed as dist
+
+    from condense.train.data import json_samples
+    from condense.train.loop import train
+    from condense.train.parallel import make_parallel
+    from condense.train.tokenizers import byte_tokenizer
+    from tests.test_jobs import free_ports
+    from tests.train.test_stage1 import tiny_model
+    from tests.train.test_stage2 import llava_json, stage2_config
+
+    path, images = llava_json(tmp_path)
+    data = list(json_samples(path, images, Counter()))  # 3 with images, then a text-only one
+    data = data[:2] + [data[3], data[3]]  # step 1: two images; step 2: text only
+
+    def run(parallel=None):
+        model = tiny_model()
+        cfg = stage2_config(global_batch=2, per_device_batch=1, epochs=1, warmup_ratio=0.0)
+        train(model, lambda: data, 4, byte_tokenizer(), 32, cfg, lambda _: None, parallel)
+        state = model.projector.state_dict()
+        return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+
+    want = run()
+    (port,) = free_ports(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        got = run(make_parallel("fsdp"))
+    finally:
+        dist.destroy_process_group()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
