@@ -1,6 +1,6 @@
 """Training samples: the exported coreset shards read directly (no unpacking), or a LLaVA JSON
-with an image folder. A sample is (turns, image bytes or None); problems are counted, never
-raised mid-epoch."""
+with an image folder. A sample is (turns, image bytes, an image file or None); problems are
+counted, never raised mid-epoch."""
 
 from __future__ import annotations
 
@@ -31,15 +31,15 @@ def shard_samples(shards: list[Path], skipped: Counter) -> Iterator[tuple[list[d
 
 
 def json_samples(path: Path, image_folder: Path | None, skipped: Counter):
-    """LLaVA-format samples: {"image": relative path (optional), "conversations": [...]}."""
+    """LLaVA-format samples: {"image": relative path (optional), "conversations": [...]}. The
+    image is its file's Path, read only when the sample is used (a worker reads its own)."""
     for entry in json.loads(Path(path).read_text()):
         image = None
         if entry.get("image"):
-            file = Path(image_folder or Path(path).parent) / entry["image"]
-            if not file.is_file():
+            image = Path(image_folder or Path(path).parent) / entry["image"]
+            if not image.is_file():
                 skipped["missing_image"] += 1
                 continue
-            image = file.read_bytes()
         turns = entry.get("conversations") or []
         images_named = sum(t.get("value", "").count("<image>") for t in turns)
         if images_named != (1 if image is not None else 0):
@@ -68,9 +68,16 @@ def pixels(data: bytes, size: int, mean=None, std=None) -> np.ndarray | None:
     return a.transpose(2, 0, 1).copy()
 
 
-def load_image(data: bytes | None, size: int, skipped: Counter, mean=None, std=None):
+def load_image(data: bytes | Path | None, size: int, skipped: Counter, mean=None, std=None):
+    """A sample's pixels from its image bytes or file; None (counted) if they do not decode."""
     if data is None:
         return None
+    if isinstance(data, Path):
+        try:
+            data = data.read_bytes()
+        except OSError:
+            skipped["unreadable_image"] += 1
+            return None
     out = pixels(data, size, mean, std)
     if out is None:
         skipped["undecodable_image"] += 1

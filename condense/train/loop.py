@@ -115,7 +115,7 @@ def cosine(step: int, total: int, warmup: int) -> float:
 
 def train(
     model: BunnyModel,
-    samples: Callable[[], Iterable[tuple[list[dict], bytes | None]]],
+    samples: Callable[[], Iterable[tuple[list[dict], bytes | Path | None]]],
     n_samples: int,
     tokenizer,
     image_size: int,

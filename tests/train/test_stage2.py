@@ -272,3 +272,20 @@ def test_samples_that_cannot_train_are_skipped_and_counted():
     result = train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None)
     assert result.samples == 1
     assert result.skipped == {"image_token_mismatch": 2, "no_target": 1}
+
+
+def test_json_images_are_read_when_used(tmp_path):
+    """A LLaVA JSON's samples carry their image files, not the bytes (Bunny-695K would not fit
+    in memory, once per worker); a file gone by the time it is used is skipped and counted."""
+    from collections import Counter
+    from pathlib import Path
+
+    path, images = llava_json(tmp_path)
+    data = list(json_samples(path, images, Counter()))
+    assert [type(image) for _, image in data] == [type(images)] * 3 + [type(None)]
+    assert all(isinstance(image, Path) for _, image in data[:3])
+    (images / "1.png").unlink()
+    model = tiny_model()
+    cfg = stage2_config(epochs=1)
+    result = train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None)
+    assert result.samples == 3 and result.skipped == {"unreadable_image": 1}
