@@ -134,7 +134,9 @@ def bench_stage(stage: str, args, device: torch.device, peak: float | None) -> N
         cfg = LoopConfig(stage="stage2", lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
         groups = prepare_stage2(model, cfg)
     if args.gradient_checkpointing:
-        llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+        from condense.train.model import base_llm
+
+        llm = base_llm(model.llm)
         checkpoint_activations(llm)
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=1e-4, weight_decay=0.0)

@@ -81,34 +81,33 @@ def ray_head(venv_env):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_ray_job_submit_runs_the_pipeline(ray_head, venv_env, tmp_path):
-    run_dir = tmp_path / "run"
-    submit = subprocess.run(
-        [
-            "ray",
-            "job",
-            "submit",
-            "--address",
-            ray_head,
-            "--working-dir",
-            ".",
-            "--",
-            "python",
-            "jobs/condense.py",
-            "configs/demo.yaml",
-            "--run-dir",
-            str(run_dir),
-            "--set",
-            "input.synth.n=3000",
-            "--set",
-            "cluster.k=8",
-        ],
+def job_submit(address, env, *command):
+    """`ray job submit` of `python *command` with the repo as the working dir."""
+    return subprocess.run(
+        ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--", "python"]
+        + list(command),
         cwd=REPO,
-        env=venv_env,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_pipeline(ray_head, venv_env, tmp_path):
+    run_dir = tmp_path / "run"
+    submit = job_submit(
+        ray_head,
+        venv_env,
+        "jobs/condense.py",
+        "configs/demo.yaml",
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "input.synth.n=3000",
+        "--set",
+        "cluster.k=8",
     )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout
@@ -128,36 +127,22 @@ def test_ray_job_submit_trains_on_two_workers(ray_head, venv_env, tmp_path):
 
     data = caption_json(tmp_path, 6)
     run_dir = tmp_path / "run"
-    submit = subprocess.run(
-        [
-            "ray",
-            "job",
-            "submit",
-            "--address",
-            ray_head,
-            "--working-dir",
-            ".",
-            "--",
-            "python",
-            "jobs/train.py",
-            "stage1",
-            "configs/train/stage1-tiny.yaml",
-            "--run-dir",
-            str(run_dir),
-            "--workers",
-            "2",
-            "--set",
-            "cpus_per_worker=0.5",
-            "--set",
-            f"data.llava_json={data}",
-            "--set",
-            f"data.image_folder={data.parent / 'images'}",
-        ],
-        cwd=REPO,
-        env=venv_env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    submit = job_submit(
+        ray_head,
+        venv_env,
+        "jobs/train.py",
+        "stage1",
+        "configs/train/stage1-tiny.yaml",
+        "--run-dir",
+        str(run_dir),
+        "--workers",
+        "2",
+        "--set",
+        "cpus_per_worker=0.5",
+        "--set",
+        f"data.llava_json={data}",
+        "--set",
+        f"data.image_folder={data.parent / 'images'}",
     )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "succeeded" in submit.stdout

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from condense.train.data import load_image
-from condense.train.model import BunnyModel
+from condense.train.model import BunnyModel, base_llm
 from condense.train.parallel import Single
 from condense.train.templates import IGNORE, IMAGE_TOKEN, encode
 
@@ -152,7 +152,7 @@ def train(
         groups = [{"params": list(model.projector.parameters()), "lr": cfg.lr}]
         what = "the projector"
     if cfg.gradient_checkpointing:
-        llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+        llm = base_llm(model.llm)
         checkpoint_activations(llm)
     trainable = sum(p.numel() for g in groups for p in g["params"])
     name_of = {id(p): n for n, p in model.named_parameters()}

