@@ -1,9 +1,14 @@
 """Decoding untrusted image bytes into RGB, or a reason why not.
 
-Every decoder problem becomes a drop reason, never an exception: corrupt or empty bytes,
-truncated files, images too large to decode safely (a decompression-bomb guard on the pixel
-count, checked from the header before any pixel is decoded). CMYK, palette, grayscale and
-alpha images are converted to RGB; transparent pixels are composited on white.
+Every decoder problem becomes a drop reason, never an exception. Only the formats a web corpus
+should hold are opened (JPEG, PNG, WebP, GIF, BMP): Pillow never hands EPS, PSD, PDF or any
+other format to its plugins, some of which call external programs. Before any pixel is decoded,
+the header's size is checked: the pixel count (a decompression-bomb guard) and the aspect ratio
+(a 1 x 200,000 image has few pixels, but resized to a 224-pixel short side it would hold 45
+billion). Animated images give their first frame; the EXIF orientation is applied; CMYK,
+palette, grayscale and alpha images become RGB, transparent pixels composited on white.
+
+The embed stage, the trainer and `condense chat` all decode through `decode_rgb`.
 """
 
 from __future__ import annotations
@@ -12,30 +17,75 @@ import io
 import warnings
 
 MAX_PIXELS = 64_000_000  # larger images are dropped as `too_large` before decoding
+MAX_ASPECT_RATIO = 50.0  # long side / short side; larger: `extreme_aspect`
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # what Pillow may open
+
+# Magic bytes of image formats condense refuses to open, for a precise drop reason.
+_REFUSED_MAGIC = (
+    b"%!PS",  # PostScript / EPS
+    b"\xc5\xd0\xd3\xc6",  # binary EPS
+    b"8BPS",  # Photoshop
+    b"II*\x00",  # TIFF
+    b"MM\x00*",  # TIFF
+    b"%PDF",
+    b"\x00\x00\x01\x00",  # ICO
+    b"\x00\x00\x00\x0cjP",  # JPEG 2000
+    b"<?xml",
+    b"<svg",
+)
 
 
-def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS):
-    """(PIL RGB image, None) or (None, drop reason)."""
-    from PIL import Image, UnidentifiedImageError
+def decode_rgb(
+    data: bytes, max_pixels: int = MAX_PIXELS, max_aspect_ratio: float = MAX_ASPECT_RATIO
+):
+    """(PIL RGB image, None) or (None, drop reason): `empty_image`, `unsupported_format`,
+    `corrupt_image`, `too_large`, `extreme_aspect`."""
+    from PIL import Image
 
     if not data:
         return None, "empty_image"
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            # condense's own bound (max_pixels) decides; Pillow's warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size
+            if width < 1 or height < 1:
+                return None, "corrupt_image"
             if width * height > max_pixels:
                 return None, "too_large"
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            if max(width, height) > max_aspect_ratio * min(width, height):
+                return None, "extreme_aspect"
+            image.load()  # the first frame of an animated image, nothing more
+            image = _upright(image)
+            return _rgb(image), None
+    except Image.DecompressionBombError:
         return None, "too_large"
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except Image.UnidentifiedImageError:
+        if data.lstrip()[:12].startswith(_REFUSED_MAGIC):
+            return None, "unsupported_format"
         return None, "corrupt_image"
+    except Exception:  # noqa: BLE001 - any decoder failure on untrusted bytes is a drop
+        return None, "corrupt_image"
+
+
+def _upright(image):
+    """The image turned as its EXIF orientation says (unchanged when the EXIF is unreadable)."""
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block leaves the pixels as stored
+        return image
+
+
+def _rgb(image):
+    from PIL import Image
+
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB"), None
+        return Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode != "RGB":
-        return image.convert("RGB"), None
-    return image, None
+        return image.convert("RGB")
+    return image

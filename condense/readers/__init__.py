@@ -13,6 +13,7 @@ import numpy as np
 from pydantic import model_validator
 
 from condense.errors import InputError
+from condense.readers.shards import ShardLimits
 from condense.readers.urls import DownloadConfig
 from condense.strict import StrictModel
 from condense.synth import SynthConfig
@@ -35,6 +36,8 @@ class InputConfig(StrictModel):
     caption_column: str = "caption"  # metadata column with the caption (may be absent)
     url_column: str = "url"  # metadata column with the url (may be absent)
     download: DownloadConfig = DownloadConfig()  # img2dataset settings, for kind urls
+    # Bounds per sample and per shard for image inputs (webdataset, urls) and the trainer.
+    limits: ShardLimits = ShardLimits()
 
     @model_validator(mode="after")
     def _path_needed(self):
@@ -48,6 +51,10 @@ class InputConfig(StrictModel):
             data.pop("synth")
         if self.kind != "urls":
             data.pop("download")
+        if self.kind in IMAGE_KINDS:
+            data["limits"] = self.limits.fingerprint_dict()
+        else:
+            data.pop("limits")
         return data
 
 

@@ -1,159 +1,659 @@
 """Reading img2dataset WebDataset shards safely: one tar, streamed, grouped into samples.
 
 A shard holds `{key}.jpg|png|webp`, `{key}.txt` and `{key}.json` members, consecutive per key.
-Reading never trusts the tar:
+condense parses the tar itself (POSIX ustar, pax and GNU headers) instead of trusting
+`tarfile`, so that every bound holds and every problem has a name:
 
-- members with absolute paths, `..` parts, links, devices or other non-regular entries are
-  skipped and counted, never opened or written anywhere;
-- a truncated or corrupt tar ends the shard where the damage starts: every sample read before
-  it is kept, the sample being read is dropped and counted (`truncated_tar`);
-- members are read one at a time (streaming mode), so a shard is never held in memory whole;
+- memory is bounded per sample, never per shard: one header at a time, member data only for the
+  members a sample keeps (its image, `.txt` and `.json`, each under its size limit), a 64-bit
+  hash per key seen (to find samples whose members are not consecutive); pax and GNU long-name
+  payloads are parsed as a stream, so a gigabyte header costs a read, not a gigabyte;
+- a problem with a member is a problem of its sample, which is then one counted drop
+  (`unsafe_member`, `oversized_member`, `bad_member_name`, `duplicate_member`, ...), however many
+  of its members are bad: `rows_in` is the number of samples a shard held;
+- gzip, bzip2 and xz shards are decompressed whatever their name; two archives concatenated in
+  one file are read as one; the end of the archive must be its two zero blocks, so a shard cut
+  anywhere (also right after a member ending in zeros) is seen as truncated: the samples before
+  the damage are kept and the damage is one `truncated_tar` (or `corrupt_tar`) drop;
+- a shard larger than `max_shard_bytes` (decompressed), slower than `max_shard_seconds`, or
+  zeros without end (a device) stops with an `InputError` naming it; a read error (`OSError`,
+  such as an object store's transient failure) is retried `read_retries` times, reopening the
+  file at the same offset, then named, never mistaken for a truncation;
 - nothing is ever unpickled: `.json` is parsed as JSON, `.txt` decoded as UTF-8, images are
   returned as bytes for the decoder.
 
-`read_shard` yields `Sample`s and fills a `Counter` of dropped members and samples by reason.
+`read_samples` yields every `Sample` of a shard, good or bad; `usable` names a sample's drop
+reason. `open_shard` opens a shard with the retries and the regular-file check.
 """
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
 import json
-import tarfile
-from collections import Counter
-from collections.abc import Iterator
+import lzma
+import os
+import stat
+import time
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import BinaryIO
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-MAX_MEMBER_BYTES = 64 << 20  # a larger member is skipped (counted), never read into memory
+from pydantic import Field
+
+from condense.errors import InputError
+from condense.strict import StrictModel
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
+TEXT_EXTENSIONS = ("txt", "json")
+KEPT_EXTENSIONS = (*IMAGE_EXTENSIONS, *TEXT_EXTENSIONS)  # the members a sample holds on to
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+MAX_ZERO_PADDING = 1 << 20  # zero bytes allowed after an archive's end (record padding)
+
+
+class ShardLimits(StrictModel):
+    """Bounds on what one sample and one shard may cost (input.limits): a sample over a bound is
+    one counted drop; a shard over a bound stops the run with an error naming it."""
+
+    max_image_bytes: int = Field(64 << 20, ge=1)  # bytes per image member; larger: oversized_member
+    max_text_bytes: int = Field(
+        1 << 20, ge=1
+    )  # bytes per .txt/.json member; larger: oversized_member
+    max_header_bytes: int = Field(64 << 10, ge=512)  # bytes of a member's name in pax/GNU headers
+    max_members_per_sample: int = Field(16, ge=1)  # members under one key; more: too_many_members
+    max_pixels: int = Field(
+        64_000_000, ge=1
+    )  # width x height; larger: too_large (decompression bombs)
+    # long side / short side; larger: extreme_aspect (a 1 x 200,000 image resized would be huge)
+    max_aspect_ratio: float = Field(50.0, ge=1.0)
+    max_caption_chars: int = Field(4096, ge=1)  # characters of a caption the tokenizer sees
+    max_samples_per_shard: int = Field(1_000_000, ge=1)  # more: the shard is an error
+    max_shard_bytes: int = Field(64 << 30, ge=1)  # decompressed bytes per shard; more: an error
+    max_shard_seconds: float = Field(3600.0, gt=0)  # wall time reading one shard; more: an error
+    read_retries: int = Field(3, ge=0)  # retries of a failed read (OSError) before it is an error
+
+    runtime_fields = frozenset({"max_shard_seconds", "read_retries"})
+
+
+DEFAULT_LIMITS = ShardLimits()
 
 
 @dataclass
 class Sample:
-    """One sample of a shard: its key, image bytes and extension, caption, metadata."""
+    """One sample of a shard: its key, image bytes and extension, caption, metadata, and the
+    first problem that makes it unusable (None: no problem found while reading)."""
 
-    key: str
+    key: str | None
     image: bytes | None = None
     image_ext: str | None = None
     caption: str | None = None
     meta: dict = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)  # reasons this sample cannot be used
+    problem: str | None = None
+    members: list[tuple[str, bytes]] = field(default_factory=list)  # kept members, as stored
+    exts: set[str] = field(default_factory=set)  # every member's extension, lower-cased
+
+    def fail(self, reason: str) -> None:
+        if self.problem is None:
+            self.problem = reason
 
 
 def member_key(name: str) -> tuple[str, str] | None:
     """(key, extension) of a member name, or None when the name is unsafe: absolute, with `..`
-    or empty parts. The key is everything before the first dot of the file name, and keeps its
-    folder (img2dataset writes flat shards; a folder is part of the key, as webdataset does)."""
-    if not name or name.startswith(("/", "\\")) or "\\" in name:
+    or empty parts, a backslash, or no extension. The key is everything before the first dot of
+    the file name, and keeps its folder (as webdataset does); the extension is lower-cased."""
+    if not name or name.startswith("/") or "\\" in name:
         return None
-    path = PurePosixPath(name)
-    if any(part in ("..", "") for part in path.parts) or path.is_absolute():
+    parts = name.split("/")
+    if any(part in ("..", "", ".") for part in parts):
         return None
-    base = path.name
+    base = parts[-1]
     if base.startswith(".") or "." not in base:
         return None
     stem, ext = base.split(".", 1)
-    if not stem:
-        return None
-    key = str(path.parent / stem) if str(path.parent) != "." else stem
-    return key, ext.lower()
+    return "/".join([*parts[:-1], stem]), ext.lower()
 
 
-class _Tail:
-    """A read-only stream wrapper that remembers the last bytes read (to see the tar's end)."""
+def _grouping_key(name: str) -> str:
+    """The key an unusable member name would have: it still groups with its sample's members."""
+    head, _, base = name.rpartition("/")
+    return f"{head}/{base.split('.', 1)[0]}" if head else base.split(".", 1)[0]
 
-    END = 1024  # a tar ends with two 512-byte zero blocks
 
-    def __init__(self, raw: BinaryIO):
-        self.raw, self.last = raw, b""
+class TarDamage(Exception):
+    """The archive is damaged here: the samples before are kept, this is one counted drop."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------- opening a shard
+
+
+class ShardFile:
+    """A shard opened for streaming reads, wherever fsspec reaches it. A read that fails with
+    `OSError` is retried `retries` times (after 0.5 s, 1 s, 2 s, ...), reopening the file at the
+    same offset; then an `InputError` names the file. Local paths must be regular files."""
+
+    def __init__(
+        self, path: str, retries: int = 3, opener: Callable[[str], BinaryIO] | None = None
+    ):
+        self.path, self.retries, self.pos = path, retries, 0
+        self._opener = opener or _fsspec_open
+        if opener is None:
+            _check_regular(path)
+        self._f = self._open_with_retries()
+
+    def _open_with_retries(self) -> BinaryIO:
+        for attempt in range(self.retries + 1):
+            try:
+                f = self._opener(self.path)
+                if self.pos:
+                    _seek(f, self.pos)
+                return f
+            except FileNotFoundError as exc:
+                raise InputError(f"shard {self.path} does not exist") from exc
+            except OSError as exc:
+                if attempt == self.retries:
+                    raise InputError(
+                        f"shard {self.path}: cannot open after {self.retries + 1} attempts: {exc}"
+                    ) from exc
+                time.sleep(0.5 * 2**attempt)
+        raise AssertionError("unreachable")
 
     def read(self, size: int = -1) -> bytes:
-        data = self.raw.read(size)
-        if data:
-            self.last = (self.last + data)[-self.END :]
+        for attempt in range(self.retries + 1):
+            try:
+                data = self._f.read(size)
+                self.pos += len(data)
+                return data
+            except OSError as exc:
+                if attempt == self.retries:
+                    raise InputError(
+                        f"shard {self.path}: read failed at byte {self.pos:,} after "
+                        f"{self.retries + 1} attempts: {exc}"
+                    ) from exc
+                time.sleep(0.5 * 2**attempt)
+                self._close_quietly()
+                self._f = self._open_with_retries()
+        raise AssertionError("unreachable")
+
+    def _close_quietly(self) -> None:
+        with contextlib.suppress(OSError):
+            self._f.close()
+
+    def close(self) -> None:
+        self._close_quietly()
+
+    def __enter__(self) -> ShardFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _fsspec_open(path: str) -> BinaryIO:
+    import fsspec
+
+    return fsspec.open(path, "rb").open()
+
+
+def _seek(f: BinaryIO, pos: int) -> None:
+    """Move a freshly opened file to `pos`: seek where it can, else read up to there."""
+    try:
+        if f.seekable():
+            f.seek(pos)
+            return
+    except (AttributeError, OSError):
+        pass
+    left = pos
+    while left:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            raise OSError(f"file ended at byte {pos - left:,} while reopening it at {pos:,}")
+        left -= len(chunk)
+
+
+def _check_regular(path: str) -> None:
+    """A local shard must be a regular file: a symlink to a device or a pipe would never end."""
+    if "://" in path and not path.startswith("file://"):
+        return
+    local = path.removeprefix("file://")
+    try:
+        mode = os.stat(local).st_mode
+    except FileNotFoundError as exc:
+        raise InputError(f"shard {path} does not exist") from exc
+    except OSError as exc:
+        raise InputError(f"shard {path}: {exc}") from exc
+    if not stat.S_ISREG(mode):
+        raise InputError(f"shard {path} is not a regular file (a device, pipe or folder)")
+
+
+def open_shard(path: str, limits: ShardLimits = DEFAULT_LIMITS) -> ShardFile:
+    """A shard opened for streaming reads, with `limits.read_retries` retries."""
+    return ShardFile(path, limits.read_retries)
+
+
+# ---------------------------------------------------------------------------- the tar stream
+
+
+class _Prefixed:
+    """A reader that returns `head` first, then the rest of `raw` (a peek at the magic bytes)."""
+
+    def __init__(self, head: bytes, raw):
+        self.head, self.raw = head, raw
+
+    def read(self, size: int = -1) -> bytes:
+        if self.head:
+            if size < 0:
+                out, self.head = self.head + self.raw.read(), b""
+                return out
+            out, self.head = self.head[:size], self.head[size:]
+            if len(out) < size:
+                out += self.raw.read(size - len(out))
+            return out
+        return self.raw.read(size)
+
+
+_CORRUPT_STREAM = (zlib.error, lzma.LZMAError, gzip.BadGzipFile)
+
+
+class _Bytes:
+    """The shard's (decompressed) bytes, counted against its byte and time bounds."""
+
+    def __init__(self, raw, name: str, limits: ShardLimits):
+        self.name, self.limits = name, limits
+        self.pos, self.start = 0, time.monotonic()
+        head = _read_full(raw, 6)
+        source = _Prefixed(head, raw)
+        # The decompressors wrap the shard's own file, which its owner closes.
+        if head.startswith(b"\x1f\x8b"):
+            self.f = gzip.GzipFile(fileobj=source, mode="rb")
+        elif head.startswith(b"BZh"):
+            self.f = bz2.BZ2File(source)  # noqa: SIM115
+        elif head.startswith(b"\xfd7zXZ\x00"):
+            self.f = lzma.LZMAFile(source)  # noqa: SIM115
+        else:
+            self.f = source
+
+    def read(self, size: int) -> bytes:
+        """Up to `size` bytes (fewer only at the end of the stream)."""
+        try:
+            data = _read_full(self.f, size)
+        except EOFError as exc:
+            raise TarDamage("truncated_tar", f"the compressed stream ends early: {exc}") from exc
+        except _CORRUPT_STREAM as exc:
+            raise TarDamage("corrupt_tar", f"the compressed stream is corrupt: {exc}") from exc
+        except OSError as exc:  # bz2 reports damage as a plain OSError
+            if isinstance(self.f, bz2.BZ2File):
+                raise TarDamage("corrupt_tar", f"the compressed stream is corrupt: {exc}") from exc
+            raise
+        self.pos += len(data)
+        if self.pos > self.limits.max_shard_bytes:
+            raise InputError(
+                f"shard {self.name}: more than input.limits.max_shard_bytes "
+                f"({self.limits.max_shard_bytes:,}) bytes: a stream that never ends?"
+            )
+        if time.monotonic() - self.start > self.limits.max_shard_seconds:
+            raise InputError(
+                f"shard {self.name}: reading took more than input.limits.max_shard_seconds "
+                f"({self.limits.max_shard_seconds:g} s)"
+            )
         return data
 
-    def ended_properly(self) -> bool:
-        while self.read(1 << 16):  # whatever follows the archive (record padding)
-            pass
-        return self.last == bytes(self.END)
+    def exact(self, size: int, what: str) -> bytes:
+        data = self.read(size)
+        if len(data) < size:
+            raise TarDamage("truncated_tar", f"the file ends inside {what}")
+        return data
+
+    def skip(self, size: int, what: str) -> None:
+        while size > 0:
+            size -= len(self.exact(min(size, 1 << 20), what))
 
 
-def read_members(
-    fileobj: BinaryIO, dropped: Counter
-) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
-    """(key, [(extension, bytes), ...]) for each sample of one tar, in order, members exactly as
-    stored. Unsafe or oversized members are skipped and counted; damage ends the shard there
-    (counted as `truncated_tar`), dropping only the sample being read."""
-    key: str | None = None
-    members: list[tuple[str, bytes]] = []
-    stream = _Tail(fileobj)
+def _read_full(f, size: int) -> bytes:
+    """`size` bytes from a stream that may return short reads (sockets, decompressors)."""
+    chunks, left = [], size
+    while left > 0:
+        chunk = f.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _number(field_bytes: bytes) -> int | None:
+    """A header's numeric field: octal text, or GNU base-256 (high bit set); None if invalid."""
+    if field_bytes[:1] and field_bytes[0] & 0x80:
+        if field_bytes[0] == 0xFF:  # negative
+            return None
+        return int.from_bytes(bytes([field_bytes[0] & 0x7F]) + field_bytes[1:], "big")
+    text = field_bytes.split(b"\0", 1)[0].strip(b" ")
+    if not text:
+        return 0
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    dropped["unsafe_member"] += 1
-                    continue
-                parsed = member_key(member.name)
-                if parsed is None:
-                    dropped["unsafe_member"] += 1
-                    continue
-                if member.size > MAX_MEMBER_BYTES:
-                    dropped["oversized_member"] += 1
-                    continue
-                if key is not None and parsed[0] != key:
-                    yield key, members
-                    key, members = None, []
-                key = parsed[0]
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:  # the stream ended inside this member
-                    raise tarfile.ReadError("unexpected end of data")
-                members.append((parsed[1], data))
-        # Cut exactly between two members, a tar reads as complete: only its end marker tells.
-        if not stream.ended_properly():
-            raise tarfile.ReadError("no end-of-archive marker")
-    except (tarfile.TarError, EOFError, OSError, ValueError):
-        # Damage: whatever sample was being assembled may be incomplete.
-        dropped["truncated_tar"] += 1
-        key = None
-    if key is not None:
-        yield key, members
+        return int(text, 8)
+    except ValueError:
+        return None
 
 
-def read_shard(fileobj: BinaryIO, dropped: Counter) -> Iterator[Sample]:
-    """Samples of one tar, in order. Problems are counted in `dropped`, never raised."""
-    for key, members in read_members(fileobj, dropped):
-        sample = Sample(key)
-        for ext, data in members:
-            add_to_sample(sample, ext, data)
-        yield sample
+def _checksum_ok(block: bytes) -> bool:
+    stored = _number(block[148:156])
+    if stored is None:
+        return False
+    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:])
+    if stored == unsigned:
+        return True
+    signed = sum(b - 256 if b > 127 else b for b in block[:148] + block[156:]) + 8 * 32
+    return stored == signed
 
 
-def add_to_sample(sample: Sample, ext: str, data: bytes) -> None:
-    if ext in IMAGE_EXTENSIONS:
-        if sample.image is not None:
-            sample.problems.append("two_images")
-        sample.image, sample.image_ext = data, ext
-    elif ext == "txt":
-        try:
-            sample.caption = data.decode("utf-8")
-        except UnicodeDecodeError:
-            sample.problems.append("caption_not_utf8")
-    elif ext == "json":
-        try:
-            meta = json.loads(data.decode("utf-8"))
-            sample.meta = meta if isinstance(meta, dict) else {}
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            sample.problems.append("bad_json")
-    # Other members (img2dataset's .parquet index lives beside the tar, not in it) are ignored.
+@dataclass
+class _Entry:
+    """One archive member: its name (bytes), type, size, and the problem of its headers."""
+
+    name: bytes
+    kind: str  # "file", "dir", "link", "other"
+    size: int
+    problem: str | None = None
+
+
+_REGULAR, _DIRECTORY = (b"0", b"\0", b"7"), b"5"
+_LINKS_AND_DEVICES = (b"1", b"2", b"3", b"4", b"6")
+
+
+def _entries(stream: _Bytes, limits: ShardLimits) -> Iterator[_Entry]:
+    """The archive's members, header by header; the caller reads or skips each member's data
+    (`size` bytes, then padding to the block) before asking for the next. Ends after the last
+    archive's end marker; damage raises `TarDamage`."""
+    long_name: bytes | None = None
+    pax: dict[bytes, bytes] = {}
+    problem: str | None = None
+    block = stream.read(BLOCK)
+    while True:
+        if not block:
+            raise TarDamage("truncated_tar", "the file ends where a header should be")
+        if len(block) < BLOCK:
+            raise TarDamage("truncated_tar", "the file ends inside a header")
+        if block == ZERO_BLOCK:
+            block = _after_end(stream)
+            if block is None:
+                if long_name is not None or pax or problem:
+                    raise TarDamage("truncated_tar", "the archive ends after an extended header")
+                return
+            continue  # another archive follows (two tars concatenated into one file)
+        if not _checksum_ok(block):
+            raise TarDamage("corrupt_tar", f"a header at byte {stream.pos - BLOCK:,} is corrupt")
+        size = _number(block[124:136])
+        if size is None:
+            raise TarDamage("corrupt_tar", f"a header at byte {stream.pos - BLOCK:,} has no size")
+        flag = block[156:157]
+        if flag in (b"x", b"g", b"L", b"K"):
+            if flag == b"x":
+                found, bad = _pax_records(stream, size, limits)
+                pax.update(found)
+                problem = problem or bad
+            elif flag == b"L":
+                if size > limits.max_header_bytes:
+                    stream.skip(size, "a long-name header")
+                    problem, long_name = problem or "oversized_header", b""
+                else:
+                    long_name = stream.exact(size, "a long-name header").split(b"\0", 1)[0]
+            else:  # global pax headers and GNU long link names change nothing condense keeps
+                stream.skip(size, "an extended header")
+            stream.skip(-size % BLOCK, "header padding")
+            block = stream.read(BLOCK)
+            continue
+        if b"size" in pax:
+            size = _pax_size(pax[b"size"])
+            if size is None:
+                raise TarDamage("corrupt_tar", "a pax header has an invalid size")
+        name = block[:100].split(b"\0", 1)[0]
+        if block[257:263] == b"ustar\x00":  # POSIX ustar: a prefix holds the name's folders
+            prefix = block[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix + b"/" + name
+        if long_name is not None:
+            name = long_name
+        if b"path" in pax:
+            name = pax[b"path"]
+        if flag == b"S" and block[482]:  # old GNU sparse: extension blocks follow the header
+            while stream.exact(BLOCK, "a sparse header")[504]:
+                pass
+        if flag in _REGULAR:
+            kind = "file"
+        elif flag == _DIRECTORY:
+            kind = "dir"
+        elif flag in _LINKS_AND_DEVICES:
+            kind = "link"
+        else:
+            kind = "other"
+        yield _Entry(name, kind, size, problem)
+        long_name, pax, problem = None, {}, None
+        block = stream.read(BLOCK)
+
+
+def _after_end(stream: _Bytes) -> bytes | None:
+    """After a zero block: None at the end of the file, else the header of a following
+    archive. Zero padding is allowed up to MAX_ZERO_PADDING bytes."""
+    zeros = BLOCK
+    while True:
+        block = stream.read(BLOCK)
+        if not block:
+            return None
+        if block != ZERO_BLOCK[: len(block)]:
+            if len(block) < BLOCK:
+                raise TarDamage("truncated_tar", "the file ends inside a header")
+            return block
+        if len(block) < BLOCK:  # padding that is not a whole block: still only zeros
+            return None
+        zeros += BLOCK
+        if zeros > MAX_ZERO_PADDING:
+            raise InputError(
+                f"shard {stream.name}: more than {MAX_ZERO_PADDING:,} zero bytes after the end "
+                "of the archive: not a shard (a device?)"
+            )
+
+
+def _pax_size(value: bytes) -> int | None:
+    try:
+        size = int(value.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return size if size >= 0 else None
+
+
+def _pax_records(stream: _Bytes, size: int, limits: ShardLimits) -> tuple[dict, str | None]:
+    """The records of a pax header (`LEN key=value\\n`), parsed as a stream: values condense
+    keeps (path, size) are read when under the header limit; others are skipped unread."""
+    found: dict[bytes, bytes] = {}
+    problem = None
+    left = size
+    while left > 0:
+        digits = b""
+        while True:
+            char = stream.exact(1, "a pax header")
+            left -= 1
+            if char == b" ":
+                break
+            if not char.isdigit() or len(digits) >= 20 or left <= 0:
+                if not digits and char == b"\0":  # NUL padding ends the records
+                    stream.skip(left, "a pax header")
+                    return found, problem
+                raise TarDamage("corrupt_tar", "a pax header record is malformed")
+            digits += char
+        length = int(digits)
+        rest = length - len(digits) - 1  # key=value\n
+        if rest < 2 or rest > left:
+            raise TarDamage("corrupt_tar", "a pax header record has a bad length")
+        key = b""
+        while True:
+            char = stream.exact(1, "a pax header")
+            rest -= 1
+            left -= 1
+            if char == b"=":
+                break
+            if len(key) >= 256 or rest <= 1:
+                raise TarDamage("corrupt_tar", "a pax header record is malformed")
+            key += char
+        value_len = rest - 1
+        if key in (b"path", b"size") and value_len <= limits.max_header_bytes:
+            found[key] = stream.exact(value_len, "a pax header")
+        else:
+            if key == b"path":
+                problem, found[key] = "oversized_header", b""
+            elif key == b"size":
+                raise TarDamage("corrupt_tar", "a pax size record is too long")
+            stream.skip(value_len, "a pax header")
+        if stream.exact(1, "a pax header") != b"\n":
+            raise TarDamage("corrupt_tar", "a pax header record does not end in a newline")
+        left -= value_len + 1
+    return found, problem
+
+
+# ---------------------------------------------------------------------------- samples
+
+
+def read_samples(
+    fileobj, limits: ShardLimits = DEFAULT_LIMITS, name: str = "<shard>"
+) -> Iterator[Sample]:
+    """Every sample of one tar, in order, good or bad (a bad one carries its `problem`).
+
+    Damage to the archive ends it: the sample being read is yielded with the damage's reason
+    (`truncated_tar`, `corrupt_tar`), or a keyless sample carries it when none was being read.
+    Bounds of the whole shard (bytes, time, samples) and read errors raise `InputError`."""
+    stream = _Bytes(fileobj, name, limits)
+    seen: set[int] = set()
+    current: Sample | None = None
+    try:
+        for entry in _entries(stream, limits):
+            if entry.kind == "dir":
+                stream.skip(entry.size + (-entry.size % BLOCK), "a folder entry")
+                continue
+            key, ext, problem = _name_of(entry)
+            if current is None or key != current.key:
+                if current is not None:
+                    yield _finish(current)
+                current = Sample(key)
+                marker = hash(key)
+                if marker in seen:
+                    current.fail("split_sample")  # its key was seen earlier in the shard
+                seen.add(marker)
+                if len(seen) > limits.max_samples_per_shard:
+                    raise InputError(
+                        f"shard {name}: more than input.limits.max_samples_per_shard "
+                        f"({limits.max_samples_per_shard:,}) samples"
+                    )
+            _add_member(current, ext, entry, problem, stream, limits)
+    except TarDamage as damage:
+        if current is None:
+            current = Sample(None)
+        current.problem = damage.reason
+        yield current
+        return
+    if current is not None:
+        yield _finish(current)
+
+
+def _name_of(entry: _Entry) -> tuple[str, str, str | None]:
+    """(grouping key, extension, problem) of a member from its name and type."""
+    problem = entry.problem
+    try:
+        name = entry.name.decode("utf-8")
+    except UnicodeDecodeError:
+        name = entry.name.decode("utf-8", "surrogateescape")
+        return _grouping_key(name), "", problem or "bad_member_name"
+    if entry.kind == "link":
+        return _grouping_key(name), "", problem or "unsafe_member"
+    parsed = member_key(name)
+    if parsed is None:
+        unsafe = name.startswith("/") or "\\" in name or ".." in name.split("/")
+        return (
+            _grouping_key(name),
+            "",
+            problem or ("unsafe_member" if unsafe else "bad_member_name"),
+        )
+    if entry.kind == "other":
+        problem = problem or "unsupported_member"
+    return parsed[0], parsed[1], problem
+
+
+def _add_member(
+    sample: Sample, ext: str, entry: _Entry, problem: str | None, stream: _Bytes, limits
+) -> None:
+    """Read (or skip) one member's data into its sample, bounded by the limits."""
+    padded = entry.size + (-entry.size % BLOCK)
+    if problem is not None:
+        sample.fail(problem)
+    elif ext in sample.exts:
+        sample.fail("duplicate_member")  # k.txt twice, or k.txt and k.TXT
+    elif len(sample.exts) >= limits.max_members_per_sample:
+        sample.fail("too_many_members")
+    if sample.problem is not None:  # a dropped sample holds nothing more (bounded memory)
+        stream.skip(padded, "a member")
+        return
+    sample.exts.add(ext)
+    keep = ext in KEPT_EXTENSIONS
+    limit = limits.max_image_bytes if ext in IMAGE_EXTENSIONS else limits.max_text_bytes
+    if keep and entry.size > limit:
+        sample.fail("oversized_member")
+        keep = False
+    if not keep:
+        stream.skip(padded, "a member")
+        return
+    data = stream.exact(entry.size, "a member")
+    stream.skip(padded - entry.size, "member padding")
+    sample.members.append((ext, data))
+
+
+def _finish(sample: Sample) -> Sample:
+    """Fill in a sample's image, caption and metadata from its members."""
+    if sample.problem is not None:
+        sample.members = []
+        return sample
+    for ext, data in sample.members:
+        if ext in IMAGE_EXTENSIONS:
+            if sample.image is not None:
+                sample.fail("two_images")
+            sample.image, sample.image_ext = data, ext
+        elif ext == "txt":
+            try:
+                sample.caption = data.decode("utf-8")
+            except UnicodeDecodeError:
+                sample.fail("caption_not_utf8")
+        elif ext == "json":
+            meta = parse_meta(data)
+            if meta is None:
+                sample.fail("bad_json")
+            else:
+                sample.meta = meta
+    return sample
+
+
+def parse_meta(data: bytes | None) -> dict | None:
+    """A sample's .json as a dict ({} when absent or not an object); None if it is not JSON."""
+    if not data:
+        return {}
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return meta if isinstance(meta, dict) else {}
 
 
 def usable(sample: Sample) -> str | None:
     """Why a sample cannot be embedded (a drop reason), or None when it can."""
-    if sample.problems:
-        return sample.problems[0]
-    if sample.image is None or not sample.image:
-        return "missing_image" if sample.image is None else "empty_image"
+    if sample.problem is not None:
+        return sample.problem
+    if sample.image is None:
+        return "missing_image"
+    if not sample.image:
+        return "empty_image"
     if sample.caption is None:
         return "missing_caption"
     return None

@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -21,6 +21,7 @@ from pydantic import Field
 from condense.cores.names import safe_names
 from condense.errors import InputError
 from condense.readers import RawRows
+from condense.readers.shards import DEFAULT_LIMITS, ShardLimits, open_shard, read_samples, usable
 from condense.strict import StrictModel
 
 
@@ -33,7 +34,6 @@ class ModelConfig(StrictModel):
     checkpoint: str | None = None  # a local weights file instead of a tag (nothing downloads)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPUs, else fp32
     batch_size: int = Field(64, ge=1)  # images per forward pass
-    max_pixels: int = Field(64_000_000, ge=1)  # larger images are dropped (decompression bombs)
 
     runtime_fields = frozenset({"batch_size"})
 
@@ -61,57 +61,40 @@ def list_shards(path: str) -> list[dict]:
     ]
 
 
-def open_shard(path: str) -> BinaryIO:
-    """A shard opened for streaming reads, wherever fsspec can reach it."""
-    import fsspec
-
-    return fsspec.open(path, "rb").open()
-
-
-def sample_id_of(key: str, meta: dict, id_field: str | None) -> str | None:
+def sample_id_of(key: str | None, meta: dict, id_field: str | None):
     """A sample's id: its member key, or the `id_field` of its .json (for urls, the column
-    img2dataset saved from the url list); None when that field is missing."""
+    img2dataset saved from the url list): a string, or an integer made a string; anything else
+    is returned as is, for `id_problem` to refuse."""
     if not id_field:
         return key
     value = meta.get(id_field)
-    return None if value is None else str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
 
 
 DECODED = "decoded.json"  # in a shard's scratch folder: written once the shard is decoded
 
 
 def find_samples(
-    path: str, ids: set[str], id_field: str | None
+    path: str, ids: set[str], id_field: str | None, limits: ShardLimits = DEFAULT_LIMITS
 ) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """(sample_id, members exactly as stored) of the samples of one shard whose id is in `ids`,
     in shard order, streamed; reading stops once all were found. Ids never found are left in
-    `ids` (the set is consumed)."""
-    from condense.readers.shards import read_members
-
+    `ids` (the set is consumed). Samples are read exactly as embed read them, so a sample it
+    dropped is never found here."""
     if not ids:
         return
-    with open_shard(path) as f:
-        for key, members in read_members(f, Counter()):
-            sample_id = key
-            if id_field:  # the id lives in the sample's .json
-                meta = next((data for ext, data in members if ext == "json"), None)
-                sample_id = sample_id_of(key, parse_meta(meta), id_field)
+    with open_shard(path, limits) as f:
+        for sample in read_samples(f, limits, path):
+            if sample.problem is not None:
+                continue
+            sample_id = sample_id_of(sample.key, sample.meta, id_field)
             if sample_id in ids:
                 ids.discard(sample_id)
-                yield sample_id, members
+                yield sample_id, sample.members
                 if not ids:
                     return
-
-
-def parse_meta(data: bytes | None) -> dict:
-    """A sample's .json as a dict ({} when absent or not a JSON object)."""
-    import json
-
-    try:
-        meta = json.loads(data.decode("utf-8")) if data else {}
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def encoded_count(folder: Path) -> int | None:
@@ -140,20 +123,23 @@ def _transform(model: str, pretrained: str | None):
 
 
 def decode_shard(
-    item: dict, model: ModelConfig, id_field: str | None, scratch: str
+    item: dict, model: ModelConfig, id_field: str | None, scratch: str, limits: ShardLimits
 ) -> Iterator[dict[str, np.ndarray]]:
     """CPU side of the embed stream: stream one shard, decode and preprocess its images, yield
     batches of at most `batch_size` rows (part, idx, sample_id, caption, url, pixels). Decoded
-    images live only until their batch is yielded. Dropped samples are counted by reason into
-    `scratch/<part>/decoded.json`, written after the last batch."""
+    images live only until their batch is yielded. Dropped samples are counted by reason (and
+    nulled urls counted) into `scratch/<part>/decoded.json`, written after the last batch. A
+    sample id that occurs twice in the shard stops the run at once, naming both."""
     from condense.cores.images import decode_rgb
+    from condense.cores.text import id_problem, storable_url
     from condense.pipeline.rundir import atomic_write_json
-    from condense.readers.shards import read_shard, usable
 
     # A checkpoint replaces the tag in the encoder, so the tag's normalisation does not apply.
     transform = _transform(model.name, None if model.checkpoint else model.pretrained)
-    batch_size, max_pixels = model.batch_size, model.max_pixels
+    batch_size = model.batch_size
     dropped: Counter = Counter()
+    nulled: Counter = Counter()
+    seen: dict[str, str] = {}  # with input.id_column: each id and the key that had it
     rows: dict[str, list] = {"sample_id": [], "caption": [], "url": [], "pixels": []}
     kept = 0
 
@@ -171,19 +157,33 @@ def decode_shard(
             values.clear()
         return out
 
-    with open_shard(item["path"]) as f:
-        for sample in read_shard(f, dropped):
+    with open_shard(item["path"], limits) as f:
+        for sample in read_samples(f, limits, item["path"]):
             reason = usable(sample)
+            sample_id = None
+            if reason is None:
+                sample_id = sample_id_of(sample.key, sample.meta, id_field)
+                reason = id_problem(sample_id)
             image = None
             if reason is None:
-                image, reason = decode_rgb(sample.image, max_pixels)
+                image, reason = decode_rgb(sample.image, limits.max_pixels, limits.max_aspect_ratio)
             if reason is not None:
                 dropped[reason] += 1
                 continue
-            url = sample.meta.get("url")
-            rows["sample_id"].append(sample_id_of(sample.key, sample.meta, id_field))
+            if id_field:  # keys are distinct within a shard (a repeated key is split_sample)
+                if sample_id in seen:
+                    raise InputError(
+                        f"shard {item['source']}: sample_id {sample_id!r} (input.id_column "
+                        f"{id_field!r}) occurs twice, in samples {seen[sample_id]!r} and "
+                        f"{sample.key!r}"
+                    )
+                seen[sample_id] = sample.key
+            url = storable_url(sample.meta.get("url"))
+            if url is None and sample.meta.get("url") is not None:
+                nulled["url"] += 1
+            rows["sample_id"].append(sample_id)
             rows["caption"].append(sample.caption)
-            rows["url"].append(url if isinstance(url, str) else None)
+            rows["url"].append(url)
             rows["pixels"].append(transform(image))
             kept += 1
             if len(rows["pixels"]) == batch_size:
@@ -191,7 +191,8 @@ def decode_shard(
     if rows["pixels"]:
         yield batch()
     atomic_write_json(
-        Path(scratch) / item["part"] / DECODED, {"rows": kept, "dropped": dict(dropped)}
+        Path(scratch) / item["part"] / DECODED,
+        {"rows": kept, "dropped": dict(dropped), "nulled": dict(nulled)},
     )
 
 
@@ -208,8 +209,16 @@ class BatchEncoder:
     preprocessed images and their captions and writes the embeddings to the shard's scratch
     folder (one Arrow file per batch and shard, named by its first row)."""
 
-    def __init__(self, model: ModelConfig, device: str, threads: int | None, scratch: str):
+    def __init__(
+        self,
+        model: ModelConfig,
+        device: str,
+        threads: int | None,
+        scratch: str,
+        max_caption_chars: int = DEFAULT_LIMITS.max_caption_chars,
+    ):
         self.cfg, self.device, self.threads, self.scratch = model, device, threads, Path(scratch)
+        self.max_caption_chars = max_caption_chars
         self.encoder = None
 
     def setup(self) -> None:
@@ -234,11 +243,13 @@ class BatchEncoder:
         import pyarrow as pa
 
         from condense import schema as S
+        from condense.cores.text import for_tokenizer
         from condense.stages.base import write_scratch
 
         enc = self.encoder
         img = enc.encode_images(enc.torch.from_numpy(np.ascontiguousarray(batch["pixels"])))
-        txt = enc.encode_texts(texts(batch["caption"]).to_pylist())
+        captions = texts(batch["caption"]).to_pylist()
+        txt = enc.encode_texts([for_tokenizer(c, self.max_caption_chars) for c in captions])
         parts, counts = [], []
         for part in sorted(set(batch["part"].tolist())):
             rows = np.flatnonzero(batch["part"] == part)
@@ -263,9 +274,11 @@ class BatchEncoder:
         }
 
 
-def encoded_rows(folder: Path, source: str, dim: int) -> tuple[RawRows, dict[str, int]] | None:
-    """A shard's scratch folder read back in row order, with its drop counts; None unless the
-    shard was decoded and every row of it encoded."""
+def encoded_rows(
+    folder: Path, source: str, dim: int
+) -> tuple[RawRows, dict[str, int], dict[str, int]] | None:
+    """A shard's scratch folder read back in row order, with its drop and null counts; None
+    unless the shard was decoded and every row of it encoded."""
     import pyarrow as pa
 
     from condense.pipeline.rundir import read_json
@@ -274,13 +287,14 @@ def encoded_rows(folder: Path, source: str, dim: int) -> tuple[RawRows, dict[str
     decoded = read_json(folder / DECODED)
     if decoded is None:
         return None
+    nulled = decoded.get("nulled", {})
     files = sorted(folder.glob("*.arrow"))
     tables = [read_scratch(f) for f in files]
     if sum(len(t) for t in tables) != decoded["rows"]:
         return None
     if not tables:
         empty = np.zeros((0, dim), np.float32)
-        return RawRows([], [], [], source, empty, empty, 0), decoded["dropped"]
+        return RawRows([], [], [], source, empty, empty, 0), decoded["dropped"], nulled
     table = pa.concat_tables(tables).sort_by("idx")
     from condense import schema as S
 
@@ -293,7 +307,7 @@ def encoded_rows(folder: Path, source: str, dim: int) -> tuple[RawRows, dict[str
         txt=S.arrow_to_vectors(table.column("txt")),
         first_row=0,
     )
-    return raw, decoded["dropped"]
+    return raw, decoded["dropped"], nulled
 
 
 DOWNLOAD_DIR = "input/download"  # where input.kind urls puts img2dataset's shards, in RUN/

@@ -8,6 +8,7 @@ embed/ looks the same whatever the input and every later stage is shared.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
@@ -16,6 +17,7 @@ import pyarrow as pa
 
 from condense import schema as S
 from condense.cores.hashing import hash_ids
+from condense.cores.text import DROP_BAD_ID, id_problem
 from condense.cores.vectors import (
     DROP_MISSING_ID,
     as_stored,
@@ -90,23 +92,27 @@ class ShardPartWriter:
         found = encoded_rows(self.scratch / item["part"], item["source"], self.dim)
         if found is None:
             raise InputError(f"embed: shard {item['source']} was not completely encoded")
-        raw, dropped = found
+        raw, dropped, nulled = found
         stats = store_rows(raw, item["part"], self.dtype, self.out_dir, dropped)
         shutil.rmtree(self.scratch / item["part"], ignore_errors=True)
-        return {**stats, "seconds": time.perf_counter() - start}
+        return {**stats, "nulled": nulled, "seconds": time.perf_counter() - start}
 
 
 def store_rows(raw, part: str, dtype: str, out_dir: str, dropped_before: dict[str, int]) -> dict:
     """Drop unusable rows by reason, normalise, store in id-hash order, write one part."""
     n = len(raw.img)
     ids = np.asarray(raw.sample_id, dtype=object)
-    missing = np.array([i is None or i == "" for i in ids], dtype=bool)
+    problems = [id_problem(i) for i in ids.tolist()]
+    missing = np.array([p == DROP_MISSING_ID for p in problems], dtype=bool)
+    bad_id = np.array([p == DROP_BAD_ID for p in problems], dtype=bool)
     masks = invalid_rows(raw.img, raw.txt)
-    dropped = {**dropped_before, DROP_MISSING_ID: int(missing.sum())}
-    keep = ~missing
+    dropped = Counter(dropped_before)
+    dropped[DROP_MISSING_ID] += int(missing.sum())
+    dropped[DROP_BAD_ID] += int(bad_id.sum())
+    keep = ~missing & ~bad_id
     for reason, mask in masks.items():
         mask = mask & keep
-        dropped[reason] = int(mask.sum())
+        dropped[reason] += int(mask.sum())
         keep &= ~mask
     # Rows are stored in the order of their id hash: any seeded window of that order is a
     # uniform sample that a reader can fetch without scanning the part (see cluster).
@@ -262,12 +268,14 @@ class EmbedStage(Stage):
                         "model": model,
                         "id_field": cfg.input.id_column,
                         "scratch": str(scratch),
+                        "limits": cfg.input.limits,
                     },
                     shared={
                         "model": model,
                         "device": "cuda" if gpus else "cpu",
                         "threads": None if gpus else max(1, cpus // pool),
                         "scratch": str(scratch),
+                        "max_caption_chars": cfg.input.limits.max_caption_chars,
                     },
                     batch_size=model.batch_size,
                     produce_cpus=1.0 if cpus >= 2 else 0.5,
@@ -308,6 +316,9 @@ class EmbedStage(Stage):
             dropped = {**dropped, **{k: v for k, v in failed.items() if v}}
             rows_in += sum(failed.values())
         extra = {"dim": dim, "dtype": cfg.embed.dtype, "model": model.name}
+        nulled = merge_dropped([{"dropped": s.get("nulled", {})} for s in stats])
+        if nulled:  # fields that could not be stored, set to null (the sample is kept)
+            extra["nulled"] = nulled
         if downloaded:
             extra["downloaded"] = downloaded
         return StageResult(rows_in, rows_out, dropped, extra)

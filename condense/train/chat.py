@@ -50,9 +50,9 @@ def answer(model, tokenizer, cfg, image: bytes | None, question: str, max_new_to
 
     pix = None
     if image is not None:
-        pix = pixels(image, model.vision.image_size, model.vision.mean, model.vision.std)
+        pix, reason = pixels(image, model.vision.image_size, model.vision.mean, model.vision.std)
         if pix is None:
-            raise InputError("the image does not decode")
+            raise InputError(f"the image cannot be used ({reason})")
         if IMAGE not in question:
             question = f"{IMAGE}\n{question}"
     ids = prompt(question, cfg.template, tokenizer)

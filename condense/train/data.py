@@ -7,18 +7,22 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
+from condense.errors import InputError
+from condense.readers.shards import DEFAULT_LIMITS, ShardLimits, open_shard, read_samples, usable
 
-def shard_samples(shards: list[Path], skipped: Counter) -> Iterator[tuple[list[dict], bytes]]:
-    """Stage-1 samples from WebDataset shards: the image and, as the gpt turn, its caption."""
-    from condense.readers.shards import read_shard, usable
 
+def shard_samples(
+    shards: list[Path], skipped: Counter, limits: ShardLimits = DEFAULT_LIMITS
+) -> Iterator[tuple[list[dict], bytes]]:
+    """Stage-1 samples from WebDataset shards: the image and, as the gpt turn, its caption.
+    Shards are read exactly as the embed stage reads them (the same bounds and drop reasons)."""
     for shard in shards:
-        with open(shard, "rb") as f:
-            for sample in read_shard(f, skipped):
+        with open_shard(str(shard), limits) as f:
+            for sample in read_samples(f, limits, str(shard)):
                 reason = usable(sample)
                 if reason is not None:
                     skipped[reason] += 1
@@ -32,31 +36,68 @@ def shard_samples(shards: list[Path], skipped: Counter) -> Iterator[tuple[list[d
 
 def json_samples(path: Path, image_folder: Path | None, skipped: Counter):
     """LLaVA-format samples: {"image": relative path (optional), "conversations": [...]}. The
-    image is its file's Path, read only when the sample is used (a worker reads its own)."""
-    for entry in json.loads(Path(path).read_text()):
-        image = None
-        if entry.get("image"):
-            image = Path(image_folder or Path(path).parent) / entry["image"]
+    image is its file's Path, read only when the sample is used (a worker reads its own).
+
+    Every entry is untrusted: one that is not an object, whose conversations are not a list of
+    turns with a string `value`, whose image is not one path (a list of images), or whose path
+    leaves the image folder (absolute, `..`) is skipped and counted, never opened."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path}: not a readable LLaVA JSON file ({exc})") from exc
+    if not isinstance(entries, list):
+        raise InputError(f"{path}: a LLaVA JSON file holds a list of samples")
+    folder = Path(image_folder or path.parent)
+    for entry in entries:
+        if not isinstance(entry, dict):
+            skipped["bad_entry"] += 1
+            continue
+        turns = entry.get("conversations")
+        if not isinstance(turns, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns
+        ):
+            skipped["bad_turns"] += 1
+            continue
+        name, image = entry.get("image"), None
+        if name:
+            if not isinstance(name, str):
+                skipped["bad_image_field"] += 1  # a list of images, a number, ...
+                continue
+            image = confined(folder, name)
+            if image is None:
+                skipped["unsafe_image_path"] += 1
+                continue
             if not image.is_file():
                 skipped["missing_image"] += 1
                 continue
-        turns = entry.get("conversations") or []
-        images_named = sum(t.get("value", "").count("<image>") for t in turns)
+        images_named = sum(t["value"].count("<image>") for t in turns)
         if images_named != (1 if image is not None else 0):
             skipped["image_count_mismatch"] += 1
             continue
         yield turns, image
 
 
-def pixels(data: bytes, size: int, mean=None, std=None) -> np.ndarray | None:
-    """CHW float32 pixels (shortest side resized, centre-cropped, normalised by the vision
-    tower's mean and std, CLIP's by default); None if the bytes do not decode."""
+def confined(folder: Path, name: str) -> Path | None:
+    """`folder / name` when `name` is a relative path that stays inside `folder` (no absolute
+    path, no `..`, no NUL), else None. Symlinks inside the folder are the folder owner's."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if "\0" in name or pure.is_absolute() or ".." in pure.parts or PureWindowsPath(name).drive:
+        return None
+    return Path(folder) / pure
+
+
+def pixels(
+    data: bytes, size: int, mean=None, std=None, limits: ShardLimits = DEFAULT_LIMITS
+) -> tuple[np.ndarray | None, str | None]:
+    """(CHW float32 pixels, None): shortest side resized, centre-cropped, normalised by the
+    vision tower's mean and std (CLIP's by default); or (None, the decoder's drop reason)."""
     from condense.cores.images import decode_rgb
     from condense.train.model import CLIP_MEAN, CLIP_STD
 
-    image, reason = decode_rgb(data)
+    image, reason = decode_rgb(data, limits.max_pixels, limits.max_aspect_ratio)
     if image is None:
-        return None
+        return None, reason
     w, h = image.size
     scale = size / min(w, h)
     image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), 3)
@@ -65,11 +106,12 @@ def pixels(data: bytes, size: int, mean=None, std=None) -> np.ndarray | None:
     image = image.crop((left, top, left + size, top + size))
     a = np.asarray(image, dtype=np.float32) / 255.0
     a = (a - np.array(mean or CLIP_MEAN, np.float32)) / np.array(std or CLIP_STD, np.float32)
-    return a.transpose(2, 0, 1).copy()
+    return a.transpose(2, 0, 1).copy(), None
 
 
 def load_image(data: bytes | Path | None, size: int, skipped: Counter, mean=None, std=None):
-    """A sample's pixels from its image bytes or file; None (counted) if they do not decode."""
+    """A sample's pixels from its image bytes or file; None (counted by the decoder's reason)
+    if they do not decode."""
     if data is None:
         return None
     if isinstance(data, Path):
@@ -78,7 +120,7 @@ def load_image(data: bytes | Path | None, size: int, skipped: Counter, mean=None
         except OSError:
             skipped["unreadable_image"] += 1
             return None
-    out = pixels(data, size, mean, std)
+    out, reason = pixels(data, size, mean, std)
     if out is None:
-        skipped["undecodable_image"] += 1
+        skipped[reason] += 1
     return out

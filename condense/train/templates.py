@@ -91,18 +91,30 @@ def _ids(tokenizer, text: str) -> list[int]:
     return out
 
 
+CHARS_PER_TOKEN_BOUND = 64  # no tokenizer's tokens average more characters than this
+
+
 def encode(
     turns: list[dict], template: str | Template, tokenizer, max_length: int
 ) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated) for one conversation."""
     t = get_template(template) if isinstance(template, str) else template
-    if not turns or len(turns) % 2:
+    if not isinstance(turns, list) or not turns or len(turns) % 2:
         raise ValueError("a conversation needs human/gpt turn pairs")
+    if not all(isinstance(turn, dict) and isinstance(turn.get("value"), str) for turn in turns):
+        raise ValueError("every turn needs a string value")
     end = tokenizer.eos_token if t.turn_end == "<eos>" else t.turn_end
     ids: list[int] = []
     labels: list[int] = []
+    # A turn longer than this many characters is cut before tokenizing: its tokens past
+    # max_length would be cut anyway, and a 60 MiB caption would take minutes to tokenize.
+    max_chars = max_length * CHARS_PER_TOKEN_BOUND
+    cut = False
 
     def add(text: str, trained: bool) -> None:
+        nonlocal cut
+        if len(text) > max_chars:
+            text, cut = text[:max_chars], True
         piece = _ids(tokenizer, text)
         ids.extend(piece)
         labels.extend([IGNORE if i == IMAGE_TOKEN or not trained else i for i in piece])
@@ -121,7 +133,7 @@ def encode(
         else:
             add(t.user + human["value"] + t.sep + t.assistant, False)
         add(gpt["value"] + end, True)
-    truncated = len(ids) > max_length
+    truncated = cut or len(ids) > max_length
     return ids[:max_length], labels[:max_length], truncated
 
 

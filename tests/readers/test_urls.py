@@ -4,7 +4,6 @@
 import json
 import threading
 import time
-from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow as pa
@@ -12,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from condense.pipeline.runner import run_pipeline
-from condense.readers.shards import read_shard
+from condense.readers.shards import read_samples, usable
 from tests.conftest import make_config, quiet_log
 from tests.stages.test_embed_images import TINY, picture
 
@@ -101,7 +100,7 @@ def test_urls_download_embed_and_export(ray_session, tmp_path, server):
     exported = []
     for shard in sorted((run / "export" / "shards").glob("*.tar")):
         with open(shard, "rb") as f:
-            exported += [s for s in read_shard(f, Counter()) if s.image and s.caption]
+            exported += [s for s in read_samples(f) if usable(s) is None]
     assert sorted(s.key for s in exported) == sorted(index.key) and len(exported) == 24
 
     # A rerun with another batch size embeds again but downloads nothing.

@@ -268,7 +268,7 @@ def test_pixels_are_normalised_as_the_tower_was_trained():
     clip = pick(VISION_TOWERS, "hf-clip", "vision tower")(config=VISION)
     buf = io.BytesIO()
     Image.new("RGB", (40, 40), (255, 255, 255)).save(buf, "PNG")
-    white = pixels(buf.getvalue(), 32, siglip.mean, siglip.std)
+    white, _ = pixels(buf.getvalue(), 32, siglip.mean, siglip.std)
     assert white.shape == (3, 32, 32) and np.allclose(white, 1.0)  # (1 - 0.5) / 0.5
-    white = pixels(buf.getvalue(), 32, clip.mean, clip.std)
+    white, _ = pixels(buf.getvalue(), 32, clip.mean, clip.std)
     assert np.allclose(white[0], (1 - 0.48145466) / 0.26862954)
