@@ -54,8 +54,10 @@ def run_config(
 ) -> int:
     """Load a config and run the pipeline: shared by `condense run` and jobs/condense.py."""
     from condense.config import load_config
+    from condense.pipeline.rundir import check_job_run_dir
     from condense.pipeline.runner import run_pipeline
 
+    check_job_run_dir(run_dir)
     config = load_config(config_path, overrides)
     run_dir = run_dir or _default_run_dir(config_path)
     run_pipeline(config, run_dir, until=until, resume=resume, address=address)
@@ -138,8 +140,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from condense.config import load_config
+    from condense.pipeline.rundir import check_job_run_dir
     from condense.train.config import TrainConfig
 
+    check_job_run_dir(args.run_dir)
     overrides = [*args.set, f"stage={args.stage}"]
     overrides += [f"workers={args.workers}"] if args.workers else []
     overrides += [f"strategy={args.strategy}"] if args.strategy else []

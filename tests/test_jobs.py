@@ -118,6 +118,12 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, venv_env, tmp_path):
     clusters = pq.read_table(sorted((run_dir / "cluster").glob("part-*.parquet"))).to_pandas()
     assert len(clusters) == 3000 and clusters.cluster_id.nunique() == 8
     assert Path(run_dir / "config.yaml").exists() and Path(run_dir / "manifest.json").exists()
+    # A relative run directory would land in the job's temporary copy of the repo: refused.
+    submit = job_submit(ray_head, venv_env, "jobs/condense.py", "configs/demo.yaml")
+    assert submit.returncode != 0
+    assert "a relative run directory would be written into the job's temporary copy" in (
+        submit.stdout + submit.stderr
+    )
 
 
 @pytest.mark.slow

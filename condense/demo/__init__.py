@@ -58,7 +58,12 @@ def image_demo_config(run_dir: Path, checkpoint: Path, overrides: dict | None = 
             "kind": "urls",
             "path": str(run_dir / "input" / "urls.parquet"),
             "id_column": "sample_id",
-            "download": {"thread_count": 16, "number_sample_per_shard": 100, "timeout": 5},
+            "download": {
+                "thread_count": 16,
+                "number_sample_per_shard": 100,
+                "timeout": 5,
+                "allow_networks": ["127.0.0.1/32"],  # the demo's own photo server
+            },
         },
         "embed": {
             "model": {
@@ -82,9 +87,10 @@ def run_demo(
     """Build, serve and condense the demo corpus into `run_dir`; returns the run directory."""
     from condense.demo.corpus import build_corpus
     from condense.demo.thumbnail import write_checkpoint
+    from condense.pipeline.rundir import claim
     from condense.pipeline.runner import run_pipeline
 
-    run_dir = Path(run_dir)
+    run_dir = claim(run_dir)  # before the corpus is written into it
     folder = run_dir / "input"
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / "thumbnail-clip.pt"

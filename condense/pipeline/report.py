@@ -145,7 +145,8 @@ def sample_images(run_dir: str | Path, sample_ids: list[str]) -> dict[str, bytes
     for source, ids in wanted.items():
         if source not in paths:
             continue
-        for sample_id, members in find_samples(paths[source], ids, config.input.id_column):
+        found_here = find_samples(paths[source], ids, config.input.id_column, config.input.limits)
+        for sample_id, members in found_here:
             image = next((data for ext, data in members if ext in IMAGE_EXTENSIONS), None)
             if image:
                 found[sample_id] = image

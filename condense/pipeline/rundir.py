@@ -1,7 +1,14 @@
 """The run directory users inspect (DESIGN.md 3): config.yaml, manifest.json, one folder per stage.
 
 Completion marks are written last and atomically (temporary file, fsync, rename), so a folder
-without `_stage.json` is never trusted.
+without `_stage.json` is never trusted; a mark is trusted only while every file it lists is
+there with its recorded size, and a mark that is not valid JSON (a full disk, a store without
+atomic writes) counts as no mark: the stage is redone. manifest.json is rebuilt from the marks
+when it is damaged.
+
+condense deletes only what it created: a non-empty folder that is not a condense run is refused
+before anything in it is touched (`claim`), and one driver at a time holds a run directory
+(`RunLock`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ PROGRESS_MARK = "_progress.json"
 PARTS_DIR = "_parts"
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
+LOCK = "_lock.json"
+MARKS = (STAGE_MARK, PROGRESS_MARK)  # not listed among a stage's files
 
 
 @contextmanager
@@ -65,10 +74,80 @@ def atomic_write_npy(path: Path, array) -> None:
 
 
 def read_json(path: Path) -> Any | None:
+    """A JSON file's value; None when it is missing, truncated or not JSON."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_bytes())
     except FileNotFoundError:
         return None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def file_sizes(folder: Path, paths: list[str]) -> dict[str, int]:
+    """{path relative to `folder`: size} of files a part or a stage wrote."""
+    out = {}
+    for path in paths:
+        path = Path(path)
+        out[str(path.relative_to(folder) if path.is_absolute() else path)] = (
+            (Path(folder) / path).stat().st_size
+        )
+    return out
+
+
+def files_intact(folder: Path, files: Any) -> bool:
+    """Whether every recorded file is there with its recorded size."""
+    if not isinstance(files, dict):
+        return False
+    for name, size in files.items():
+        try:
+            if (Path(folder) / name).stat().st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def stage_files(folder: Path) -> dict[str, int]:
+    """Every file a finished stage holds (its marks and temporary files aside), with sizes."""
+    folder = Path(folder)
+    out = {}
+    for dirpath, _dirs, names in os.walk(folder):
+        for name in names:
+            path = Path(dirpath) / name
+            if name.startswith(".") or (path.parent == folder and name in MARKS):
+                continue
+            out[str(path.relative_to(folder))] = path.stat().st_size
+    return dict(sorted(out.items()))
+
+
+DIGEST_WHOLE = 1 << 20  # files up to this size are hashed whole
+DIGEST_BLOCKS, DIGEST_BLOCK = 16, 4096  # larger ones: this many blocks, evenly spaced
+
+
+def content_digest(fs, path: str, size: int, info: dict | None = None) -> str:
+    """A digest of a file's content, cheap at any size: the store's own content hash where it
+    has one (an S3 ETag, a GCS md5), else sha256 of the whole file up to DIGEST_WHOLE bytes,
+    else of DIGEST_BLOCKS blocks spread from its first to its last byte. With the file's size
+    and mtime it tells a rewritten input from the same one without reading terabytes."""
+    import hashlib
+
+    for key in ("ETag", "etag", "md5Hash", "crc32c"):
+        if info and info.get(key):
+            return f"{key}:{str(info[key]).strip(chr(34))}"
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        if size <= DIGEST_WHOLE:
+            digest.update(f.read())
+        else:
+            step = (size - DIGEST_BLOCK) // (DIGEST_BLOCKS - 1)
+            for i in range(DIGEST_BLOCKS):
+                f.seek(i * step)
+                digest.update(f.read(DIGEST_BLOCK))
+    return digest.hexdigest()[:32]
+
+
+def _valid_mark(mark: Any) -> bool:
+    return isinstance(mark, dict) and all(k in mark for k in ("rows_out", "config_hash", "files"))
 
 
 class RunDir:
@@ -81,8 +160,12 @@ class RunDir:
         return self.root / stage
 
     def stage_mark(self, stage: str) -> dict | None:
-        """The stage's completion record, or None when it has not completed."""
-        return read_json(self.stage_dir(stage) / STAGE_MARK)
+        """The stage's completion record, or None when it has not completed: no mark, a mark
+        that is damaged, or one whose files are no longer all there with their sizes."""
+        mark = read_json(self.stage_dir(stage) / STAGE_MARK)
+        if not _valid_mark(mark) or not files_intact(self.stage_dir(stage), mark["files"]):
+            return None
+        return mark
 
     def write_stage_mark(self, stage: str, record: dict) -> None:
         atomic_write_json(self.stage_dir(stage) / STAGE_MARK, record)
@@ -112,12 +195,32 @@ class RunDir:
         shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
 
     def finish_stage(self, stage: str, record: dict) -> None:
-        """Write the completion mark last, then drop the progress mark."""
-        self.write_stage_mark(stage, record)
+        """Write the completion mark last, listing the stage's files, then drop the progress mark."""
+        self.write_stage_mark(stage, {**record, "files": stage_files(self.stage_dir(stage))})
         (self.stage_dir(stage) / PROGRESS_MARK).unlink(missing_ok=True)
 
     def manifest(self) -> dict:
-        return read_json(self.root / MANIFEST) or {"stages": {}}
+        """manifest.json, or, when it is missing or damaged, the same rebuilt from the marks."""
+        manifest = read_json(self.root / MANIFEST)
+        if isinstance(manifest, dict) and isinstance(manifest.get("stages"), dict):
+            return manifest
+        stages = {}
+        if self.root.is_dir():
+            for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+                mark = self.stage_mark(folder.name)
+                if mark is not None:
+                    stages[folder.name] = {
+                        k: mark.get(k)
+                        for k in (
+                            "status",
+                            "rows_in",
+                            "rows_out",
+                            "dropped",
+                            "seconds",
+                            "config_hash",
+                        )
+                    }
+        return {"stages": stages}
 
     def update_manifest(self, stage: str, entry: dict | None) -> None:
         manifest = self.manifest()
@@ -127,3 +230,141 @@ class RunDir:
             manifest["stages"][stage] = entry
         manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         atomic_write_json(self.root / MANIFEST, manifest)
+
+
+def is_run(root: Path) -> bool:
+    """Whether `root` holds a condense run: its manifest, its lock, or a stage's marks."""
+    root = Path(root)
+    manifest = read_json(root / MANIFEST)
+    if isinstance(manifest, dict) and "stages" in manifest:
+        return True
+    if (root / LOCK).exists():
+        return True
+    return any((p / m).exists() for p in root.iterdir() if p.is_dir() for m in MARKS)
+
+
+def claim(root: str | Path, inputs: tuple[str | None, ...] = ()) -> Path:
+    """Make `root` a run directory, or refuse before touching anything: a file, a non-empty
+    folder that is not a condense run (condense deletes stage folders it reruns, and must
+    never delete what it did not create), or a folder inside one of the `inputs` (the run would
+    be read back as input). A new run gets its manifest at once, which marks it as condense's."""
+    from condense.errors import ConfigError
+
+    root = Path(root)
+    here = root.resolve()
+    for source in inputs:
+        if not source or "://" in source:
+            continue
+        source_path = Path(source).resolve()
+        if here == source_path or source_path in here.parents:
+            raise ConfigError(
+                f"run directory {root} is inside the input {source}: choose a --run-dir outside it"
+            )
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"run directory {root} is a file")
+    if root.is_dir() and any(root.iterdir()) and not is_run(root):
+        raise ConfigError(
+            f"run directory {root} is not empty and is not a condense run (no {MANIFEST}): "
+            "condense refuses it rather than delete what it did not create; choose a new "
+            "or empty --run-dir"
+        )
+    root.mkdir(parents=True, exist_ok=True)
+    if not isinstance(read_json(root / MANIFEST), dict):
+        manifest = RunDir(root).manifest()  # rebuilt from the marks if it was damaged
+        atomic_write_json(root / MANIFEST, manifest)
+    return root
+
+
+class RunLock:
+    """One driver per run directory: `RUN/_lock.json`, locked with `flock` for as long as the
+    driver runs and naming it (host, pid, command, start). The kernel drops the lock when its
+    holder dies however it dies, so a lock left by a killed driver is stale by definition: the
+    next driver takes it over and says whose it was. A second live driver is refused with a
+    message naming the holder."""
+
+    def __init__(self, root: str | Path, log=print):
+        self.path = Path(root) / LOCK
+        self.log = log
+        self.fd: int | None = None
+
+    def holder(self) -> dict | None:
+        value = read_json(self.path)
+        return value if isinstance(value, dict) and value else None
+
+    def acquire(self) -> None:
+        import fcntl
+        import socket
+        import sys
+
+        from condense.errors import CondenseError
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            h = self.holder() or {}
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("started", 0)))
+            raise CondenseError(
+                f"run directory {self.path.parent} is in use by host {h.get('host', '?')} pid "
+                f"{h.get('pid', '?')} (since {since}: {h.get('command', '?')}); one driver per "
+                "run directory: wait for it to finish, or choose another --run-dir"
+            ) from None
+        previous = self.holder()
+        if previous is not None:
+            self.log(
+                f"[run] taking over the lock of host {previous.get('host')} pid "
+                f"{previous.get('pid')}, which is gone (it was stopped or killed)"
+            )
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "command": " ".join(sys.argv)[:500],
+            "started": time.time(),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record, indent=2) + "\n").encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+
+    def release(self) -> None:
+        """Empty the lock file (a clean exit leaves no stale holder), then unlock it."""
+        if self.fd is None:
+            return
+        import fcntl
+
+        os.ftruncate(self.fd, 0)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def check_job_run_dir(run_dir: str | None) -> None:
+    """Under `ray job submit --working-dir`, the job runs in a per-job copy of the working dir,
+    made anew on each node and deleted with the job: a relative (or the default) run directory
+    would land there, differ between nodes and be lost. Refuse it, asking for an absolute path
+    on shared storage (or an object-store URL)."""
+    from condense.errors import ConfigError
+
+    env = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not env:
+        return
+    try:
+        working_dir = json.loads(env).get("runtime_env", {}).get("working_dir")
+    except (ValueError, AttributeError):
+        return
+    if working_dir and (run_dir is None or not (os.path.isabs(run_dir) or "://" in run_dir)):
+        raise ConfigError(
+            f"--run-dir {run_dir or '(default)'}: under `ray job submit --working-dir` a relative "
+            "run directory would be written into the job's temporary copy of the working dir "
+            "(a different one on every node, deleted with the job); pass an absolute path on "
+            "storage every node sees, e.g. --run-dir /shared/runs/x"
+        )

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from condense.config import PipelineConfig
 from condense.errors import CondenseError, StageError
-from condense.pipeline.rundir import CONFIG, RunDir, atomic_write_bytes
+from condense.pipeline.rundir import CONFIG, RunDir, RunLock, atomic_write_bytes, claim
 from condense.stages.bands import CentroidBandStage, ClipBandStage
 from condense.stages.base import Stage, StageContext, check_columns, part_files
 from condense.stages.cluster import ClusterStage
@@ -76,13 +76,17 @@ def run_pipeline(
     progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run (or continue) a pipeline in `run_dir`; returns the manifest."""
-    from condense.runtime.ray import RayExecutor, init_ray
-
+    """Run (or continue) a pipeline in `run_dir`, holding its lock; returns the manifest."""
     if until is not None and until not in STAGE_NAMES:
         raise CondenseError(f"--until {until!r}: no such stage (stages: {', '.join(STAGE_NAMES)})")
-    run = RunDir(run_dir)
-    run.root.mkdir(parents=True, exist_ok=True)
+    run = RunDir(claim(run_dir, (config.input.path,)))
+    with RunLock(run.root, log):
+        return _run_locked(config, run, until, resume, address, progress, log)
+
+
+def _run_locked(config, run, until, resume, address, progress, log) -> dict:
+    from condense.runtime.ray import RayExecutor, init_ray
+
     atomic_write_bytes(run.root / CONFIG, config.to_yaml().encode())
     init_ray(config.ray, address)
     ctx = StageContext(
@@ -108,6 +112,20 @@ def run_pipeline(
     return run.manifest()
 
 
+def check_chain(run: RunDir, stage: Stage, rows_in: int) -> None:
+    """No row vanishes between stages: a stage's rows_in is the rows_out of the one before."""
+    if stage.name not in STAGE_NAMES or STAGE_NAMES.index(stage.name) == 0:
+        return
+    index = STAGE_NAMES.index(stage.name)
+    before = STAGE_NAMES[index - 1]
+    mark = run.stage_mark(before)
+    if mark is not None and mark["rows_out"] != rows_in:
+        raise StageError(
+            f"stage {stage.name} read {rows_in:,} rows but {before} wrote {mark['rows_out']:,}: "
+            "rows were lost between the stages"
+        )
+
+
 def _run_stage(ctx: StageContext, stage: Stage, fp: str, resume: bool) -> None:
     run = ctx.run
     check_columns(run, stage)
@@ -121,6 +139,7 @@ def _run_stage(ctx: StageContext, stage: Stage, fp: str, resume: bool) -> None:
         raise StageError(
             f"stage {stage.name}: rows_in {result.rows_in} != rows_out {result.rows_out} + dropped {dropped_total}"
         )
+    check_chain(run, stage, result.rows_in)
     parts = part_files(run.stage_dir(stage.name))
     schema = {f.name: str(f.type) for f in pq.read_schema(parts[0])} if parts else {}
     declared = list(stage.columns(ctx.config))

@@ -122,11 +122,41 @@ def plan_items(files: list[dict], number_key: str, rows_per_part: int) -> list[d
     return items
 
 
-def optional_strings(table, name: str) -> list[str | None]:
+def optional_strings(table, name: str, path: str = "") -> list[str | None]:
     """A text column as Python strings, or all None when the input has no such column."""
     if name in table.column_names:
-        return table.column(name).cast("string").to_pylist()
+        return _strings(table.column(name), name, path)
     return [None] * table.num_rows
+
+
+def check_id_type(path, schema, column: str) -> None:
+    """The id column must hold text or integers: bytes have no canonical text form."""
+    import pyarrow as pa
+
+    t = schema.field(column).type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)):
+        raise InputError(f"{path}: id column {column!r} holds {t}; expected strings or integers")
+
+
+def id_strings(table, column: str, path: str) -> list[str | None]:
+    """The id column as Python strings (integers written in decimal)."""
+    return _strings(table.column(column), column, path)
+
+
+def _strings(column, name: str, path: str) -> list[str | None]:
+    """A column as Python strings; bytes that are not UTF-8 are an error naming the file."""
+    import pyarrow as pa
+
+    if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+        raise InputError(f"{path}: column {name!r} holds bytes ({column.type}); expected strings")
+    try:
+        column = column.cast(pa.string())
+        column.validate(full=True)
+        return column.to_pylist()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: column {name!r} is not valid UTF-8 text ({exc})") from exc
 
 
 def read_parquet_rows(path: str, start: int, stop: int):

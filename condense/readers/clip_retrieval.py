@@ -10,26 +10,69 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from condense.errors import InputError
-from condense.readers import InputConfig, RawRows, optional_strings, plan_items, read_parquet_rows
+from condense.readers import (
+    InputConfig,
+    RawRows,
+    check_id_type,
+    id_strings,
+    optional_strings,
+    plan_items,
+    read_parquet_rows,
+)
 
 _NUMBERED = re.compile(r"^(img_emb|text_emb|metadata)_(\d+)\.(npy|parquet)$")
 
 
 def _numbered(folder: Path, stem: str, ext: str) -> dict[int, Path]:
+    """File number -> file; two names for one number (img_emb_1 and img_emb_01) are an error,
+    since rows are paired across the three folders by that number."""
     found: dict[int, Path] = {}
-    for path in folder.iterdir():
+    for path in sorted(folder.iterdir()):
         m = _NUMBERED.match(path.name)
         if m and m.group(1) == stem and m.group(3) == ext:
-            found[int(m.group(2))] = path
+            number = int(m.group(2))
+            if number in found:
+                raise InputError(
+                    f"{found[number]} and {path} both claim file number {number}: "
+                    "keep one (rows are paired with metadata by that number)"
+                )
+            found[number] = path
     return found
 
 
+NPY_DTYPES = (np.dtype("<f2"), np.dtype("<f4"))  # what condense memory-maps as embeddings
+
+
 def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a .npy header alone; anything but a complete little-endian float16
+    or float32 array (a zip, an object or big-endian array, a truncated file) is an error
+    naming the file. Nothing is ever unpickled."""
+    from numpy.lib import format as npy
+
     try:
-        arr = np.load(path, mmap_mode="r")
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same message
-        raise InputError(f"{path}: not a readable .npy file ({exc})") from exc
-    return arr.shape, arr.dtype
+        with open(path, "rb") as f:
+            version = npy.read_magic(f)
+            if version == (1, 0):
+                shape, _fortran, dtype = npy.read_array_header_1_0(f)
+            else:
+                shape, _fortran, dtype = npy.read_array_header_2_0(f)
+            offset = f.tell()
+    except Exception as exc:  # noqa: BLE001 - any unreadable header gets the same message
+        head = path.read_bytes()[:4] if path.is_file() else b""
+        what = "a zip archive (.npz), not a .npy file" if head == b"PK\x03\x04" else str(exc)
+        raise InputError(f"{path}: not a readable .npy file ({what})") from exc
+    if dtype.hasobject:
+        raise InputError(f"{path}: holds Python objects ({dtype}); expected float16 or float32")
+    if dtype.kind == "f" and dtype.byteorder == ">":
+        raise InputError(f"{path}: big-endian {dtype}; save it little-endian (array.astype('<f4'))")
+    if dtype not in NPY_DTYPES:
+        raise InputError(f"{path}: expected float16 or float32, got {dtype}")
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if path.stat().st_size < expected:
+        raise InputError(
+            f"{path}: truncated ({path.stat().st_size:,} bytes, its header needs {expected:,})"
+        )
+    return shape, dtype
 
 
 class ClipRetrievalReader:
@@ -59,18 +102,10 @@ class ClipRetrievalReader:
                     raise InputError(
                         f"{folders[name] / f'{name}_{n}.{ext}'} is missing (file number {n} exists elsewhere)"
                     )
-            (img_shape, img_dtype), (txt_shape, txt_dtype) = (
-                _npy_shape(imgs[n]),
-                _npy_shape(txts[n]),
-            )
-            for path, shape, dtype in (
-                (imgs[n], img_shape, img_dtype),
-                (txts[n], txt_shape, txt_dtype),
-            ):
+            img_shape, txt_shape = _npy_shape(imgs[n])[0], _npy_shape(txts[n])[0]
+            for path, shape in ((imgs[n], img_shape), (txts[n], txt_shape)):
                 if len(shape) != 2:
                     raise InputError(f"{path}: expected a 2-d array (rows, dim), got shape {shape}")
-                if dtype not in (np.float16, np.float32):
-                    raise InputError(f"{path}: expected float16 or float32, got {dtype}")
             try:
                 meta = pq.ParquetFile(metas[n])
             except Exception as exc:  # noqa: BLE001
@@ -93,6 +128,7 @@ class ClipRetrievalReader:
                     f"{metas[n]}: no id column {self.id_column!r} (columns: {meta.schema_arrow.names}); "
                     "set input.id_column"
                 )
+            check_id_type(metas[n], meta.schema_arrow, self.id_column)
             self.files.append(
                 {
                     "number": n,
@@ -112,11 +148,10 @@ class ClipRetrievalReader:
         img = np.asarray(np.load(item["img"], mmap_mode="r")[start:stop])
         txt = np.asarray(np.load(item["txt"], mmap_mode="r")[start:stop])
         meta = read_parquet_rows(item["meta"], start, stop)
-        ids = meta.column(self.id_column).cast("string").to_pylist()
         return RawRows(
-            sample_id=ids,
-            caption=optional_strings(meta, self.cfg.caption_column),
-            url=optional_strings(meta, self.cfg.url_column),
+            sample_id=id_strings(meta, self.id_column, item["meta"]),
+            caption=optional_strings(meta, self.cfg.caption_column, item["meta"]),
+            url=optional_strings(meta, self.cfg.url_column, item["meta"]),
             source=str(Path(item["meta"]).relative_to(self.root)),
             img=img,
             txt=txt,

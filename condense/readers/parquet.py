@@ -11,7 +11,15 @@ import pyarrow.parquet as pq
 
 from condense import schema as S
 from condense.errors import InputError
-from condense.readers import InputConfig, RawRows, optional_strings, plan_items, read_parquet_rows
+from condense.readers import (
+    InputConfig,
+    RawRows,
+    check_id_type,
+    id_strings,
+    optional_strings,
+    plan_items,
+    read_parquet_rows,
+)
 
 
 def _list_dim(path: Path, pf: pq.ParquetFile, column: str) -> int:
@@ -25,7 +33,9 @@ def _list_dim(path: Path, pf: pq.ParquetFile, column: str) -> int:
         first = (
             pf.read_row_group(0, columns=[column]).column(0) if pf.metadata.num_row_groups else None
         )
-        dim = len(first[0]) if first is not None and len(first) else 0
+        # The first non-null vector (a null one is a dropped row, not the file's dimension).
+        valid = first.drop_null() if first is not None else None
+        dim = len(valid[0]) if valid is not None and len(valid) else 0
     else:
         raise InputError(f"{path}: column {column!r} must be a list of floats, got {t}")
     if not (
@@ -61,6 +71,7 @@ class ParquetEmbeddingReader:
             for column in (self.id_column, S.IMG_EMB, S.TXT_EMB):
                 if column not in names:
                     raise InputError(f"{path}: missing column {column!r} (columns: {names})")
+            check_id_type(path, pf.schema_arrow, self.id_column)
             dims = {c: _list_dim(path, pf, c) for c in (S.IMG_EMB, S.TXT_EMB)}
             if dims[S.IMG_EMB] != dims[S.TXT_EMB]:
                 raise InputError(
@@ -83,12 +94,12 @@ class ParquetEmbeddingReader:
     def read(self, item: dict) -> RawRows:
         path = item["path"]
         table = read_parquet_rows(path, item["start"], item["stop"])
-        img = _vectors(table, S.IMG_EMB, path)
-        txt = _vectors(table, S.TXT_EMB, path)
+        img = _vectors(table, S.IMG_EMB, path, self.dim)
+        txt = _vectors(table, S.TXT_EMB, path, self.dim)
         return RawRows(
-            sample_id=table.column(self.id_column).cast("string").to_pylist(),
-            caption=optional_strings(table, self.cfg.caption_column),
-            url=optional_strings(table, self.cfg.url_column),
+            sample_id=id_strings(table, self.id_column, path),
+            caption=optional_strings(table, self.cfg.caption_column, path),
+            url=optional_strings(table, self.cfg.url_column, path),
             source=str(Path(path).relative_to(self.root)),
             img=img,
             txt=txt,
@@ -96,19 +107,22 @@ class ParquetEmbeddingReader:
         )
 
 
-def _vectors(table: pa.Table, column: str, path: str) -> np.ndarray:
+def _vectors(table: pa.Table, column: str, path: str, dim: int) -> np.ndarray:
     col = table.column(column)
-    if col.null_count:
-        # A null vector is unusable: give it NaNs so the embed stage counts it as non-finite.
-        col = col.combine_chunks()
-        valid = col.is_valid().to_numpy(zero_copy_only=False)
-        dim = len(col[int(np.flatnonzero(valid)[0])]) if valid.any() else 0
-        out = np.full((len(col), dim), np.nan, dtype=np.float32)
-        if valid.any():
-            out[valid] = S.arrow_to_vectors(col.filter(pa.array(valid)))
-        return out
     try:
+        if col.null_count:
+            # A null vector is unusable: give it NaNs so the embed stage counts it as non-finite.
+            col = col.combine_chunks()
+            valid = col.is_valid().to_numpy(zero_copy_only=False)
+            out = np.full((len(col), dim), np.nan, dtype=np.float32)
+            if valid.any():
+                out[valid] = S.arrow_to_vectors(col.filter(pa.array(valid)))
+            return out
         vecs = S.arrow_to_vectors(col)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise InputError(f"{path}: column {column!r}: {exc}") from exc
+    if vecs.ndim != 2 or vecs.shape[1] != dim:
+        raise InputError(
+            f"{path}: column {column!r} has dimension {vecs.shape[-1]}, expected {dim}"
+        )
     return vecs if vecs.dtype in (np.float16, np.float32) else vecs.astype(np.float32)

@@ -24,6 +24,8 @@ from condense.pipeline.rundir import (
     atomic_file,
     atomic_write_bytes,
     atomic_write_json,
+    file_sizes,
+    files_intact,
     read_json,
 )
 
@@ -195,8 +197,9 @@ def run_parts(
     folder = ctx.run.stage_dir(stage)
     done: dict[str, dict] = {}
     for item in items:
+        # A record is trusted only while the files it lists are there with their sizes.
         stats = read_json(folder / PARTS_DIR / f"{item['part']}.json")
-        if stats is not None:
+        if isinstance(stats, dict) and files_intact(folder, stats.get("files")):
             done[item["part"]] = stats
     todo = [item for item in items if item["part"] not in done]
     if done:
@@ -215,7 +218,7 @@ def run_parts(
             pool_size=pool_size,
             actors=actors,
         ):
-            stats = {**stats, "node": node}
+            stats = {**stats, "node": node, "files": file_sizes(folder, stats.get("files", []))}
             record_part(folder, stats["part"], stats)
             done[stats["part"]] = stats
             progress.update(int(stats["rows_in"]))

@@ -134,9 +134,10 @@ class Assigner:
             ],
             schema=S.CLUSTER_SCHEMA,
         )
-        write_part(out, self.out_dir, item["part"])
+        path = write_part(out, self.out_dir, item["part"])
         return {
             "part": item["part"],
+            "files": [str(path)],
             "rows_in": n,
             "rows_out": n,
             "seconds": time.perf_counter() - start,

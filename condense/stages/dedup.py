@@ -155,8 +155,14 @@ class ClusterScatter:
             for start in range(0, len(order), SCATTER_SLICE)
         )
         write_scratch(path, slices, table.schema)
-        atomic_write_npy(self.out_dir / f"{name}.offsets.npy", offsets)
-        return {"part": item["part"], "rows_in": len(table), "seconds": time.perf_counter() - start}
+        offsets_path = self.out_dir / f"{name}.offsets.npy"
+        atomic_write_npy(offsets_path, offsets)
+        return {
+            "part": item["part"],
+            "files": [str(path), str(offsets_path)],
+            "rows_in": len(table),
+            "seconds": time.perf_counter() - start,
+        }
 
 
 class DedupWorker:
@@ -215,13 +221,14 @@ class DedupWorker:
                 outputs.append(self._dedup_cluster(cluster, self.rows_of(cluster), work))
                 n_rows += len(outputs[-1])
         table = pa.concat_tables(outputs)
-        write_part(table, self.out_dir, item["part"])
+        path = write_part(table, self.out_dir, item["part"])
         kept = {
             str(t): int(pc.sum(table.column(name)).as_py() or 0)
             for t, name in zip(self.thresholds, self._kept_names(), strict=True)
         }
         return {
             "part": item["part"],
+            "files": [str(path)],
             "rows_in": n_rows,
             "kept": kept,
             "clusters": len(item["clusters"]),

@@ -27,7 +27,7 @@ from condense.cores.vectors import (
     to_unit_float32,
 )
 from condense.errors import InputError
-from condense.pipeline.rundir import PARTS_DIR
+from condense.pipeline.rundir import PARTS_DIR, content_digest
 from condense.readers import IMAGE_KINDS, Reader, open_reader, resolve_input
 from condense.readers.webdataset import ModelConfig
 from condense.stages.base import (
@@ -136,10 +136,11 @@ def store_rows(raw, part: str, dtype: str, out_dir: str, dropped_before: dict[st
         ],
         schema=S.embed_schema(raw.img.shape[1], dtype),
     )
-    write_id_hashes(Path(out_dir), part, hashes[order], raw.first_row + idx)
-    write_part(table, out_dir, part, row_group_rows=EMBED_ROW_GROUP)
+    ids_path = write_id_hashes(Path(out_dir), part, hashes[order], raw.first_row + idx)
+    path = write_part(table, out_dir, part, row_group_rows=EMBED_ROW_GROUP)
     return {
         "part": part,
+        "files": [str(path), str(ids_path)],
         "rows_in": n + sum(dropped_before.values()),
         "rows_out": int(keep.sum()),
         "dropped": {k: v for k, v in dropped.items() if v},
@@ -147,36 +148,64 @@ def store_rows(raw, part: str, dtype: str, out_dir: str, dropped_before: dict[st
 
 
 def input_listing(cfg) -> list[tuple]:
-    """Names and sizes of the input files (local or any fsspec URL): new or rewritten files make
-    embed (and what follows) run again, even when the config is unchanged."""
+    """Names, sizes, modification times and content digests of the input files (local or any
+    fsspec URL): new, rewritten or replaced files make embed (and what follows) run again, even
+    when the config is unchanged and a replacement kept the size."""
     if cfg.kind == "synth" or not cfg.path:
         return []
     from fsspec.core import url_to_fs
 
     fs, root = url_to_fs(cfg.path)
     if fs.isfile(root):  # a url list: a rewritten file downloads again
-        info = fs.info(root)
-        return [(PurePosixPath(root).name, info.get("size"), str(info.get("mtime", "")))]
+        return [_file_entry(fs, root, PurePosixPath(root).name, fs.info(root))]
     if not fs.isdir(root):
         return []
     prefix = root.rstrip("/") + "/"
     return sorted(
-        (path.removeprefix(prefix), info.get("size"))
+        _file_entry(fs, path, path.removeprefix(prefix), info)
         for path, info in fs.find(root, detail=True).items()
     )
 
 
+def _file_entry(fs, path: str, name: str, info: dict) -> tuple:
+    size = int(info.get("size") or 0)
+    mtime = info.get("mtime", info.get("LastModified", ""))
+    return (name, size, str(mtime), content_digest(fs, path, size, info))
+
+
+def model_files(model: ModelConfig) -> list[tuple]:
+    """The model's local files (a config JSON, a checkpoint, a pretrained path), by content:
+    new weights at the same path embed again."""
+    from fsspec.core import url_to_fs
+
+    out = []
+    for role, value in (
+        ("name", model.name),
+        ("checkpoint", model.checkpoint),
+        ("pretrained", model.pretrained),
+    ):
+        if not value or (role == "name" and not value.endswith(".json")):
+            continue
+        fs, path = url_to_fs(value)
+        if fs.isfile(path):
+            out.append((role, *_file_entry(fs, path, PurePosixPath(path).name, fs.info(path))))
+    return out
+
+
 class EmbedStage(Stage):
     name = "embed"
-    version = 2  # 2: rows stored in id-hash order, with _ids/ side files
+    version = 3  # 2: rows stored in id-hash order, with _ids/ side files; 3: the bad-input rules
     writes = tuple(S.embed_schema(1, "float32").names)
 
     def settings(self, config):
-        return [
+        listing = [
             config.input.fingerprint_dict(),
             config.embed.fingerprint_dict(),
             input_listing(config.input),
         ]
+        if config.input.kind in IMAGE_KINDS:
+            listing.append(model_files(config.embed.model))
+        return listing
 
     def run(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config
@@ -311,6 +340,7 @@ class EmbedStage(Stage):
         if downloaded:  # rows that never became a sample count from the url list on
             failed = {
                 "download_failed": downloaded["failed_to_download"],
+                "download_refused": downloaded.get("refused", 0),
                 "resize_failed": downloaded["failed_to_resize"],
             }
             dropped = {**dropped, **{k: v for k, v in failed.items() if v}}
@@ -348,7 +378,7 @@ class EmbedStage(Stage):
         ctx.log(
             f"[embed] downloaded {totals['successes']:,} of {totals['count']:,} urls "
             f"({totals['failed_to_download']:,} failed to download, "
-            f"{totals['failed_to_resize']:,} failed to resize)"
+            f"{totals.get('refused', 0):,} refused, {totals['failed_to_resize']:,} failed to resize)"
         )
         if totals["successes"] == 0:
             raise InputError(

@@ -75,8 +75,13 @@ class ExportPart:
             columns=[S.SAMPLE_ID, S.URL, S.CAPTION, S.SOURCE],
         )
         rows = table.filter(pc.is_in(table.column(S.SAMPLE_ID), value_set=self.coreset))
-        write_part(rows, self.out_dir, item["source"])
-        return {"part": item["part"], "rows_in": len(rows), "seconds": time.perf_counter() - start}
+        path = write_part(rows, self.out_dir, item["source"])
+        return {
+            "part": item["part"],
+            "files": [str(path)],
+            "rows_in": len(rows),
+            "seconds": time.perf_counter() - start,
+        }
 
 
 class ExportStage(Stage):
@@ -129,6 +134,7 @@ class ExportStage(Stage):
                 "paths": paths,
                 "out_dir": str(out_dir / SHARDS_DIR),
                 "id_field": ctx.config.input.id_column,
+                "limits": ctx.config.input.limits,
             },
             num_cpus=1.0,
             unit="samples",
@@ -210,14 +216,15 @@ class ShardCopier:
     """Writes one output shard: streams the source tars it needs, one sample at a time, and
     copies the wanted samples' members byte for byte under their new keys."""
 
-    def __init__(self, paths: dict[str, str], out_dir: str, id_field: str | None):
+    def __init__(self, paths: dict[str, str], out_dir: str, id_field: str | None, limits):
         self.paths, self.out_dir, self.id_field = paths, Path(out_dir), id_field
+        self.limits = limits  # shards are read exactly as embed read them
 
     def process(self, item: dict) -> dict:
-        from condense.readers.shards import IMAGE_EXTENSIONS
+        from condense.readers.shards import IMAGE_EXTENSIONS, KEPT_EXTENSIONS
         from condense.readers.webdataset import find_samples
 
-        copied = {*IMAGE_EXTENSIONS, "txt", "json"}  # never a .pickle or .pyd a reader may load
+        copied = set(KEPT_EXTENSIONS)  # never a .pickle or .pyd a reader may load
         start, started_at = time.perf_counter(), time.time()
         table = item["table"]
         wanted: dict[str, dict[str, int]] = {}
@@ -232,7 +239,8 @@ class ShardCopier:
                 if source not in self.paths:
                     raise StageError(f"export: source shard {source} is no longer in the input")
                 need = set(wanted[source])
-                for sample_id, members in find_samples(self.paths[source], need, self.id_field):
+                found = find_samples(self.paths[source], need, self.id_field, self.limits)
+                for sample_id, members in found:
                     row = wanted[source][sample_id]
                     for ext, data in members:
                         if ext in copied:
@@ -277,7 +285,15 @@ class ShardCopier:
                 "sources": len(wanted),
             },
         )
-        return {"part": item["part"], "rows_in": len(rows), "bytes": written, "seconds": seconds}
+        files = [shard.with_suffix(".tar"), shard.with_suffix(".parquet")]
+        files.append(self.out_dir / f"{item['shard']}_stats.json")
+        return {
+            "part": item["part"],
+            "files": [str(f) for f in files],
+            "rows_in": len(rows),
+            "bytes": written,
+            "seconds": seconds,
+        }
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

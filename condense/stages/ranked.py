@@ -75,7 +75,12 @@ class RunWriter:
             RunDir(self.run_dir).stage_dir(self.stage.name) / RUNS_DIR / f"{item['source']}.arrow"
         )
         write_scratch(path, [table], table.schema)
-        return {"part": item["part"], "rows_in": len(table), "seconds": time.perf_counter() - start}
+        return {
+            "part": item["part"],
+            "files": [str(path)],
+            "rows_in": len(table),
+            "seconds": time.perf_counter() - start,
+        }
 
 
 def load_run(path: str) -> tuple[Run, np.ndarray]:
@@ -107,9 +112,10 @@ class KeptWriter:
         kept = np.zeros(len(rows), dtype=bool)
         kept[row[a:b]] = True
         table = rows.select(list(self.stage.writes[:-1])).append_column(S.KEPT, pa.array(kept))
-        write_part(table, out_dir, item["source"])
+        path = write_part(table, out_dir, item["source"])
         return {
             "part": item["part"],
+            "files": [str(path)],
             "rows_in": len(rows),
             "kept": int(b - a),
             "seconds": time.perf_counter() - start,

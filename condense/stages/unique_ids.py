@@ -25,7 +25,7 @@ ID_RECORD = np.dtype([("hash", "<u8"), ("part_row", "<i8"), ("source_row", "<i8"
 ROWS_PER_BUCKET = 50_000_000  # hashes one worker sorts at once (1.2 GB of records)
 
 
-def write_id_hashes(folder: Path, part: str, hashes: np.ndarray, source_rows: np.ndarray) -> None:
+def write_id_hashes(folder: Path, part: str, hashes: np.ndarray, source_rows: np.ndarray) -> Path:
     """Write one part's id hashes, in part order, which the embed writer makes hash order."""
     if len(hashes) > 1 and not np.all(hashes[1:] >= hashes[:-1]):
         raise ValueError("write_id_hashes expects the part's rows in hash order")
@@ -33,7 +33,9 @@ def write_id_hashes(folder: Path, part: str, hashes: np.ndarray, source_rows: np
     records["hash"] = hashes
     records["part_row"] = np.arange(len(hashes))
     records["source_row"] = source_rows
-    atomic_write_npy(id_hash_file(folder, part), records)
+    path = id_hash_file(folder, part)
+    atomic_write_npy(path, records)
+    return path
 
 
 def id_hash_file(folder: Path, part: str) -> Path:

@@ -105,12 +105,15 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
 
     One worker runs here, in plain PyTorch. `workers` > 1 runs a Ray Train TorchTrainer (DDP,
     or FSDP with `strategy: fsdp`) on the Ray cluster this process joins."""
-    check_inputs(cfg, Path(run_dir))
-    if cfg.workers > 1:
-        return train_on_ray(cfg, run_dir, log, resume)
-    from condense.train.parallel import make_parallel
+    from condense.pipeline.rundir import RunLock
 
-    return run_worker(cfg, Path(run_dir), log, resume, make_parallel(cfg.strategy))
+    check_inputs(cfg, Path(run_dir))
+    with RunLock(run_dir, log):  # one driver per run directory, the pipeline's or a trainer's
+        if cfg.workers > 1:
+            return train_on_ray(cfg, run_dir, log, resume)
+        from condense.train.parallel import make_parallel
+
+        return run_worker(cfg, Path(run_dir), log, resume, make_parallel(cfg.strategy))
 
 
 def train_on_ray(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool = False) -> dict:

@@ -20,3 +20,20 @@ def test_keys_never_hold_a_dot():
     keys = safe_names(["a.b", "a_b", "v1.2/000", "1.0", "plain"], dots=False)
     assert all("." not in k for k in keys) and len(set(keys)) == 5
     assert keys[1] == "a_b" and keys[4] == "plain" and keys[0].startswith("a_b-")
+
+
+def test_a_name_the_fallback_would_give_is_never_given_twice():
+    """`Z`, `z` and the very name the fallback gives `z`: three distinct names, in any order."""
+    import itertools
+
+    fallback = safe_names(["Z", "z"])[1]
+    assert fallback.startswith("z-")
+    for order in itertools.permutations(["Z", "z", fallback]):
+        names = safe_names(list(order))
+        assert len({n.lower() for n in names}) == 3
+        assert names[order.index(fallback)] == fallback  # a safe name is kept as it is
+        assert names[order.index("Z")] == "Z" or names[order.index("z")] == "z"
+    for order in itertools.permutations(["Z.tar", "z.tar", safe_names(["Z.tar", "z.tar"])[1]]):
+        assert len({n.lower() for n in safe_names(list(order))}) == 3
+    same = safe_names(["dup", "dup", "dup"])  # equal inputs still get distinct names
+    assert len({n.lower() for n in same}) == 3 and same[0] == "dup"

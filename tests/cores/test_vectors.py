@@ -3,6 +3,8 @@ import numpy as np
 from condense.cores.vectors import (
     DROP_NONFINITE_IMG,
     DROP_NONFINITE_TXT,
+    DROP_UNNORMALIZABLE_IMG,
+    DROP_UNNORMALIZABLE_TXT,
     DROP_ZERO_IMG,
     DROP_ZERO_TXT,
     clip_scores,
@@ -26,6 +28,21 @@ def test_invalid_rows_one_reason_per_row():
     assert np.flatnonzero(masks[DROP_ZERO_IMG]).tolist() == [2]
     assert np.flatnonzero(masks[DROP_ZERO_TXT]).tolist() == [3]
     assert sum(int(m.sum()) for m in masks.values()) == 4
+
+
+def test_vectors_whose_float32_norm_underflows_or_overflows_are_dropped():
+    """All components 1e-30: the squares underflow to 0 (0/0 = NaN); one component 1e20: its
+    square overflows (x/inf = 0). Neither may reach embed/ as NaN or a zero vector."""
+    img = np.ones((4, 8), np.float32)
+    txt = np.ones((4, 8), np.float32)
+    img[0] = 1e-30
+    img[1, 3] = 1e20
+    txt[2] = 1e-30
+    masks = invalid_rows(img, txt)
+    assert np.flatnonzero(masks[DROP_UNNORMALIZABLE_IMG]).tolist() == [0, 1]
+    assert np.flatnonzero(masks[DROP_UNNORMALIZABLE_TXT]).tolist() == [2]
+    kept = ~(masks[DROP_UNNORMALIZABLE_IMG] | masks[DROP_UNNORMALIZABLE_TXT])
+    assert np.isfinite(normalize(img[kept])).all() and kept.tolist() == [False, False, False, True]
 
 
 def test_normalize_float16_large_values_without_overflow():

@@ -4,6 +4,7 @@ never trust a half-written stage, resume a killed run to the same output."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -171,7 +172,21 @@ def test_killed_run_resumes_to_the_same_output(ray_session, corpus, tmp_path, ve
         return sorted(parts.glob("[!.]*.json")) if parts.exists() else []
 
     deadline = time.time() + 240
+    lock = killed / "_lock.json"
     try:
+        while time.time() < deadline and not (lock.exists() and lock.stat().st_size):
+            time.sleep(0.01)
+        # A second real driver on the same run directory is refused, naming the first.
+        second = subprocess.run(
+            [sys.executable, "-m", "condense.cli", "run", str(config), "--run-dir", str(killed)],
+            cwd=REPO,
+            env=venv_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2, second.stderr
+        assert f"is in use by host {socket.gethostname()} pid {proc.pid}" in second.stderr
         while time.time() < deadline and not recorded():
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.01)
@@ -188,6 +203,7 @@ def test_killed_run_resumes_to_the_same_output(ray_session, corpus, tmp_path, ve
     cfg = load_config(config, overrides)
     log = run(cfg, killed, resume=True)
     assert f"[cluster] resuming: {done_before} of 50 parts already written" in log
+    assert f"[run] taking over the lock of host {socket.gethostname()} pid {proc.pid}" in log[0]
     reference = tmp_path / "reference"
     run(cfg, reference)
     for stage in ("embed", "cluster"):
@@ -195,3 +211,16 @@ def test_killed_run_resumes_to_the_same_output(ray_session, corpus, tmp_path, ve
             table(killed, stage), table(reference, stage), check_exact=True
         )
     assert marks(killed)["cluster"]["rows_out"] == 3000
+
+
+def test_a_stage_whose_rows_in_differs_from_the_stage_before_stops(tmp_path):
+    from condense.errors import StageError
+    from condense.pipeline.rundir import RunDir
+    from condense.pipeline.runner import STAGES, check_chain
+
+    run = RunDir(tmp_path)
+    run.stage_dir("embed").mkdir()
+    run.finish_stage("embed", {"rows_out": 10, "config_hash": "x"})
+    check_chain(run, STAGES[1], 10)
+    with pytest.raises(StageError, match="cluster read 9 rows but embed wrote 10"):
+        check_chain(run, STAGES[1], 9)

@@ -146,3 +146,81 @@ def test_unreadable_files_are_named(tmp_path):
     (tmp_path / "img_emb" / "img_emb_0.npy").write_bytes(b"not numpy")
     with pytest.raises(InputError, match=r"img_emb_0\.npy: not a readable \.npy file"):
         open_reader(InputConfig(path=str(tmp_path)))
+
+
+def test_two_names_for_one_file_number_are_an_error(tmp_path):
+    write_clip_retrieval(tmp_path, _files(np.random.default_rng(0), [3, 3]))
+    img = tmp_path / "img_emb"
+    (img / "img_emb_01.npy").write_bytes((img / "img_emb_1.npy").read_bytes())
+    with pytest.raises(
+        InputError, match=r"img_emb_01\.npy and .*img_emb_1\.npy both claim file number 1"
+    ):
+        open_reader(InputConfig(path=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ("zip", r"a zip archive \(\.npz\)"),
+        ("object", "holds Python objects"),
+        ("big-endian", "big-endian >f4"),
+        ("float64", "expected float16 or float32, got float64"),
+        ("truncated", "truncated"),
+    ],
+)
+def test_npy_files_that_cannot_be_memory_mapped_are_named(tmp_path, payload, message):
+    write_clip_retrieval(tmp_path, _files(np.random.default_rng(0), [3]))
+    path = tmp_path / "img_emb" / "img_emb_0.npy"
+    good = np.load(path)
+    if payload == "zip":
+        with open(path, "wb") as f:
+            np.savez(f, a=good)
+    elif payload == "object":
+        np.save(path, np.array([[object()] * 8] * 3, dtype=object), allow_pickle=True)
+    elif payload == "big-endian":
+        np.save(path, good.astype(">f4"))
+    elif payload == "float64":
+        np.save(path, good.astype(np.float64))
+    else:
+        path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(InputError, match=rf"img_emb_0\.npy: .*{message}"):
+        open_reader(InputConfig(path=str(tmp_path)))
+
+
+def _parquet(tmp_path, ids, img, txt=None):
+    folder = tmp_path / "pq"
+    folder.mkdir(exist_ok=True)
+    txt = img if txt is None else txt
+    pq.write_table(
+        pa.table({"sample_id": ids, "img_emb": img, "txt_emb": txt}), folder / "x.parquet"
+    )
+    return InputConfig(path=str(folder))
+
+
+def test_parquet_null_vectors_are_dropped_rows_even_the_first(tmp_path):
+    vectors = pa.array([None, [1.0, 0.0], [0.0, 1.0]], pa.list_(pa.float32()))
+    reader = open_reader(_parquet(tmp_path, ["a", "b", "c"], vectors))
+    assert reader.dim == 2
+    rows = reader.read(reader.plan(10)[0])
+    assert np.isnan(rows.img[0]).all() and np.array_equal(rows.img[1:], [[1, 0], [0, 1]])
+
+
+def test_parquet_ragged_vectors_are_an_error_naming_the_file(tmp_path):
+    vectors = pa.array([[1.0, 0.0], [0.0, 1.0, 0.0]], pa.list_(pa.float32()))
+    reader = open_reader(_parquet(tmp_path, ["a", "b"], vectors))
+    with pytest.raises(
+        InputError, match=r"x\.parquet: column 'img_emb': embedding rows have different lengths"
+    ):
+        reader.read(reader.plan(10)[0])
+
+
+def test_binary_or_non_utf8_ids_are_errors_naming_the_file(tmp_path):
+    vectors = pa.array([[1.0, 0.0], [0.0, 1.0]], pa.list_(pa.float32()))
+    with pytest.raises(InputError, match=r"x\.parquet: id column 'sample_id' holds binary"):
+        open_reader(_parquet(tmp_path, pa.array([b"a", b"b"], pa.binary()), vectors))
+    bad = pa.array([b"ok", b"\xff\xfe"], pa.binary()).view(pa.string())
+    reader = open_reader(_parquet(tmp_path, bad, vectors))
+    with pytest.raises(InputError, match=r"x\.parquet: column 'sample_id' is not valid UTF-8"):
+        reader.read(reader.plan(10)[0])
+    reader = open_reader(_parquet(tmp_path, pa.array([7, 8], pa.int64()), vectors))
+    assert reader.read(reader.plan(10)[0]).sample_id == ["7", "8"]  # integers are fine

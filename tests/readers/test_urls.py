@@ -1,5 +1,7 @@
 """input.kind urls: img2dataset downloads a url list from a real HTTP server on 127.0.0.1 (with
-404s, garbage bytes and slow responses), then the pipeline embeds and exports the shards."""
+404s, garbage bytes and slow responses), then the pipeline embeds and exports the shards. The
+download guard refuses what a web-scale url list must never reach: other schemes (file://
+above all), addresses that are not public (also after a redirect), huge or endless bodies."""
 
 import json
 import threading
@@ -19,6 +21,8 @@ HITS: list[str] = []
 
 
 class Handler(BaseHTTPRequestHandler):
+    elsewhere = ""  # a server on another loopback address, which the guard does not allow
+
     def do_GET(self):  # noqa: N802 (http.server's name)
         HITS.append(self.path)
         kind, name = self.path.strip("/").split("/")
@@ -26,9 +30,28 @@ class Handler(BaseHTTPRequestHandler):
         if kind == "missing":
             self.send_error(404)
             return
+        if kind == "redirect":
+            self.send_response(302)
+            self.send_header("Location", f"{Handler.elsewhere}/img/{number}.jpg")
+            self.end_headers()
+            return
         if kind == "slow":
             time.sleep(8)  # beyond the 3 s timeout below
+        if kind == "trickle":  # each byte within the socket timeout, the whole body not
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.end_headers()
+            try:
+                for byte in picture(number)[:40]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            return
         body = b"this is not an image" if kind == "garbage" else picture(number)
+        if kind == "huge":
+            body += bytes(3 << 20)
         try:
             self.send_response(200)
             self.send_header("Content-Type", "image/jpeg")
@@ -44,20 +67,27 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
+    servers = [ThreadingHTTPServer((host, 0), Handler) for host in ("127.0.0.1", "127.0.0.2")]
+    for httpd in servers:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    Handler.elsewhere = f"http://127.0.0.2:{servers[1].server_address[1]}"
+    yield f"http://127.0.0.1:{servers[0].server_address[1]}"
+    for httpd in servers:
+        httpd.shutdown()
 
 
 def sample_id(i: int) -> str:
     return f"id-{i:03d}" if i % 2 else f"id.{i:03d}.v1"  # dots: never in a WebDataset key
 
 
-def url_list(path, base):
-    kinds = ["img"] * 24 + ["missing"] * 3 + ["garbage"] * 2 + ["slow"] * 2
+REFUSED_KINDS = ["file", "ftp", "redirect", "huge", "trickle"]
+
+
+def url_list(path, base, secret=None):
+    kinds = ["img"] * 24 + ["missing"] * 3 + ["garbage"] * 2 + ["slow"] * 2 + REFUSED_KINDS
+    other = {"file": f"file://{secret}", "ftp": f"ftp://127.0.0.1/{secret}"}
     rows = [
-        (f"{base}/{kind}/{i}.jpg", f"a photo number {i}", sample_id(i))
+        (other.get(kind, f"{base}/{kind}/{i}.jpg"), f"a photo number {i}", sample_id(i))
         for i, kind in enumerate(kinds)
     ]
     urls, captions, ids = zip(*rows, strict=True)
@@ -66,14 +96,20 @@ def url_list(path, base):
 
 
 def test_urls_download_embed_and_export(ray_session, tmp_path, server):
-    kinds = url_list(tmp_path / "urls.parquet", server)
+    secret = tmp_path / "secret.jpg"  # a real image on this machine: it must never be copied
+    secret.write_bytes(picture(999))
+    kinds = url_list(tmp_path / "urls.parquet", server, secret)
+    download = {
+        "timeout": 3,
+        "thread_count": 8,
+        "number_sample_per_shard": 10,
+        "allow_networks": ["127.0.0.1/32"],  # this server; 127.0.0.2 is not allowed
+        "max_response_bytes": 1 << 20,
+        "max_response_seconds": 2.0,
+    }
     cfg = make_config(
         tmp_path / "urls.parquet",
-        input={
-            "kind": "urls",
-            "id_column": "sample_id",
-            "download": {"timeout": 3, "thread_count": 8, "number_sample_per_shard": 10},
-        },
+        input={"kind": "urls", "id_column": "sample_id", "download": download},
         embed={"model": {"name": TINY, "batch_size": 8}},
         cluster={"k": 2, "sample_size": 1000},
         dedup={"threshold": 0.9999},
@@ -84,9 +120,16 @@ def test_urls_download_embed_and_export(ray_session, tmp_path, server):
     run = tmp_path / "run"
     run_pipeline(cfg, run, log=quiet_log, progress=False)
     mark = json.loads((run / "embed" / "_stage.json").read_text())
-    assert mark["rows_in"] == len(kinds) == 31
+    assert mark["rows_in"] == len(kinds) == 36
     assert mark["rows_out"] == 24
-    assert mark["dropped"] == {"download_failed": 5, "resize_failed": 2}
+    assert mark["dropped"] == {"download_failed": 5, "download_refused": 5, "resize_failed": 2}
+    for index in sorted((run / "input" / "download").glob("*.parquet")):
+        for row in pq.read_table(index).to_pylist():
+            if kinds[int(row["sample_id"][3:6])] in REFUSED_KINDS:
+                assert "condense refused:" in row["error_message"], row
+    shard_bytes = b"".join(p.read_bytes() for p in (run / "input" / "download").glob("*.tar"))
+    assert secret.read_bytes() not in shard_bytes
+    assert "/img/33.jpg" not in HITS  # the redirect's target on 127.0.0.2 was never reached
     assert sorted((run / "input" / "download").glob("*.tar"))  # img2dataset's own shards
     embed = pq.read_table(run / "embed", columns=["sample_id", "url", "caption"]).to_pandas()
     # The ids come from the url list (img2dataset saved the column), urls and captions too.
@@ -117,3 +160,30 @@ def test_urls_download_embed_and_export(ray_session, tmp_path, server):
     run_pipeline(cfg2, run, log=quiet_log, progress=False)
     assert len(HITS) == hits
     assert json.loads((run / "embed" / "_stage.json").read_text())["rows_out"] == 24
+
+
+def test_by_default_no_url_on_this_machine_is_fetched_and_the_download_has_a_time_bound(
+    tmp_path, server
+):
+    """Loopback, private, link-local and metadata addresses are refused unless allowed; the
+    img2dataset subprocess (and every process it started) stops at input.download.max_seconds."""
+    from condense.errors import InputError
+    from condense.readers import InputConfig
+    from condense.readers.urls import run_download
+
+    pq.write_table(
+        pa.table(
+            {
+                "url": [f"{server}/img/1.jpg", "http://169.254.169.254/latest/meta-data/"],
+                "caption": ["a", "b"],
+            }
+        ),
+        tmp_path / "urls.parquet",
+    )
+    hits = len(HITS)
+    cfg = InputConfig(kind="urls", path=str(tmp_path / "urls.parquet"))
+    totals = run_download(cfg, str(tmp_path / "download"))
+    assert totals["successes"] == 0 and totals["refused"] == 2 and len(HITS) == hits
+    slow = cfg.model_copy(update={"download": cfg.download.model_copy(update={"max_seconds": 0.5})})
+    with pytest.raises(InputError, match=r"ran longer than input.download.max_seconds \(0.5 s\)"):
+        run_download(slow, str(tmp_path / "other" / "download"))

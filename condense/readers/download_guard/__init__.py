@@ -1,0 +1,1 @@
+"""The guard img2dataset downloads run under (see sitecustomize.py in this folder)."""

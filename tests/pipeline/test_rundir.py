@@ -1,0 +1,135 @@
+"""The run directory never loses or deletes what it should not: foreign folders are refused
+untouched, one driver holds a run, damaged marks mean the work is redone, and fingerprints see
+the inputs' content."""
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+
+from condense.errors import CondenseError, ConfigError
+from condense.pipeline.rundir import MANIFEST, RunDir, RunLock, claim
+from condense.pipeline.runner import run_pipeline, stage_fingerprints
+from condense.synth import SynthConfig, generate
+from tests.conftest import make_config, quiet_log
+
+
+def snapshot(folder):
+    return sorted(
+        (str(p.relative_to(folder)), p.stat().st_mtime_ns, p.stat().st_size)
+        for p in folder.rglob("*")
+    )
+
+
+def test_a_foreign_folder_is_refused_before_anything_is_touched(tmp_path):
+    foreign = tmp_path / "mine"
+    (foreign / "embed").mkdir(parents=True)
+    (foreign / "embed" / "thesis.tex").write_text("years of work")
+    (foreign / "notes.txt").write_text("keep me")
+    before = snapshot(foreign)
+    with pytest.raises(ConfigError, match="is not empty and is not a condense run"):
+        run_pipeline(make_config(tmp_path / "in"), foreign, log=quiet_log)
+    assert snapshot(foreign) == before
+    with pytest.raises(ConfigError, match="is a file"):
+        claim(foreign / "notes.txt")
+    assert claim(tmp_path / "new").is_dir() and (tmp_path / "new" / MANIFEST).exists()
+    assert claim(tmp_path / "new") == tmp_path / "new"  # a condense run is claimed again
+
+
+def test_a_run_directory_inside_the_input_is_refused(tmp_path):
+    (tmp_path / "in").mkdir()
+    with pytest.raises(ConfigError, match="is inside the input"):
+        run_pipeline(make_config(tmp_path / "in"), tmp_path / "in" / "run", log=quiet_log)
+    assert not (tmp_path / "in" / "run").exists()
+
+
+def test_one_driver_per_run_directory_and_stale_locks_are_taken_over(tmp_path):
+    claim(tmp_path / "run")
+    with (
+        RunLock(tmp_path / "run"),
+        pytest.raises(
+            CondenseError, match=rf"in use by host {socket.gethostname()} pid {os.getpid()}"
+        ),
+    ):
+        RunLock(tmp_path / "run").acquire()
+    # A driver killed with its lock held leaves its record; nobody holds the flock any more.
+    (tmp_path / "run" / "_lock.json").write_text(json.dumps({"host": "h", "pid": 4242}))
+    log = []
+    with RunLock(tmp_path / "run", log=log.append):
+        assert json.loads((tmp_path / "run" / "_lock.json").read_text())["pid"] == os.getpid()
+    assert log == [
+        "[run] taking over the lock of host h pid 4242, which is gone (it was stopped or killed)"
+    ]
+    assert (tmp_path / "run" / "_lock.json").read_text() == ""  # a clean exit leaves no holder
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small")
+    generate(out, SynthConfig(n=1200, dim=16, seed=3, rows_per_file=600))
+    return out
+
+
+def test_damaged_marks_and_records_mean_the_work_is_redone(ray_session, small, tmp_path):
+    cfg = make_config(small, embed={"rows_per_part": 300}, cluster={"k": 4})
+    run_pipeline(cfg, tmp_path, until="cluster", log=quiet_log, progress=False)
+    run = RunDir(tmp_path)
+    assert run.stage_mark("embed") and run.stage_mark("cluster")
+
+    part = sorted((tmp_path / "cluster").glob("part-*.parquet"))[0]
+    part.write_bytes(part.read_bytes()[:-100])  # a part no longer what its mark recorded
+    assert run.stage_mark("cluster") is None
+    (tmp_path / MANIFEST).write_text("{ not json")
+    log = []
+    run_pipeline(cfg, tmp_path, until="cluster", log=log.append, progress=False)
+    assert any("[embed] complete with these settings: skipped" in line for line in log)
+    assert "[cluster] running" in log and run.stage_mark("cluster")["rows_out"] == 1200
+    assert set(json.loads((tmp_path / MANIFEST).read_text())["stages"]) == {"embed", "cluster"}
+
+    # Resuming an interrupted stage: a damaged part record, or one whose part changed, is redone.
+    (tmp_path / "cluster" / "_stage.json").unlink()
+    (tmp_path / "cluster" / "_progress.json").write_text(
+        json.dumps({"fingerprint": stage_fingerprints(cfg)["cluster"]})
+    )
+    records = sorted((tmp_path / "cluster" / "_parts").glob("*.json"))
+    records[0].write_text("")
+    parts = sorted((tmp_path / "cluster").glob("part-*.parquet"))
+    parts[1].write_bytes(parts[1].read_bytes() + b"x")
+    log = []
+    run_pipeline(cfg, tmp_path, until="cluster", log=log.append, progress=False, resume=True)
+    assert f"[cluster] resuming: {len(records) - 2} of {len(records)} parts already written" in log
+
+    (tmp_path / "embed" / "_stage.json").write_text('{"rows_out": 12')  # cut short on a full disk
+    assert run.stage_mark("embed") is None
+    log = []
+    run_pipeline(cfg, tmp_path, until="embed", log=log.append, progress=False)
+    assert "[embed] running" in log and run.stage_mark("embed")["rows_out"] == 1200
+
+
+def test_fingerprints_see_the_content_of_inputs_and_model_files(tmp_path):
+    generate(tmp_path / "in", SynthConfig(n=400, dim=8, seed=0, rows_per_file=200))
+    cfg = make_config(tmp_path / "in")
+    before = stage_fingerprints(cfg)["embed"]
+    path = tmp_path / "in" / "img_emb" / "img_emb_0.npy"
+    stat = path.stat()
+    values = np.load(path)
+    np.save(path, values[::-1].copy())  # other values, the same shape and size ...
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ... and the same mtime
+    assert path.stat().st_size == stat.st_size
+    assert stage_fingerprints(cfg)["embed"] != before
+
+    model = tmp_path / "model.json"
+    model.write_text(json.dumps({"embed_dim": 8, "width": 1}))
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "0.tar").write_bytes(bytes(1024))
+    images = make_config(
+        shards, input={"kind": "webdataset"}, embed={"model": {"name": str(model)}}
+    )
+    before = stage_fingerprints(images)["embed"]
+    stat = model.stat()
+    model.write_text(json.dumps({"embed_dim": 8, "width": 2}))
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert stage_fingerprints(images)["embed"] != before
