@@ -146,6 +146,14 @@ def content_digest(fs, path: str, size: int, info: dict | None = None) -> str:
     return digest.hexdigest()[:32]
 
 
+MANIFEST_FIELDS = ("status", "rows_in", "rows_out", "dropped", "seconds", "config_hash", "versions")
+
+
+def manifest_entry(mark: dict) -> dict:
+    """A stage's line in manifest.json, from its completion record."""
+    return {k: mark.get(k) for k in MANIFEST_FIELDS}
+
+
 def _valid_mark(mark: Any) -> bool:
     return isinstance(mark, dict) and all(k in mark for k in ("rows_out", "config_hash", "files"))
 
@@ -209,17 +217,7 @@ class RunDir:
             for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
                 mark = self.stage_mark(folder.name)
                 if mark is not None:
-                    stages[folder.name] = {
-                        k: mark.get(k)
-                        for k in (
-                            "status",
-                            "rows_in",
-                            "rows_out",
-                            "dropped",
-                            "seconds",
-                            "config_hash",
-                        )
-                    }
+                    stages[folder.name] = manifest_entry(mark)
         return {"stages": stages}
 
     def update_manifest(self, stage: str, entry: dict | None) -> None:

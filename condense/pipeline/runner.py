@@ -14,7 +14,14 @@ import pyarrow.parquet as pq
 
 from condense.config import PipelineConfig
 from condense.errors import CondenseError, StageError
-from condense.pipeline.rundir import CONFIG, RunDir, RunLock, atomic_write_bytes, claim
+from condense.pipeline.rundir import (
+    CONFIG,
+    RunDir,
+    RunLock,
+    atomic_write_bytes,
+    claim,
+    manifest_entry,
+)
 from condense.stages.bands import CentroidBandStage, ClipBandStage
 from condense.stages.base import Stage, StageContext, check_columns, part_files
 from condense.stages.cluster import ClusterStage
@@ -161,21 +168,7 @@ def _run_stage(ctx: StageContext, stage: Stage, fp: str, resume: bool) -> None:
         **result.extra,
     }
     run.finish_stage(stage.name, record)
-    run.update_manifest(
-        stage.name,
-        {
-            k: record[k]
-            for k in (
-                "status",
-                "rows_in",
-                "rows_out",
-                "dropped",
-                "seconds",
-                "config_hash",
-                "versions",
-            )
-        },
-    )
+    run.update_manifest(stage.name, manifest_entry(record))
     ctx.log(
         f"[{stage.name}] done: {result.rows_in:,} rows in, {result.rows_out:,} out"
         + (f", dropped {json.dumps(result.dropped)}" if result.dropped else "")
