@@ -74,6 +74,11 @@ class ShardLimits(StrictModel):
     max_shard_bytes: int = Field(64 << 30, ge=1)  # decompressed bytes per shard; more: an error
     max_shard_seconds: float = Field(3600.0, gt=0)  # wall time reading one shard; more: an error
     read_retries: int = Field(3, ge=0)  # retries of a failed read (OSError) before it is an error
+    # A sample whose decoding killed its worker this many times (an out-of-memory decode, a
+    # decoder crash) is poison: the run stops naming it, or, with skip_poison, drops it
+    # (poison_sample) and keeps the rest of its shard.
+    poison_after: int = Field(2, ge=1)
+    skip_poison: bool = False
 
     runtime_fields = frozenset({"max_shard_seconds", "read_retries"})
 

@@ -9,6 +9,7 @@ Unusable samples are dropped and counted by reason; they never stop the shard or
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator
 from functools import lru_cache
@@ -20,6 +21,7 @@ from pydantic import Field
 
 from condense.cores.names import safe_names
 from condense.errors import InputError
+from condense.faults import kill_if, kill_once
 from condense.readers import RawRows
 from condense.readers.shards import DEFAULT_LIMITS, ShardLimits, open_shard, read_samples, usable
 from condense.strict import StrictModel
@@ -74,6 +76,46 @@ def sample_id_of(key: str | None, meta: dict, id_field: str | None):
 
 
 DECODED = "decoded.json"  # in a shard's scratch folder: written once the shard is decoded
+INFLIGHT = "inflight.bin"  # in a shard's scratch folder: the sample being decoded, and deaths
+
+
+class PoisonGuard:
+    """Finds the sample that kills its decode worker. Before each sample, the decoder writes its
+    position to a small file (and clears it after): a retried task that finds a position there
+    knows its predecessor died decoding that sample, and counts the death. A sample that has
+    killed `poison_after` workers is poison: an error naming the shard and the setting that
+    skips it, or, with `skip_poison`, a counted drop. Two 8-byte writes per sample."""
+
+    def __init__(self, path: Path, source: str, limits: ShardLimits):
+        import struct
+
+        self.path, self.source, self.limits, self._pack = path, source, limits, struct.Struct("<qq")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        data = os.pread(self.fd, self._pack.size, 0)
+        index, deaths = self._pack.unpack(data) if len(data) == self._pack.size else (-1, 0)
+        self.poison_index, self.deaths = (index, deaths + 1) if index >= 0 else (-1, 0)
+
+    def is_poison(self, index: int, key: str | None) -> bool:
+        if index != self.poison_index or self.deaths < self.limits.poison_after:
+            return False
+        if not self.limits.skip_poison:
+            raise InputError(
+                f"shard {self.source}: sample {key!r} (number {index} in the shard) killed its "
+                f"decode worker {self.deaths} times (an out-of-memory decode or a decoder crash); "
+                "set input.limits.skip_poison: true to drop it and keep the rest of the shard"
+            )
+        return True
+
+    def enter(self, index: int) -> None:
+        deaths = self.deaths if index == self.poison_index else 0
+        os.pwrite(self.fd, self._pack.pack(index, deaths), 0)
+
+    def leave(self) -> None:
+        os.pwrite(self.fd, self._pack.pack(-1, 0), 0)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def find_samples(
@@ -157,16 +199,25 @@ def decode_shard(
             values.clear()
         return out
 
+    guard = PoisonGuard(Path(scratch) / item["part"] / INFLIGHT, item["source"], limits)
     with open_shard(item["path"], limits) as f:
-        for sample in read_samples(f, limits, item["path"]):
+        for number, sample in enumerate(read_samples(f, limits, item["path"])):
             reason = usable(sample)
             sample_id = None
             if reason is None:
                 sample_id = sample_id_of(sample.key, sample.meta, id_field)
                 reason = id_problem(sample_id)
             image = None
+            if reason is None and guard.is_poison(number, sample.key):
+                reason = "poison_sample"
             if reason is None:
+                guard.enter(number)
+                kill_if("decode_kill", sample.key)
+                kill_once("decode_kill_once", sample.key)
                 image, reason = decode_rgb(sample.image, limits.max_pixels, limits.max_aspect_ratio)
+                if image is not None:
+                    pixels = transform(image)
+                guard.leave()
             if reason is not None:
                 dropped[reason] += 1
                 continue
@@ -184,12 +235,13 @@ def decode_shard(
             rows["sample_id"].append(sample_id)
             rows["caption"].append(sample.caption)
             rows["url"].append(url)
-            rows["pixels"].append(transform(image))
+            rows["pixels"].append(pixels)
             kept += 1
             if len(rows["pixels"]) == batch_size:
                 yield batch()
     if rows["pixels"]:
         yield batch()
+    guard.close()
     atomic_write_json(
         Path(scratch) / item["part"] / DECODED,
         {"rows": kept, "dropped": dict(dropped), "nulled": dict(nulled)},
@@ -247,6 +299,8 @@ class BatchEncoder:
         from condense.stages.base import write_scratch
 
         enc = self.encoder
+        for part in set(batch["part"].tolist()):
+            kill_once("encode_kill", part)
         img = enc.encode_images(enc.torch.from_numpy(np.ascontiguousarray(batch["pixels"])))
         captions = texts(batch["caption"]).to_pylist()
         txt = enc.encode_texts([for_tokenizer(c, self.max_caption_chars) for c in captions])

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from condense import faults
 from condense.runtime import RayConfig
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,25 @@ log = logging.getLogger(__name__)
 
 # Bytes reserved per producing task of map_stream: a decode task imports torch (~0.6 GiB).
 PRODUCE_MEMORY = 1 << 30
+ACTOR_RETRIES = 3  # restarts of a killed actor, and retries of its work item (Ray Data: unbounded)
+
+
+def _fault_env() -> dict:
+    """Remote options handing the driver's failpoints (condense/faults.py) on to its workers."""
+    env = faults.env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def _map_batches(ds, fn, *, retries: dict, **kwargs):
+    """`ds.map_batches` with bounded retries. Ray 2.60 has no named parameter for them and warns
+    that its `**ray_remote_args` go away in 2.64: the warning is silenced here, in one place."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(fn, **kwargs, **_fault_env(), **retries)
+
+
 _STARTED_HERE = False  # whether init_ray connected this process (so shutdown_ray may disconnect it)
 
 
@@ -226,7 +246,8 @@ class RayExecutor:
         ds = ray.data.from_items(
             [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
         )
-        ds = ds.map_batches(
+        ds = _map_batches(
+            ds,
             _ProcessorActor,
             fn_constructor_kwargs={"factory": factory, "shared_refs": shared_refs},
             batch_size=1,
@@ -234,6 +255,7 @@ class RayExecutor:
             compute=ray.data.ActorPoolStrategy(size=pool_size),
             num_cpus=num_cpus,
             num_gpus=num_gpus,
+            retries={"max_restarts": ACTOR_RETRIES, "max_task_retries": ACTOR_RETRIES},
         )
         for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             for blob in batch["result"]:
@@ -252,13 +274,18 @@ class RayExecutor:
         num_cpus: float = 1.0,
         num_gpus: float = 0.0,
         pool_size: int = 1,
+        produce_retries: int = 3,
     ) -> Iterator[dict[str, Any]]:
         """A two-step stream on Ray Data: `produce(item, **produce_shared)` runs in CPU tasks and
         yields batches (dicts of numpy columns, e.g. decoded and preprocessed images); an actor
         pool of `pool_size` processors (`factory(**shared)`, built once per actor: a model on
         its GPU) runs `process(batch)` on batches of `batch_size` rows and returns small
         result columns, yielded here row by row as they complete. Ray Data keeps both steps
-        busy and bounds what waits between them, so CPUs decode while the models encode."""
+        busy and bounds what waits between them, so CPUs decode while the models encode.
+
+        A producer whose worker dies is retried `produce_retries` times, an actor that dies is
+        restarted ACTOR_RETRIES times (Ray Data's defaults are unbounded: a poison input would
+        loop forever); then the stream fails."""
         if not items:
             return
         import ray
@@ -270,7 +297,8 @@ class RayExecutor:
         ds = ray.data.from_items(
             [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
         )
-        ds = ds.map_batches(
+        ds = _map_batches(
+            ds,
             _produce_batches,
             fn_kwargs={"produce": produce, "shared_refs": refs(produce_shared)},
             batch_size=1,
@@ -280,8 +308,10 @@ class RayExecutor:
             # keep Ray Data from fusing this step into the actors, which it would do where the
             # CPU and GPU counts match (CPU-only clusters): producing stays on CPU tasks.
             memory=PRODUCE_MEMORY,
+            retries={"max_retries": produce_retries},
         )
-        ds = ds.map_batches(
+        ds = _map_batches(
+            ds,
             _BatchActor,
             fn_constructor_kwargs={"factory": factory, "shared_refs": refs(shared)},
             batch_size=batch_size,
@@ -289,6 +319,7 @@ class RayExecutor:
             compute=ray.data.ActorPoolStrategy(size=pool_size),
             num_cpus=num_cpus,
             num_gpus=num_gpus,
+            retries={"max_restarts": ACTOR_RETRIES, "max_task_retries": ACTOR_RETRIES},
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             names = list(batch)
@@ -301,7 +332,8 @@ class RayExecutor:
 
         key = (fn, num_cpus, num_gpus)
         if key not in self._remote:
-            self._remote[key] = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(fn)
+            options = {"num_cpus": num_cpus, "num_gpus": num_gpus, **_fault_env()}
+            self._remote[key] = ray.remote(**options)(fn)  # a killed worker's task: 3 retries
         return self._remote[key]
 
     def map_tasks(

@@ -311,6 +311,8 @@ class EmbedStage(Stage):
                     num_cpus=1.0 if cpus >= 2 else 0.5,
                     num_gpus=1.0 if gpus else 0.0,
                     pool_size=pool,
+                    # Enough retries for the poison guard to find a sample that kills workers.
+                    produce_retries=cfg.input.limits.poison_after + 1,
                 ):
                     progress.update(int(result["rows"]), parts=0)
                     dim = int(result["dim"])

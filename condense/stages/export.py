@@ -39,6 +39,7 @@ from pydantic import Field
 from condense import schema as S
 from condense.cores.names import safe_names
 from condense.errors import StageError
+from condense.faults import kill_once
 from condense.pipeline.rundir import atomic_file, atomic_write_bytes, atomic_write_json
 from condense.readers import IMAGE_KINDS
 from condense.stages.base import (
@@ -248,6 +249,7 @@ class ShardCopier:
                             written += len(data)
                     order.append(row)
                     image_ext.append(next((e for e, _ in members if e in IMAGE_EXTENSIONS), None))
+                    kill_once("export_kill", item["shard"])  # a test's copier killed mid-shard
                 if need:
                     missing = ", ".join(sorted(need)[:5])
                     raise StageError(

@@ -1,0 +1,133 @@
+"""Faults on real Ray processes (condense/faults.py failpoints SIGKILL them): a poison sample
+that kills every decoder it meets is named, or dropped when asked; a decode task, the encoder
+actor and an export copier killed mid-shard leave exactly what an uninterrupted run leaves."""
+
+import json
+import tarfile
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from condense.cli import _find_condense_error
+from condense.pipeline.runner import run_pipeline
+from tests.conftest import make_config, quiet_log
+from tests.stages.test_embed_images import TINY, sample, write_shard
+
+
+@pytest.fixture
+def arm(monkeypatch, tmp_path):
+    """Set failpoints for the Ray workers this test starts (passed on by the executor)."""
+    marks = tmp_path / "failpoint-marks"
+    marks.mkdir()
+
+    def set_points(*points):
+        monkeypatch.setenv("CONDENSE_FAILPOINTS", ",".join(points))
+        monkeypatch.setenv("CONDENSE_FAILPOINTS_DIR", str(marks))
+        return marks
+
+    return set_points
+
+
+def shards(tmp_path, per_shard=6):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for s in range(3):
+        write_shard(
+            folder / f"{s:05d}.tar",
+            [sample(f"{s}x{i:04d}", 10 * s + i) for i in range(per_shard)],
+        )
+    return folder
+
+
+def config(folder, **limits):
+    return make_config(
+        folder,
+        input={"kind": "webdataset", "limits": limits},
+        embed={"model": {"name": TINY, "batch_size": 4}},
+        cluster={"k": 2, "sample_size": 1000},
+        dedup={"threshold": 0.9999},
+        clip_band={"lo": 0.0, "hi": 1.0},
+        centroid_band={"lo": 0.0, "hi": 1.0},
+        sample={"n": 1000},
+        export={"shard_size": 5},
+    )
+
+
+def test_a_poison_sample_is_named(ray_session, tmp_path, arm):
+    """Every worker that decodes it dies (as on an OOM decode): Ray retries the task a bounded
+    number of times, and the run stops naming the shard, the sample and the setting."""
+    folder = shards(tmp_path)
+    arm("decode_kill:1x0002")
+    with pytest.raises(Exception) as info:
+        run_pipeline(config(folder), tmp_path / "a", until="embed", log=quiet_log, progress=False)
+    error = str(_find_condense_error(info.value))
+    assert (
+        "shard 00001.tar: sample '1x0002'" in error and "killed its decode worker 2 times" in error
+    )
+    assert "input.limits.skip_poison: true" in error
+
+
+def test_a_poison_sample_is_dropped_when_asked_and_the_rest_of_its_shard_kept(tmp_path):
+    """What a retried decode task finds: the mark of a predecessor that died decoding sample 2
+    (once already before). In one process, the same decode step Ray runs."""
+    import struct
+
+    from condense.errors import InputError
+    from condense.readers import InputConfig
+    from condense.readers.webdataset import INFLIGHT, ModelConfig, decode_shard
+
+    folder = shards(tmp_path)
+    item = {"part": "00001", "source": "00001.tar", "path": str(folder / "00001.tar")}
+    scratch = tmp_path / "scratch"
+    model = ModelConfig(name=TINY, batch_size=4)
+
+    def decode(**limits):
+        (scratch / "00001").mkdir(parents=True, exist_ok=True)
+        (scratch / "00001" / INFLIGHT).write_bytes(struct.pack("<qq", 2, 1))
+        cfg = InputConfig(kind="webdataset", path=str(folder), limits=limits)
+        return list(decode_shard(item, model, None, str(scratch), cfg.limits))
+
+    with pytest.raises(InputError, match="sample '1x0002' .* killed its decode worker 2 times"):
+        decode()
+    batches = decode(skip_poison=True)
+    ids = [i for b in batches for i in b["sample_id"].tolist()]
+    assert ids == ["1x0000", "1x0001", "1x0003", "1x0004", "1x0005"]
+    decoded = json.loads((scratch / "00001" / "decoded.json").read_text())
+    assert decoded == {"rows": 5, "dropped": {"poison_sample": 1}, "nulled": {}}
+    assert decode(skip_poison=True, poison_after=3)[0]["sample_id"].tolist()[2] == "1x0002"
+
+
+def members(path):
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]
+
+
+def test_workers_killed_mid_shard_leave_what_an_uninterrupted_run_leaves(
+    ray_session, tmp_path, arm
+):
+    folder = shards(tmp_path)
+    run_pipeline(config(folder), tmp_path / "reference", log=quiet_log, progress=False)
+    marks = arm("decode_kill_once:0x0003", "encode_kill:00002", "export_kill:00001")
+    run_pipeline(config(folder), tmp_path / "killed", log=quiet_log, progress=False)
+    assert sorted(p.name for p in marks.iterdir()) == [
+        "decode_kill_once-0x0003",
+        "encode_kill-00002",
+        "export_kill-00001",
+    ]  # each worker really was killed once
+    for stage in ("embed", "sample", "export"):
+        a, b = (
+            pq.read_table(sorted((tmp_path / run / stage).glob("part-*.parquet")))
+            .to_pandas()
+            .sort_values("sample_id")
+            for run in ("reference", "killed")
+        )
+        pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+    reference = sorted((tmp_path / "reference" / "export" / "shards").glob("*.tar"))
+    killed = sorted((tmp_path / "killed" / "export" / "shards").glob("*.tar"))
+    assert [p.name for p in reference] == [p.name for p in killed] and len(killed) == 4
+    for a, b in zip(reference, killed, strict=True):
+        assert members(a) == members(b)  # no sample missing, none twice, the same bytes
+    assert (tmp_path / "reference" / "export" / "coreset.json").read_bytes() == (
+        tmp_path / "killed" / "export" / "coreset.json"
+    ).read_bytes()
