@@ -31,11 +31,14 @@ def load_trained(model_dir: str | Path):
     elif (folder / "adapter").is_dir():
         from peft import PeftModel
 
-        model.llm = PeftModel.from_pretrained(model.llm, str(folder / "adapter"))
+        try:
+            model.llm = PeftModel.from_pretrained(model.llm, str(folder / "adapter"))
+        except Exception as exc:  # noqa: BLE001 - a truncated or foreign adapter
+            raise InputError(f"{folder / 'adapter'}: not a readable peft adapter ({exc})") from None
     if (folder / "vision_tower.safetensors").is_file():
-        from safetensors.torch import load_file
+        from condense.train.loop import load_safetensors
 
-        model.vision.load_state_dict(load_file(str(folder / "vision_tower.safetensors")))
+        model.vision.load_state_dict(load_safetensors(folder / "vision_tower.safetensors"))
     model.eval()
     return model, tokenizer, cfg
 

@@ -75,3 +75,23 @@ class TrainConfig(StrictModel):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     use_gpu: bool | None = None  # None: one GPU per worker when the cluster has GPUs
     cpus_per_worker: float = Field(1.0, gt=0)
+    # Several workers: a worker that dies (a lost node, an OOM kill) restarts the worker group
+    # from the last checkpoint, at most this many times; then the run stops.
+    max_failures: int = Field(2, ge=0)
+
+    # Settings that change how the stage runs, not what it computes: a checkpoint made with
+    # other values of these resumes (every other setting must match, see resume_settings).
+    runtime_fields = frozenset(
+        {
+            "workers",
+            "strategy",
+            "use_gpu",
+            "cpus_per_worker",
+            "max_failures",
+            "log_every",
+            "save_every",
+            "max_steps",
+            "merge",
+            "gradient_checkpointing",
+        }
+    )

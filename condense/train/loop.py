@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from condense.errors import InputError
+from condense.faults import kill_once
+from condense.pipeline.rundir import atomic_file
 from condense.train.data import load_image
 from condense.train.model import BunnyModel, base_llm
 from condense.train.parallel import Single
@@ -54,6 +57,9 @@ class LoopConfig:
     log_every: int = 10  # steps between progress lines when there is no terminal
     gradient_checkpointing: bool = False  # recompute the LLM's activations in the backward pass
     progress_bar: bool = True  # a tqdm bar when stderr is a terminal
+    # What a checkpoint must have been made with to be resumed (settings and data identity):
+    # resuming with another LoRA rank, unfrozen vision or other data is refused by name.
+    settings: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +72,7 @@ class LoopResult:
     skipped: dict[str, int] = field(default_factory=dict)
     trainable: int = 0
     tokens_per_second: float = 0.0  # this run's (a resumed run: since it resumed)
+    resumed_at: int | None = None  # the step a checkpoint resumed from (--resume, a restart)
 
 
 def freeze_for_stage1(model: BunnyModel) -> None:
@@ -237,14 +244,13 @@ def train(
 
     def save(epoch: int, position: int) -> None:
         """Trainable weights, optimizer, scheduler, RNG and the data position, atomically."""
-        import os
-
         weights, opt_state = parallel.state(model, opt, trainable_names)
         rng = parallel.gather(_rng_state(device))
         counts = parallel.gather(dict(skipped))
         if not parallel.is_main:
             return
         state = {
+            "settings": cfg.settings,
             "params": weights,
             "optimizer": opt_state,
             "scheduler": sched.state_dict(),
@@ -258,19 +264,13 @@ def train(
             "tokens": result.tokens,
             "skipped": dict(sum((Counter(c) for c in counts), Counter())),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as f:  # a unique temporary name, fsynced, then renamed
+            torch.save(state, f)
 
     first_epoch, skip = 0, 0
     if cfg.resume and path is not None and path.exists():
-        state = torch.load(path, weights_only=True)
-        if state["global_batch"] != cfg.global_batch:
-            raise ValueError(
-                f"{path} was written with global_batch {state['global_batch']}; resume with "
-                f"the same global batch (it was {cfg.global_batch})"
-            )
+        state = load_checkpoint(path)
+        check_resumable(path, state, cfg)
         parallel.load_state(model, opt, state["params"], state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         rng = state["rng"]  # each worker its own draws; with another worker count, derived ones
@@ -281,6 +281,7 @@ def train(
         first_epoch, skip = state["epoch"], state["position"]
         result.steps, result.losses = state["steps"], list(state["losses"])
         result.samples, result.tokens = state["samples"], state["tokens"]
+        result.resumed_at = state["steps"]
         if parallel.is_main:  # the counts of all workers, summed once
             skipped.update(state["skipped"])
         log(f"[train] resuming at step {result.steps} (epoch {first_epoch + 1}, sample {skip})")
@@ -335,6 +336,7 @@ def train(
                     save(epoch + 1, 0)
             elif path is not None and (result.steps % cfg.save_every == 0 or stop()):
                 save(epoch, end)
+            kill_once("train_kill", f"{parallel.rank}-{result.steps}")  # a test's worker killed
             if stop():
                 break
         if stop():
@@ -465,12 +467,55 @@ def _micro_step(module, batch, device, autocast: bool, weight: float) -> tuple[f
     return float(out.loss.detach()) * weight, tokens
 
 
-def load_projector(model: BunnyModel, path: Path) -> None:
-    """Stage 1's projector weights into `model` (exact keys, exact shapes)."""
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint's state (weights only: nothing is unpickled); a damaged file is an error
+    naming it."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, zeroed or not a checkpoint at all
+        raise InputError(
+            f"{path}: a damaged checkpoint ({type(exc).__name__}: {str(exc)[:200]}); remove it "
+            "to train afresh"
+        ) from None
+    if not isinstance(state, dict) or "params" not in state:
+        raise InputError(f"{path}: not a condense checkpoint")
+    return state
+
+
+def check_resumable(path: Path, state: dict, cfg: LoopConfig) -> None:
+    """Refuse to resume a checkpoint made with other settings, naming each difference."""
+    made = dict(state.get("settings") or {})
+    made.setdefault("global_batch", state.get("global_batch"))
+    now = {**cfg.settings, "global_batch": cfg.global_batch}
+    differences = [
+        f"{key} {made.get(key)!r} (now {now.get(key)!r})"
+        for key in sorted(set(made) | set(now))
+        if made.get(key) != now.get(key) and (key in made or key == "global_batch")
+    ]
+    if differences:
+        raise InputError(
+            f"{path} was made with other settings: {'; '.join(differences)}; resume with the "
+            "settings it was made with, or train afresh without --resume"
+        )
+
+
+def load_safetensors(path: Path) -> dict:
+    """A safetensors file's tensors; a truncated or damaged file is an error naming it."""
     from safetensors.torch import load_file
 
-    state = {k.removeprefix("projector."): v for k, v in load_file(str(path)).items()}
-    model.projector.load_state_dict(state, strict=True)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise InputError(f"{path}: not a readable safetensors file ({str(exc)[:200]})") from None
+
+
+def load_projector(model: BunnyModel, path: Path) -> None:
+    """Stage 1's projector weights into `model` (exact keys, exact shapes)."""
+    state = {k.removeprefix("projector."): v for k, v in load_safetensors(path).items()}
+    try:
+        model.projector.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise InputError(f"{path}: does not fit this projector ({str(exc)[:300]})") from None
 
 
 def save_projector(model: BunnyModel, folder: Path) -> Path:

@@ -6,6 +6,7 @@ projector and trains LoRA adapters (and the projector) on instruction data (a LL
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
 
 def train_on_ray(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool = False) -> dict:
     """The stage on `cfg.workers` Ray Train workers; returns the trainer state they saved."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from condense.config import RayConfig
@@ -126,11 +127,20 @@ def train_on_ray(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool 
 
     init_ray(RayConfig())
     gpus = cfg.use_gpu if cfg.use_gpu is not None else cluster_resources()["GPU"] >= 1
+    from condense import faults
+
     run_dir = Path(run_dir).resolve()
+    if not resume:  # a checkpoint the workers find is then this run's (after a restart)
+        shutil.rmtree(checkpoint_dir(cfg, run_dir), ignore_errors=True)
     settings = _absolute_paths(cfg.model_dump())  # Ray Train workers run in folders of their own
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"cfg": settings, "run_dir": str(run_dir), "resume": resume},
+        train_loop_config={
+            "cfg": settings,
+            "run_dir": str(run_dir),
+            "resume": resume,
+            "failpoints": faults.env(),
+        },
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.workers,
@@ -138,7 +148,9 @@ def train_on_ray(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool 
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpus else {})},
         ),
         run_config=RunConfig(
-            name=f"condense-{cfg.stage}", storage_path=str(run_dir / "train" / "ray")
+            name=f"condense-{cfg.stage}",
+            storage_path=str(run_dir / "train" / "ray"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     log(
@@ -172,14 +184,46 @@ def _absolute_paths(settings: dict) -> dict:
 
 
 def _ray_worker(config: dict) -> None:
-    """One Ray Train worker: the same run as one process, in the process group Ray set up."""
+    """One Ray Train worker: the same run as one process, in the process group Ray set up.
+
+    The driver removed any checkpoint of an earlier run (unless resuming it), so a checkpoint
+    found here is this run's: Ray Train restarted the workers after one died, and they go on
+    from it."""
+    import os
+
     import ray.train.torch
 
+    from condense.train.loop import CHECKPOINT
     from condense.train.parallel import make_parallel
 
+    os.environ.update(config["failpoints"])  # a test's failpoints (condense/faults.py)
     cfg = TrainConfig(**config["cfg"])
+    run_dir = Path(config["run_dir"])
+    restarted = (checkpoint_dir(cfg, run_dir) / CHECKPOINT).exists()
     parallel = make_parallel(cfg.strategy, ray.train.torch.get_device())
-    run_worker(cfg, Path(config["run_dir"]), print, config["resume"], parallel)
+    run_worker(cfg, run_dir, print, config["resume"] or restarted, parallel)
+
+
+def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
+    return Path(run_dir) / "train" / cfg.stage / "checkpoint"
+
+
+def resume_settings(cfg: TrainConfig, run_dir: Path) -> dict:
+    """What a checkpoint must have been made with to be resumed: every setting that decides
+    the result (not worker counts or logging), and the data's identity (files, sizes, times)."""
+    from fsspec.core import url_to_fs
+
+    from condense.pipeline.rundir import content_digest
+
+    settings = _absolute_paths(cfg.fingerprint_dict())  # the same here and in Ray workers
+    files = [Path(cfg.data.llava_json)] if cfg.data.llava_json else shard_files(cfg, run_dir)
+    identity = []
+    for path in files:
+        fs, name = url_to_fs(str(path))
+        info = fs.info(name)
+        identity.append((path.name, info.get("size"), content_digest(fs, name, info["size"], info)))
+    settings["data_files"] = identity
+    return json.loads(json.dumps(settings, default=str))
 
 
 def run_worker(cfg: TrainConfig, run_dir: Path, log, resume: bool, parallel) -> dict:
@@ -190,6 +234,7 @@ def run_worker(cfg: TrainConfig, run_dir: Path, log, resume: bool, parallel) -> 
 
     model, tokenizer = build_model(cfg)
     skipped: Counter = Counter()
+    settings = resume_settings(cfg, run_dir)
     if cfg.stage == "stage2":
         start = projector_start(cfg, run_dir)
         load_projector(model, start)
@@ -212,12 +257,13 @@ def run_worker(cfg: TrainConfig, run_dir: Path, log, resume: bool, parallel) -> 
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         unfreeze_vision=cfg.unfreeze_vision,
-        checkpoint_dir=run_dir / "train" / cfg.stage / "checkpoint",
+        checkpoint_dir=checkpoint_dir(cfg, run_dir),
         save_every=cfg.save_every,
         resume=resume,
         max_steps=cfg.max_steps,
         log_every=cfg.log_every,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        settings=settings,
     )
     if parallel.is_main:
         log(f"[train] {cfg.stage} on {total:,} samples, global batch {cfg.global_batch}")
@@ -243,6 +289,7 @@ def run_worker(cfg: TrainConfig, run_dir: Path, log, resume: bool, parallel) -> 
         "tokens_per_second": result.tokens_per_second,
         "trainable_parameters": result.trainable,
         "workers": parallel.world,
+        "resumed_at_step": result.resumed_at,
         "losses": result.losses,
         "skipped": dict(skipped),
     }

@@ -291,3 +291,100 @@ def test_json_images_are_read_when_used(tmp_path):
     cfg = stage2_config(epochs=1)
     result = train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None)
     assert result.samples == 3 and result.skipped == {"unreadable_image": 1}
+
+
+def test_llava_json_entries_are_untrusted(tmp_path):
+    """Entries that are not objects, turns without text, a list of images, paths that leave the
+    image folder: each skipped and counted, never opened, never a crash mid-epoch."""
+    from collections import Counter
+
+    _, images = llava_json(tmp_path)
+    (tmp_path / "outside.png").write_bytes((images / "0.png").read_bytes())
+    good = {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}
+    entries = [
+        {"image": "0.png", "conversations": list(good)},
+        "not an object",
+        ["a", "list"],
+        {"image": ["0.png", "1.png"], "conversations": list(good)},
+        {"image": "../outside.png", "conversations": list(good)},
+        {"image": str(tmp_path / "outside.png"), "conversations": list(good)},
+        {"image": "sub/../../outside.png", "conversations": list(good)},
+        {"image": "0.png\0.txt", "conversations": list(good)},
+        {"image": "0.png", "conversations": [{"from": "human"}, good[1]]},
+        {"image": "0.png", "conversations": "not a list"},
+        {"image": "0.png", "conversations": [good[0], {"from": "gpt", "value": 7}]},
+    ]
+    (tmp_path / "bad.json").write_text(json.dumps(entries))
+    skipped = Counter()
+    found = list(json_samples(tmp_path / "bad.json", images, skipped))
+    assert [image.name for _, image in found] == ["0.png"]
+    assert skipped == {
+        "bad_entry": 2,
+        "bad_image_field": 1,
+        "unsafe_image_path": 4,
+        "bad_turns": 3,
+    }
+    from condense.errors import InputError
+
+    (tmp_path / "broken.json").write_text('[{"image": "0.png"')
+    with pytest.raises(InputError, match=r"broken\.json: not a readable LLaVA JSON file"):
+        list(json_samples(tmp_path / "broken.json", images, skipped))
+    (tmp_path / "object.json").write_text('{"image": "0.png"}')
+    with pytest.raises(InputError, match=r"object\.json: a LLaVA JSON file holds a list"):
+        list(json_samples(tmp_path / "object.json", images, skipped))
+
+
+def test_resume_refuses_other_settings_and_damaged_checkpoints(tmp_path):
+    from collections import Counter
+
+    from condense.errors import InputError
+    from condense.train.loop import CHECKPOINT, load_projector, save_projector
+
+    path, images = llava_json(tmp_path)
+    data = list(json_samples(path, images, Counter()))
+    made = {"lora": {"r": 4, "alpha": 8}, "unfreeze_vision": False, "data_files": [["d", 1, "x"]]}
+
+    def run(settings, **kw):
+        cfg = stage2_config(
+            global_batch=1, per_device_batch=1, checkpoint_dir=tmp_path / "ck", **kw
+        )
+        cfg.settings = settings
+        model = tiny_model()
+        train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None)
+        return model
+
+    model = run(made, max_steps=2)
+    other = {**made, "lora": {"r": 8, "alpha": 8}, "unfreeze_vision": True}
+    with pytest.raises(InputError) as info:
+        run(other, resume=True)
+    message = str(info.value)
+    assert "was made with other settings" in message
+    assert "lora {'r': 4, 'alpha': 8} (now {'r': 8, 'alpha': 8})" in message
+    assert "unfreeze_vision False (now True)" in message and "data_files" not in message
+    with pytest.raises(InputError, match="data_files"):
+        run({**made, "data_files": [["d", 2, "y"]]}, resume=True)
+    assert not list((tmp_path / "ck").glob("*.tmp")) and not list((tmp_path / "ck").glob(".*"))
+    checkpoint = tmp_path / "ck" / CHECKPOINT
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # cut short
+    with pytest.raises(InputError, match=rf"{CHECKPOINT}: a damaged checkpoint"):
+        run(made, resume=True)
+    projector = save_projector(model, tmp_path / "out")
+    projector.write_bytes(projector.read_bytes()[:100])
+    with pytest.raises(InputError, match=r"mm_projector\.safetensors: not a readable safetensors"):
+        load_projector(tiny_model(), projector)
+
+
+def test_chat_and_training_refuse_extreme_aspect_images_before_resizing(tmp_path):
+    from collections import Counter
+
+    from condense.errors import InputError
+    from condense.train.chat import answer
+    from condense.train.data import load_image
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 200_000)).save(buf, format="PNG")
+    skipped = Counter()
+    assert load_image(buf.getvalue(), 32, skipped) is None and skipped == {"extreme_aspect": 1}
+    model = tiny_model()
+    with pytest.raises(InputError, match=r"the image cannot be used \(extreme_aspect\)"):
+        answer(model, byte_tokenizer(), stage2_config(), buf.getvalue(), "What is it?")
