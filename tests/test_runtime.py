@@ -75,3 +75,15 @@ def test_stream_sees_every_produced_row_once(ray_session):
     assert all(int(r["rows"]) <= 5 for r in results)
     # Produced on CPU tasks, consumed in the actors: never fused into one process.
     assert not any(bool(r["same_process"]) for r in results)
+
+
+def test_a_dashboard_beyond_this_machine_is_warned_about():
+    from condense.runtime import RayConfig
+    from condense.runtime.ray import dashboard_warning
+
+    assert dashboard_warning(RayConfig()) is None  # no dashboard by default
+    assert dashboard_warning(RayConfig(include_dashboard=True)) is None  # 127.0.0.1
+    assert dashboard_warning(RayConfig(include_dashboard=True, dashboard_host="::1")) is None
+    warning = dashboard_warning(RayConfig(include_dashboard=True, dashboard_host="0.0.0.0"))
+    assert "ray.dashboard_host 0.0.0.0 exposes the Ray dashboard" in warning
+    assert "RAY_AUTH_MODE=token" in warning

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -64,6 +65,9 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     if target:
         ray.init(address=target, **common)
     else:
+        warning = dashboard_warning(cfg)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         ray.init(
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus,
@@ -73,6 +77,25 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
             **common,
         )
     _quiet_ray_data()
+
+
+def dashboard_warning(cfg: RayConfig) -> str | None:
+    """Why a local Ray's dashboard would be exposed, or None when it stays on this machine."""
+    import ipaddress
+
+    if not cfg.include_dashboard:
+        return None
+    try:
+        loopback = ipaddress.ip_address(cfg.dashboard_host).is_loopback
+    except ValueError:
+        loopback = cfg.dashboard_host == "localhost"
+    if loopback:
+        return None
+    return (
+        f"ray.dashboard_host {cfg.dashboard_host} exposes the Ray dashboard and its job API, "
+        "which runs any code it is sent, to every host that reaches this machine; keep "
+        "127.0.0.1 unless the network is yours, and set RAY_AUTH_MODE=token"
+    )
 
 
 class _DropNoise(logging.Filter):

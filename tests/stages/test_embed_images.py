@@ -102,10 +102,11 @@ def embed_only(shards, run, batch_size, resume=False, log=quiet_log):
     from condense.runtime.ray import RayExecutor
     from condense.stages.base import StageContext
     from condense.stages.embed import EmbedStage
+    from tests.readers.test_bad_sample_mixes import LIMITS
 
     cfg = make_config(
         shards,
-        input={"kind": "webdataset"},
+        input={"kind": "webdataset", "limits": LIMITS},
         embed={"model": {"name": TINY, "batch_size": batch_size}},
     )
     ctx = StageContext(run=RunDir(run), config=cfg, executor=RayExecutor(), progress=False)
@@ -115,13 +116,26 @@ def embed_only(shards, run, batch_size, resume=False, log=quiet_log):
 
 
 def test_embeddings_do_not_depend_on_batch_size_and_resume_redoes_one_shard(ray_session, tmp_path):
+    """Random mixes of good and bad samples over three shards, through Ray: the rows are exactly
+    the good samples and every bad one is counted, at any batch size."""
+    from collections import Counter
+
+    from tests.readers.test_bad_sample_mixes import random_shard
+
     shards = tmp_path / "shards"
     shards.mkdir()
+    rng = np.random.default_rng(7)
+    good, dropped = [], Counter()
     for s in range(3):
-        write_shard(shards / f"{s:05d}.tar", [sample(f"{s}{i:04d}", 10 * s + i) for i in range(7)])
+        data, keys, drops, _ = random_shard(rng, s)
+        (shards / f"{s:05d}.tar").write_bytes(data)
+        good += keys
+        dropped += drops
     a = embed_only(shards, tmp_path / "a", batch_size=3)
     b = embed_only(shards, tmp_path / "b", batch_size=64)
-    assert list(a.sample_id) == list(b.sample_id) and len(a) == 21
+    assert list(a.sample_id) == list(b.sample_id) == sorted(good)
+    mark = json.loads((tmp_path / "a" / "embed" / "_stage.json").read_text())
+    assert mark["dropped"] == dict(sorted(dropped.items())) and len(dropped) >= 5
     assert list(a.source) == list(b.source) and list(a.caption) == list(b.caption)
     for column in ("img_emb", "txt_emb"):
         x, y = np.stack(a[column].to_numpy()), np.stack(b[column].to_numpy())
