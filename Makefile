@@ -46,7 +46,7 @@ format: $(STAMP) ## ruff format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-cluster bench-dedup bench-select bench-embed bench-train ## every benchmark (~65 min on 2 cores)
+bench: bench-cluster bench-dedup bench-select bench-embed bench-train bench-bad-inputs ## every benchmark (~65 min on 2 cores)
 
 bench-cluster: $(STAMP) ## cluster stage vs bare faiss on 1M x 768 rows (~10 min)
 	$(BIN)/python bench/bench_cluster.py
@@ -64,7 +64,10 @@ bench-embed: $(STAMP) ## embed stage on image shards vs a plain open_clip loop (
 bench-train: $(STAMP) ## the training loop vs a Hugging Face Trainer, stage 1 and 2 (~10 min)
 	$(BIN)/python bench/bench_train.py
 
+bench-bad-inputs: $(STAMP) ## decode with every bad-input check vs without, and the worst inputs' memory (~2 min)
+	$(BIN)/python bench/bench_bad_inputs.py
+
 clean: ## remove runs, caches and the venv
 	rm -rf runs .pytest_cache .ruff_cache $(VENV)
 
-.PHONY: help install demo demo-train test lint format bench bench-cluster bench-dedup bench-select bench-embed bench-train clean
+.PHONY: help install demo demo-train test lint format bench bench-cluster bench-dedup bench-select bench-embed bench-train bench-bad-inputs clean

@@ -74,6 +74,8 @@ def _upright(image):
     from PIL import ImageOps
 
     try:
+        if image.getexif().get(0x0112, 1) == 1:  # upright already: no copy
+            return image
         return ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a malformed EXIF block leaves the pixels as stored
         return image
