@@ -123,3 +123,27 @@ def test_only_the_good_samples_come_out_and_every_bad_one_is_counted(tmp_path, s
         assert ids == outputs[0][0] and urls == outputs[0][1]
         if pixels is not None:
             assert np.array_equal(pixels, outputs[0][2])
+
+
+def test_an_id_repeated_within_a_shard_stops_it_at_once_naming_both_samples(tmp_path):
+    """With input.id_column the ids come from each sample's .json: a repeat is caught as the
+    shard is read, before anything is encoded (across shards, embed's id check catches it)."""
+    from condense.errors import InputError
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for key, sid in (("a", "x1"), ("b", "x2"), ("c", "x1")):
+            for ext, data in (
+                ("jpg", picture(1)),
+                ("txt", b"c"),
+                ("json", json.dumps({"sid": sid}).encode()),
+            ):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    (tmp_path / "s.tar").write_bytes(buf.getvalue())
+    item = {"part": "s", "source": "s.tar", "path": str(tmp_path / "s.tar")}
+    limits = InputConfig(kind="webdataset", path=str(tmp_path)).limits
+    model = ModelConfig(name=TINY, batch_size=64)
+    with pytest.raises(InputError, match="shard s.tar: sample_id 'x1' .* in samples 'a' and 'c'"):
+        list(decode_shard(item, model, "sid", str(tmp_path / "scratch"), limits))

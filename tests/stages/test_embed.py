@@ -35,8 +35,13 @@ def test_bad_vectors_are_dropped_and_counted(ray_session, tmp_path):
     files[1]["txt"][8] = 0
     files[1]["txt"][9, 1] = -np.inf
     files[1]["ids"][10] = ""  # no id: the row cannot be joined later
+    files[1]["ids"][11] = "r\n0031"  # a newline would break the one-id-per-line key lists
+    files[1]["ids"][12] = "r\t0032"
+    files[0]["img"][12] = 1e-30  # its float32 squares underflow: 0/0
+    files[0]["txt"][13, 4] = 1e20  # its square overflows: x/inf would store a zero vector
     write_clip_retrieval(tmp_path / "in", files, dtype=np.float32)
-    run(make_config(tmp_path / "in", embed={"rows_per_part": 7}), tmp_path / "run", until="embed")
+    cfg = make_config(tmp_path / "in", embed={"rows_per_part": 7}, sample={"n": 1000})
+    run(cfg, tmp_path / "run")
     mark = __import__("json").loads((tmp_path / "run" / "embed" / "_stage.json").read_text())
     assert mark["dropped"] == {
         "nonfinite_img_emb": 1,
@@ -44,12 +49,19 @@ def test_bad_vectors_are_dropped_and_counted(ray_session, tmp_path):
         "zero_img_emb": 1,
         "zero_txt_emb": 1,
         "missing_sample_id": 1,
+        "bad_sample_id": 2,
+        "unnormalizable_img_emb": 1,
+        "unnormalizable_txt_emb": 1,
     }
-    assert mark["rows_in"] == 40 and mark["rows_out"] == 34
+    assert mark["rows_in"] == 40 and mark["rows_out"] == 30
     assert mark["rows_in"] == mark["rows_out"] + sum(mark["dropped"].values())
     df = read_stage(tmp_path / "run", "embed")
-    assert len(df) == 34 and df.sample_id.is_unique
-    assert not {"r0003", "r0005", "r0027", "r0028", "r0029"} & set(df.sample_id)
+    assert len(df) == 30 and df.sample_id.is_unique
+    assert not {"r0003", "r0005", "r0012", "r0013", "r0027", "r0028", "r0029"} & set(df.sample_id)
+    keys = (tmp_path / "run" / "export" / "keys").glob("*.txt")
+    lines = [line for path in keys for line in path.read_text().splitlines()]
+    exported = pq.read_table(sorted((tmp_path / "run" / "export").glob("part-*.parquet")))
+    assert sorted(lines) == sorted(exported.column("sample_id").to_pylist()) and lines
     img = np.stack(df.img_emb.to_numpy()).astype(np.float32)
     txt = np.stack(df.txt_emb.to_numpy()).astype(np.float32)
     assert np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-6)
