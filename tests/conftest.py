@@ -16,18 +16,36 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One real local Ray (2 CPUs, no dashboard) shared by every Ray test."""
+def ray_session(tmp_path_factory):
+    """One real local Ray (2 CPUs, no dashboard) shared by every Ray test. Its workers read the
+    failpoints file (condense/faults.py), which the `failpoints` fixture arms."""
     import logging
 
     import ray
 
     from condense.runtime.ray import _quiet_ray_data
 
+    spec = tmp_path_factory.mktemp("failpoints") / "spec"
+    os.environ["CONDENSE_FAILPOINTS_FILE"] = str(spec)  # before Ray starts: its workers inherit it
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     _quiet_ray_data()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def failpoints(ray_session):
+    """arm("decode_kill_once:key", ...): SIGKILL the session's workers there (faults.py);
+    returns the folder where once-only failpoints leave their marks (beside the spec)."""
+    spec = Path(os.environ["CONDENSE_FAILPOINTS_FILE"])
+
+    def arm(*points):
+        spec.write_text(",".join(points))
+        return spec.parent
+
+    yield arm
+    for path in spec.parent.iterdir():
+        path.unlink()
 
 
 def write_clip_retrieval(root: Path, files: list[dict], dtype=np.float16) -> Path:

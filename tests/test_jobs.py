@@ -1,7 +1,10 @@
 """A real `ray start --head` on 127.0.0.1 and a real `ray job submit` of jobs/condense.py."""
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -24,11 +27,22 @@ def free_ports(n):
     return ports
 
 
-@pytest.fixture
-def ray_head(venv_env):
-    """Start a head node on 127.0.0.1 with its own ports and temp dir; stop only it afterwards."""
-    # Ray's token authentication: the head and the job CLI both use the token in ~/.ray.
-    venv_env["RAY_AUTH_MODE"] = "token"
+@pytest.fixture(scope="module")
+def head_env():
+    """The environment of the head and the ray CLI: the venv first on PATH (a job's `python` is
+    the head's), Ray's token authentication on (both use the token in ~/.ray)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+@pytest.fixture(scope="module")
+def ray_head(head_env):
+    """Start one head node on 127.0.0.1 with its own ports and temp dir for this module's jobs;
+    stop only it afterwards (its process group: SIGTERM, then SIGKILL after 3 s)."""
+    venv_env = head_env
     gcs, dash, client, agent, agent_grpc, metrics, runtime_env, node_mgr, obj_mgr = free_ports(9)
     temp_dir = tempfile.mkdtemp(prefix="cr-")  # short: Ray's socket paths must fit in 107 bytes
     cmd = [
@@ -53,7 +67,12 @@ def ray_head(venv_env):
         "--disable-usage-stats",
     ]
     head = subprocess.Popen(
-        cmd, env=venv_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        env=venv_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -73,11 +92,14 @@ def ray_head(venv_env):
             pytest.fail("the Ray job server did not come up on 127.0.0.1")
         yield address
     finally:
-        head.terminate()  # `ray start --block` stops the processes it started, and only those
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        # `ray start --block` stops the processes it started, and only those; they share its
+        # process group, which is killed if they take longer than 3 s to stop.
+        os.killpg(head.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            head.wait(timeout=3)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -95,11 +117,11 @@ def job_submit(address, env, *command):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_runs_the_pipeline(ray_head, venv_env, tmp_path):
+def test_ray_job_submit_runs_the_pipeline(ray_head, head_env, tmp_path):
     run_dir = tmp_path / "run"
     submit = job_submit(
         ray_head,
-        venv_env,
+        head_env,
         "jobs/condense.py",
         "configs/demo.yaml",
         "--run-dir",
@@ -119,7 +141,7 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, venv_env, tmp_path):
     assert len(clusters) == 3000 and clusters.cluster_id.nunique() == 8
     assert Path(run_dir / "config.yaml").exists() and Path(run_dir / "manifest.json").exists()
     # A relative run directory would land in the job's temporary copy of the repo: refused.
-    submit = job_submit(ray_head, venv_env, "jobs/condense.py", "configs/demo.yaml")
+    submit = job_submit(ray_head, head_env, "jobs/condense.py", "configs/demo.yaml")
     assert submit.returncode != 0
     assert "a relative run directory would be written into the job's temporary copy" in (
         submit.stdout + submit.stderr
@@ -127,7 +149,7 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, venv_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_job_submit_trains_on_two_workers(ray_head, venv_env, tmp_path):
+def test_ray_job_submit_trains_on_two_workers(ray_head, head_env, tmp_path):
     """jobs/train.py under `ray job submit`: stage 1 on two Ray Train workers (DDP, gloo)."""
     from tests.train.test_distributed import caption_json
 
@@ -135,7 +157,7 @@ def test_ray_job_submit_trains_on_two_workers(ray_head, venv_env, tmp_path):
     run_dir = tmp_path / "run"
     submit = job_submit(
         ray_head,
-        venv_env,
+        head_env,
         "jobs/train.py",
         "stage1",
         "configs/train/stage1-tiny.yaml",

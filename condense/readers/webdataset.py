@@ -102,7 +102,8 @@ class PoisonGuard:
         if not self.limits.skip_poison:
             raise InputError(
                 f"shard {self.source}: sample {key!r} (number {index} in the shard) killed its "
-                f"decode worker {self.deaths} times (an out-of-memory decode or a decoder crash); "
+                f"decode worker {self.deaths} time{'s' * (self.deaths > 1)} (an out-of-memory "
+                "decode or a decoder crash); "
                 "set input.limits.skip_poison: true to drop it and keep the rest of the shard"
             )
         return True

@@ -30,9 +30,10 @@ ACTOR_RETRIES = 3  # restarts of a killed actor, and retries of its work item (R
 
 
 def _fault_env() -> dict:
-    """Remote options handing the driver's failpoints (condense/faults.py) on to its workers."""
+    """Remote options handing the driver's failpoints (condense/faults.py) on to its workers,
+    when it has a spec of its own (a failpoints file its Ray inherited needs nothing)."""
     env = faults.env()
-    return {"runtime_env": {"env_vars": env}} if env else {}
+    return {"runtime_env": {"env_vars": env}} if faults.ENV in env else {}
 
 
 def _map_batches(ds, fn, *, retries: dict, **kwargs):
