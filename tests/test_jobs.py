@@ -104,16 +104,22 @@ def ray_head(head_env):
 
 
 def job_submit(address, env, *command):
-    """`ray job submit` of `python *command` with the repo as the working dir."""
-    return subprocess.run(
-        ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--", "python"]
-        + list(command),
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    """`ray job submit` of `python *command` with the repo as the working dir (again while the
+    head's job agent is still starting: the job server answers before it is up)."""
+    deadline = time.time() + 120
+    while True:
+        done = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--", "python"]
+            + list(command),
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if "No available agent to submit job" not in done.stderr or time.time() > deadline:
+            return done
+        time.sleep(2)
 
 
 @pytest.mark.slow

@@ -52,6 +52,6 @@ def storable_url(value) -> str | None:
     return None
 
 
-def for_tokenizer(caption: str, max_chars: int) -> str:
+def for_tokenizer(caption: str | None, max_chars: int) -> str:
     """The part of a caption a tokenizer sees: its first `max_chars` characters."""
-    return caption[:max_chars]
+    return (caption or "")[:max_chars]

@@ -58,14 +58,14 @@ def convert_llm(run_dir: Path, log=print) -> Path:
     return out
 
 
-def instructions(run_dir: Path) -> Path:
-    """A LLaVA-format JSON from the demo's whole photos and their captions, and two text-only
-    conversations; images in RUN/input/images."""
+def instructions(run_dir: Path, photos: int | None = None) -> Path:
+    """A LLaVA-format JSON from the demo's whole photos (the first `photos` of them) and their
+    captions, and two text-only conversations; images in RUN/input/images."""
     from condense.demo.corpus import CAPTIONS
 
     images = run_dir / "input" / "images"
     entries = []
-    for name, caption in sorted(CAPTIONS.items()):
+    for name, caption in sorted(CAPTIONS.items())[:photos]:
         if (images / f"{name}.jpg").is_file():
             turns = [
                 {"from": "human", "value": f"<image>\n{QUESTION}"},
@@ -117,15 +117,15 @@ def train_config(stage: str, llm: Path, data: Path | None = None):
     return config_from_dict(settings, f"demo {stage}", model=TrainConfig)
 
 
-def run_train_demo(run_dir: str | Path, log=print) -> str:
-    """Stage 1 on RUN's exported shards, stage 2 on the demo instructions, then a chat
-    answer about a photo; returns the answer."""
+def run_train_demo(run_dir: str | Path, log=print, photos: int | None = None) -> str:
+    """Stage 1 on RUN's exported shards, stage 2 on the demo instructions (from the first
+    `photos` photos; None: all of them), then a chat answer about a photo; returns it."""
     from condense.train.chat import answer, load_trained
     from condense.train.run import train_stage
 
     run_dir = Path(run_dir)
     llm = convert_llm(run_dir, log)
-    data = instructions(run_dir)
+    data = instructions(run_dir, photos)
     train_stage(train_config("stage1", llm), run_dir, log)
     train_stage(train_config("stage2", llm, data), run_dir, log)
     photo = run_dir / "input" / "images" / "chelsea.jpg"

@@ -10,7 +10,8 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from condense.errors import ConfigError, InputError
+from condense.errors import CondenseError, ConfigError, InputError
+from condense.pipeline.rundir import atomic_write_json, read_json
 from condense.train.config import TrainConfig
 
 
@@ -157,7 +158,13 @@ def train_on_ray(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool 
         f"[train] {cfg.stage} on {cfg.workers} Ray Train workers "
         f"({cfg.strategy}, {'GPU' if gpus else 'CPU'})"
     )
+    errors = run_dir / "train" / cfg.stage / WORKER_ERROR
+    errors.unlink(missing_ok=True)
     trainer.fit()
+    error = read_json(errors)
+    if error is not None:  # a worker stopped on bad input: the same message as in one process
+        errors.unlink(missing_ok=True)
+        raise InputError(error["message"])
     # The main worker wrote it (the run directory is on storage every node sees).
     return json.loads((run_dir / "train" / cfg.stage / "trainer_state.json").read_text())
 
@@ -201,7 +208,16 @@ def _ray_worker(config: dict) -> None:
     run_dir = Path(config["run_dir"])
     restarted = (checkpoint_dir(cfg, run_dir) / CHECKPOINT).exists()
     parallel = make_parallel(cfg.strategy, ray.train.torch.get_device())
-    run_worker(cfg, run_dir, print, config["resume"] or restarted, parallel)
+    try:
+        run_worker(cfg, run_dir, print, config["resume"] or restarted, parallel)
+    except CondenseError as exc:
+        # Bad input fails the same way on every restart: report it to the driver and end this
+        # worker cleanly, so that Ray Train keeps its restarts for workers that die.
+        if parallel.is_main:
+            atomic_write_json(run_dir / "train" / cfg.stage / WORKER_ERROR, {"message": str(exc)})
+
+
+WORKER_ERROR = "worker_error.json"  # what a Ray Train worker stopped on, for the driver
 
 
 def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:

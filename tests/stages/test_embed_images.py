@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from condense.pipeline.runner import run_pipeline
 from tests.conftest import REPO, make_config, quiet_log
 
 TINY = str(REPO / "configs" / "models" / "tiny-clip.json")
@@ -44,56 +43,6 @@ def sample(key, i, **override):
     }
     members.update(override)
     return key, {k: v for k, v in members.items() if v is not None}
-
-
-def test_shards_embed_with_bad_samples_counted(ray_session, tmp_path):
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    write_shard(
-        shards / "00000.tar",
-        [sample(f"0000{i:04d}", i) for i in range(8)]
-        + [
-            sample("00000100", 100, jpg=b"\x00garbage"),
-            sample("00000101", 101, txt=None),
-            sample("00000102", 102, txt=b"\xff\xfe"),
-            sample("00000103", 103, jpg=picture(103, "CMYK")),
-            sample("00000104", 104, jpg=None, png=picture(104, "RGBA", "PNG")),
-            sample("00000105", 105, jpg=None, png=picture(105, "P", "PNG")),
-            sample("00000106", 106, jpg=picture(106, "L")),
-        ],
-    )
-    good = [sample(f"0001{i:04d}", 200 + i) for i in range(6)]
-    write_shard(shards / "00001.tar", good)
-    # A truncated shard: the samples before the damage are kept.
-    write_shard(tmp_path / "whole.tar", [sample(f"0002{i:04d}", 300 + i) for i in range(6)])
-    data = (tmp_path / "whole.tar").read_bytes()
-    (shards / "00002.tar").write_bytes(data[: len(data) // 2])
-
-    cfg = make_config(
-        shards,
-        input={"kind": "webdataset"},
-        embed={"model": {"name": TINY, "batch_size": 4}},
-        cluster={"k": 2, "sample_size": 1000},
-        sample={"n": 3},
-    )
-    run_pipeline(cfg, tmp_path / "run", log=quiet_log, progress=False)
-    mark = json.loads((tmp_path / "run" / "embed" / "_stage.json").read_text())
-    assert mark["dropped"]["corrupt_image"] == 1
-    assert mark["dropped"]["missing_caption"] == 1
-    assert mark["dropped"]["caption_not_utf8"] == 1
-    assert mark["dropped"]["truncated_tar"] == 1
-    kept_in_truncated = mark["rows_out"] - 8 - 4 - 6  # 8 + CMYK/RGBA/P/L from 00000, 6 from 00001
-    assert 1 <= kept_in_truncated < 6
-    assert mark["rows_in"] == mark["rows_out"] + sum(mark["dropped"].values())
-    embed = pq.read_table(tmp_path / "run" / "embed").to_pandas()
-    assert set(embed.source) == {"00000.tar", "00001.tar", "00002.tar"}
-    row = embed.set_index("sample_id").loc["00000003"]
-    assert row.caption == "a photo number 3" and row.url == "http://127.0.0.1/00000003.jpg"
-    vectors = np.stack(embed.img_emb.to_numpy()).astype(np.float32)
-    assert vectors.shape[1] == 64 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-2)
-    # Every later stage runs on image-embedded rows exactly as on precomputed ones.
-    sample_rows = pq.read_table(tmp_path / "run" / "sample").to_pandas()
-    assert sample_rows.kept.sum() == min(3, len(sample_rows))
 
 
 def embed_only(shards, run, batch_size, resume=False, log=quiet_log):
@@ -131,11 +80,29 @@ def test_embeddings_do_not_depend_on_batch_size_and_resume_redoes_one_shard(ray_
         (shards / f"{s:05d}.tar").write_bytes(data)
         good += keys
         dropped += drops
+    # CMYK, palette, grayscale and alpha images become RGB; urls and captions come along.
+    modes = [
+        sample("30000", 103, jpg=picture(103, "CMYK")),
+        sample("30001", 104, jpg=None, png=picture(104, "RGBA", "PNG")),
+        sample("30002", 105, jpg=None, png=picture(105, "P", "PNG")),
+        sample("30003", 106, jpg=picture(106, "L")),
+    ]
+    write_shard(shards / "00003.tar", modes)
+    good += [key for key, _ in modes]
+    # A truncated shard: cut where sample 4's header starts, samples 0-2 are whole, 3 is lost.
+    write_shard(tmp_path / "whole.tar", [sample(f"4{i:04d}", 300 + i) for i in range(6)])
+    data = (tmp_path / "whole.tar").read_bytes()
+    (shards / "00004.tar").write_bytes(data[: data.index(b"40004.jpg")])
+    good += ["40000", "40001", "40002"]
+    dropped["truncated_tar"] += 1
     a = embed_only(shards, tmp_path / "a", batch_size=3)
     b = embed_only(shards, tmp_path / "b", batch_size=64)
     assert list(a.sample_id) == list(b.sample_id) == sorted(good)
     mark = json.loads((tmp_path / "a" / "embed" / "_stage.json").read_text())
     assert mark["dropped"] == dict(sorted(dropped.items())) and len(dropped) >= 5
+    assert mark["rows_in"] == mark["rows_out"] + sum(mark["dropped"].values())
+    row = a.set_index("sample_id").loc["30002"]
+    assert row.caption == "a photo number 105" and row.url == "http://127.0.0.1/30002.jpg"
     assert list(a.source) == list(b.source) and list(a.caption) == list(b.caption)
     for column in ("img_emb", "txt_emb"):
         x, y = np.stack(a[column].to_numpy()), np.stack(b[column].to_numpy())
