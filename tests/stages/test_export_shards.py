@@ -141,3 +141,38 @@ def test_order_does_not_depend_on_shard_size(exported):
     run_pipeline(cfg, run, log=quiet_log, progress=False)
     again = b"".join(p.read_bytes() for p in sorted((run / "export" / "shards").glob("*.tar")))
     assert again == tars
+
+
+def test_workers_killed_mid_shard_leave_what_an_uninterrupted_run_leaves(
+    exported, tmp_path, failpoints
+):
+    """A decode task, the encoder actor and an export copier SIGKILLed mid-shard: Ray retries
+    them, and embed/, sample/, export/, the shards' bytes and coreset.json are the
+    uninterrupted run's."""
+    import pandas as pd
+
+    cfg, _, reference = exported
+    marks = failpoints("decode_kill_once:a003", "encode_kill:00001", "export_kill:00001")
+    killed = tmp_path / "killed"
+    run_pipeline(cfg, killed, log=quiet_log, progress=False)
+    assert sorted(p.name for p in marks.iterdir() if p.name != "spec") == [
+        "decode_kill_once-a003",
+        "encode_kill-00001",
+        "export_kill-00001",
+    ]  # each worker really was killed once
+    for stage in ("embed", "sample", "export"):
+        a, b = (
+            pq.read_table(sorted((run / stage).glob("part-*.parquet")))
+            .to_pandas()
+            .sort_values("sample_id")
+            .reset_index(drop=True)
+            for run in (reference, killed)
+        )
+        pd.testing.assert_frame_equal(a, b)
+    ours = sorted((reference / "export" / "shards").glob("*.tar"))
+    theirs = sorted((killed / "export" / "shards").glob("*.tar"))
+    assert [p.name for p in ours] == [p.name for p in theirs] and len(theirs) == 3
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.read_bytes() == b.read_bytes()  # no sample missing, none twice, the same bytes
+    for name in ("coreset.json",):
+        assert (reference / "export" / name).read_bytes() == (killed / "export" / name).read_bytes()

@@ -1,12 +1,9 @@
 """Faults on real Ray processes (condense/faults.py failpoints SIGKILL them): a poison sample
-that kills every decoder it meets is named, or dropped when asked; a decode task, the encoder
-actor and an export copier killed mid-shard leave exactly what an uninterrupted run leaves."""
+that kills every decoder it meets is named, or dropped when asked. (Workers killed mid-shard:
+tests/stages/test_export_shards.py, which has an uninterrupted run to compare with.)"""
 
 import json
-import tarfile
 
-import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 
 from condense.cli import _find_condense_error
@@ -82,38 +79,3 @@ def test_a_poison_sample_is_dropped_when_asked_and_the_rest_of_its_shard_kept(tm
     decoded = json.loads((scratch / "00001" / "decoded.json").read_text())
     assert decoded == {"rows": 5, "dropped": {"poison_sample": 1}, "nulled": {}}
     assert decode(skip_poison=True, poison_after=3)[0]["sample_id"].tolist()[2] == "1x0002"
-
-
-def members(path):
-    with tarfile.open(path) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar]
-
-
-def test_workers_killed_mid_shard_leave_what_an_uninterrupted_run_leaves(
-    ray_session, tmp_path, failpoints
-):
-    folder = shards(tmp_path)
-    run_pipeline(config(folder), tmp_path / "reference", log=quiet_log, progress=False)
-    marks = failpoints("decode_kill_once:0x0003", "encode_kill:00002", "export_kill:00001")
-    run_pipeline(config(folder), tmp_path / "killed", log=quiet_log, progress=False)
-    assert sorted(p.name for p in marks.iterdir() if p.name != "spec") == [
-        "decode_kill_once-0x0003",
-        "encode_kill-00002",
-        "export_kill-00001",
-    ]  # each worker really was killed once
-    for stage in ("embed", "sample", "export"):
-        a, b = (
-            pq.read_table(sorted((tmp_path / run / stage).glob("part-*.parquet")))
-            .to_pandas()
-            .sort_values("sample_id")
-            for run in ("reference", "killed")
-        )
-        pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
-    reference = sorted((tmp_path / "reference" / "export" / "shards").glob("*.tar"))
-    killed = sorted((tmp_path / "killed" / "export" / "shards").glob("*.tar"))
-    assert [p.name for p in reference] == [p.name for p in killed] and len(killed) == 4
-    for a, b in zip(reference, killed, strict=True):
-        assert members(a) == members(b)  # no sample missing, none twice, the same bytes
-    assert (tmp_path / "reference" / "export" / "coreset.json").read_bytes() == (
-        tmp_path / "killed" / "export" / "coreset.json"
-    ).read_bytes()

@@ -98,35 +98,54 @@ def run_stage(stage, run_dir, data, workers, strategy="ddp", **settings):
     return state, projector
 
 
+def assert_same_training(one, two):
+    """Two workers' (state, projector) of a stage against one process's."""
+    (state1, proj1), (state2, proj2) = one, two
+    assert state2["workers"] == 2 and state1["workers"] == 1
+    assert state1["steps"] == state2["steps"] == 6  # 2 epochs of ceil(10 / 4) steps
+    assert state1["samples"] == state2["samples"]
+    assert state1["tokens"] == state2["tokens"]
+    assert state1["losses"] == pytest.approx(state2["losses"], rel=1e-4)
+    for k in proj1:
+        torch.testing.assert_close(proj1[k], proj2[k], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_ray_train_workers_match_one(ray_session, tmp_path, strategy, failpoints):
-    """Stage 1 then stage 2 (LoRA, a text-only sample, a short last step) on two Ray Train
-    workers give the losses and weights of one process with the same global batch. Under DDP,
-    worker 1 is SIGKILLed after step 5 of stage 1: Ray Train restarts both workers, which go on
-    from the checkpoint of step 4 and end where the uninterrupted process ended."""
+def test_two_ddp_workers_match_one_and_recover_from_a_killed_worker(
+    ray_session, tmp_path, failpoints
+):
+    """Stage 1 then stage 2 (LoRA, a text-only sample, a short last step) on two Ray Train DDP
+    workers give the losses and weights of one process with the same global batch. Worker 1 is
+    SIGKILLed after step 5 of stage 1: Ray Train restarts both workers, which go on from the
+    checkpoint of step 4 and end where the uninterrupted process ended."""
     data = caption_json(tmp_path, 9)
-    marks = failpoints("train_kill:1-5") if strategy == "ddp" else None
+    marks = failpoints("train_kill:1-5")
     results = {}
     for workers in (1, 2):
         run = tmp_path / f"run{workers}"
-        one = run_stage("stage1", run, data, workers, strategy, save_every=2)
-        two = run_stage("stage2", run, data, workers, strategy, **{"lora.dropout": 0.0})
+        one = run_stage("stage1", run, data, workers, "ddp", save_every=2)
+        two = run_stage("stage2", run, data, workers, "ddp", **{"lora.dropout": 0.0})
         results[workers] = (one, two)
-    if strategy == "ddp":
-        assert sorted(p.name for p in marks.iterdir()) == ["spec", "train_kill-1-5"]
-        assert results[2][0][0]["resumed_at_step"] == 4  # went on from step 4, mid-epoch 2
-        assert results[1][0][0]["resumed_at_step"] is None
-    for (state1, proj1), (state2, proj2) in zip(results[1], results[2], strict=True):
-        assert state2["workers"] == 2 and state1["workers"] == 1
-        assert state1["steps"] == state2["steps"] == 6  # 2 epochs of ceil(10 / 4) steps
-        assert state1["samples"] == state2["samples"]
-        assert state1["tokens"] == state2["tokens"]
-        assert state1["losses"] == pytest.approx(state2["losses"], rel=1e-4)
-        for k in proj1:
-            torch.testing.assert_close(proj1[k], proj2[k], rtol=1e-4, atol=1e-5)
-    stage1 = results[2][0][0]
-    assert stage1["skipped"] == {"no_image": 2}  # the text-only sample, once per epoch
+    assert sorted(p.name for p in marks.iterdir()) == ["spec", "train_kill-1-5"]
+    assert results[2][0][0]["resumed_at_step"] == 4  # went on from step 4, mid-epoch 2
+    assert results[1][0][0]["resumed_at_step"] is None
+    for one, two in zip(results[1], results[2], strict=True):
+        assert_same_training(one, two)
+    assert results[2][0][0]["skipped"] == {"no_image": 2}  # the text-only sample, per epoch
+
+
+@pytest.mark.slow
+def test_two_fsdp_workers_match_one_in_stage2(ray_session, tmp_path):
+    """Stage 2 (LoRA, a text-only sample, a short last step) on two FSDP workers, sharding
+    weights, gradients and optimizer state, gives one process's losses and weights; both start
+    from the same stage-1 projector (stage 1 under FSDP trains a subset of those parameters)."""
+    data = caption_json(tmp_path, 9)
+    run_stage("stage1", tmp_path / "run1", data, 1, "fsdp")
+    start = tmp_path / "run1" / "train" / "stage1" / "mm_projector.safetensors"
+    settings = {"lora.dropout": 0.0, "projector_from": start}
+    one = run_stage("stage2", tmp_path / "run1", data, 1, "fsdp", **settings)
+    two = run_stage("stage2", tmp_path / "run2", data, 2, "fsdp", **settings)
+    assert_same_training(one, two)
 
 
 @pytest.mark.slow
