@@ -35,7 +35,13 @@ demo: $(STAMP) ## the image demo: photos served, downloaded, condensed, exported
 demo-train: $(STAMP) ## the demo, then Bunny stage 1 + 2 around SmolLM2-135M and a chat answer (~3 min)
 	$(BIN)/condense demo --run-dir runs/demo --train
 
-test: $(STAMP) ## run the test suite (real Ray, real faiss, real files)
+test: $(STAMP) ## the test suite but its slow end-to-end tests (real Ray, faiss, files; ~5 min)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP) ## the slow end-to-end tests: Ray Train, ray job submit, kills, two nodes, SmolLM2 (~5 min)
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: $(STAMP) ## every test (~10 min; CI runs test, then test-slow)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP) ## ruff check and format check
@@ -70,4 +76,4 @@ bench-bad-inputs: $(STAMP) ## decode with every bad-input check vs without, and 
 clean: ## remove runs, caches and the venv
 	rm -rf runs .pytest_cache .ruff_cache $(VENV)
 
-.PHONY: help install demo demo-train test lint format bench bench-cluster bench-dedup bench-select bench-embed bench-train bench-bad-inputs clean
+.PHONY: help install demo demo-train test test-slow test-all lint format bench bench-cluster bench-dedup bench-select bench-embed bench-train bench-bad-inputs clean
