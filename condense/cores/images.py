@@ -6,7 +6,8 @@ other format to its plugins, some of which call external programs. Before any pi
 the header's size is checked: the pixel count (a decompression-bomb guard) and the aspect ratio
 (a 1 x 200,000 image has few pixels, but resized to a 224-pixel short side it would hold 45
 billion). Animated images give their first frame; the EXIF orientation is applied; CMYK,
-palette, grayscale and alpha images become RGB, transparent pixels composited on white.
+palette, grayscale (16-bit scaled, not clipped) and alpha images become RGB, transparent pixels
+composited on white.
 
 The embed stage, the trainer and `condense chat` all decode through `decode_rgb`.
 """
@@ -84,6 +85,15 @@ def _upright(image):
 def _rgb(image):
     from PIL import Image
 
+    if image.mode.startswith(("I;16", "I")) or image.mode == "F":
+        # 16-bit (and 32-bit) grayscale: Pillow's convert() clips these to 255, which turns
+        # nearly every pixel white. Scale the 16-bit range to 8 bits instead.
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        scale = 1.0 if image.mode == "F" and values.max(initial=0) <= 255 else 257.0
+        gray = np.clip(np.rint(values / scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -248,6 +248,11 @@ def claim(root: str | Path, inputs: tuple[str | None, ...] = ()) -> Path:
     be read back as input). A new run gets its manifest at once, which marks it as condense's."""
     from condense.errors import ConfigError
 
+    if "://" in str(root):
+        raise ConfigError(
+            f"run directory {root}: a run directory is a local path (or a shared mount such as "
+            "NFS), not a URL"
+        )
     root = Path(root)
     here = root.resolve()
     for source in inputs:
@@ -271,6 +276,22 @@ def claim(root: str | Path, inputs: tuple[str | None, ...] = ()) -> Path:
         manifest = RunDir(root).manifest()  # rebuilt from the marks if it was damaged
         atomic_write_json(root / MANIFEST, manifest)
     return root
+
+
+def _alive_here(holder: dict) -> bool:
+    """Whether a lock's holder is a live process of this host (other than this one)."""
+    import socket
+
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class RunLock:
@@ -302,14 +323,19 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            h = self.holder() or {}
-            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("started", 0)))
+            raise self._in_use(self.holder() or {}) from None
+        except OSError as exc:  # a filesystem without locks (some FUSE mounts, Lustre)
+            os.close(fd)
             raise CondenseError(
-                f"run directory {self.path.parent} is in use by host {h.get('host', '?')} pid "
-                f"{h.get('pid', '?')} (since {since}: {h.get('command', '?')}); one driver per "
-                "run directory: wait for it to finish, or choose another --run-dir"
+                f"run directory {self.path.parent}: its filesystem cannot lock {LOCK} ({exc}); "
+                "put the run directory on a local disk or on NFS"
             ) from None
         previous = self.holder()
+        if previous is not None and _alive_here(previous):
+            # Locks that are not shared between processes (NFS mounted with local_lock=flock):
+            # the holder is still running on this host.
+            os.close(fd)
+            raise self._in_use(previous)
         if previous is not None:
             self.log(
                 f"[run] taking over the lock of host {previous.get('host')} pid "
@@ -325,6 +351,16 @@ class RunLock:
         os.pwrite(fd, (json.dumps(record, indent=2) + "\n").encode(), 0)
         os.fsync(fd)
         self.fd = fd
+
+    def _in_use(self, h: dict):
+        from condense.errors import CondenseError
+
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("started", 0)))
+        return CondenseError(
+            f"run directory {self.path.parent} is in use by host {h.get('host', '?')} pid "
+            f"{h.get('pid', '?')} (since {since}: {h.get('command', '?')}); one driver per "
+            "run directory: wait for it to finish, or choose another --run-dir"
+        )
 
     def release(self) -> None:
         """Empty the lock file (a clean exit leaves no stale holder), then unlock it."""
@@ -349,7 +385,7 @@ def check_job_run_dir(run_dir: str | None) -> None:
     """Under `ray job submit --working-dir`, the job runs in a per-job copy of the working dir,
     made anew on each node and deleted with the job: a relative (or the default) run directory
     would land there, differ between nodes and be lost. Refuse it, asking for an absolute path
-    on shared storage (or an object-store URL)."""
+    on shared storage."""
     from condense.errors import ConfigError
 
     env = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
@@ -359,7 +395,7 @@ def check_job_run_dir(run_dir: str | None) -> None:
         working_dir = json.loads(env).get("runtime_env", {}).get("working_dir")
     except (ValueError, AttributeError):
         return
-    if working_dir and (run_dir is None or not (os.path.isabs(run_dir) or "://" in run_dir)):
+    if working_dir and (run_dir is None or not os.path.isabs(run_dir)):
         raise ConfigError(
             f"--run-dir {run_dir or '(default)'}: under `ray job submit --working-dir` a relative "
             "run directory would be written into the job's temporary copy of the working dir "

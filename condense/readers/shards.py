@@ -5,9 +5,10 @@ condense parses the tar itself (POSIX ustar, pax and GNU headers) instead of tru
 `tarfile`, so that every bound holds and every problem has a name:
 
 - memory is bounded per sample, never per shard: one header at a time, member data only for the
-  members a sample keeps (its image, `.txt` and `.json`, each under its size limit), a 64-bit
-  hash per key seen (to find samples whose members are not consecutive); pax and GNU long-name
-  payloads are parsed as a stream, so a gigabyte header costs a read, not a gigabyte;
+  members a sample keeps (one image, its `.txt` and `.json`, each under its size limit), a
+  64-bit hash per key seen (to find samples whose members are not consecutive); a pax or GNU
+  long-name header over `max_header_bytes` is skipped unread (its member dropped), so a
+  gigabyte header costs a read, not a gigabyte;
 - a problem with a member is a problem of its sample, which is then one counted drop
   (`unsafe_member`, `oversized_member`, `bad_member_name`, `duplicate_member`, ...), however many
   of its members are bad: `rows_in` is the number of samples a shard held;
@@ -31,6 +32,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import gzip
+import hashlib
 import json
 import lzma
 import os
@@ -80,7 +82,10 @@ class ShardLimits(StrictModel):
     poison_after: int = Field(2, ge=1)
     skip_poison: bool = False
 
-    runtime_fields = frozenset({"max_shard_seconds", "read_retries"})
+    # How a shard is read, not what it holds: changing them reruns nothing. (A run with a
+    # poison sample either stopped, or dropped it under skip_poison: turning skip_poison on
+    # and resuming with --resume keeps every finished shard.)
+    runtime_fields = frozenset({"max_shard_seconds", "read_retries", "poison_after", "skip_poison"})
 
 
 DEFAULT_LIMITS = ShardLimits()
@@ -128,11 +133,13 @@ def _grouping_key(name: str) -> str:
 
 
 class TarDamage(Exception):
-    """The archive is damaged here: the samples before are kept, this is one counted drop."""
+    """The archive is damaged here: the samples before are kept, this is one counted drop.
+    `after_end`: the damage follows a complete archive (junk after its end marker), so the
+    sample read last is whole."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, after_end: bool = False):
         super().__init__(detail)
-        self.reason = reason
+        self.reason, self.after_end = reason, after_end
 
 
 # ---------------------------------------------------------------------------- opening a shard
@@ -402,6 +409,7 @@ def _entries(stream: _Bytes, limits: ShardLimits) -> Iterator[_Entry]:
     long_name: bytes | None = None
     pax: dict[bytes, bytes] = {}
     problem: str | None = None
+    after_end = False  # this block follows an end marker (a second archive, or junk)
     block = stream.read(BLOCK)
     while True:
         if not block:
@@ -409,29 +417,30 @@ def _entries(stream: _Bytes, limits: ShardLimits) -> Iterator[_Entry]:
         if len(block) < BLOCK:
             raise TarDamage("truncated_tar", "the file ends inside a header")
         if block == ZERO_BLOCK:
+            if long_name is not None or pax or problem:  # an extended header, then nothing
+                raise TarDamage("truncated_tar", "the archive ends after an extended header")
             block = _after_end(stream)
             if block is None:
-                if long_name is not None or pax or problem:
-                    raise TarDamage("truncated_tar", "the archive ends after an extended header")
                 return
+            after_end = True
             continue  # another archive follows (two tars concatenated into one file)
         if not _checksum_ok(block):
-            raise TarDamage("corrupt_tar", f"a header at byte {stream.pos - BLOCK:,} is corrupt")
+            where = f"byte {stream.pos - BLOCK:,}"
+            raise TarDamage("corrupt_tar", f"a header at {where} is corrupt", after_end)
+        after_end = False
         size = _number(block[124:136])
         if size is None:
             raise TarDamage("corrupt_tar", f"a header at byte {stream.pos - BLOCK:,} has no size")
         flag = block[156:157]
         if flag in (b"x", b"g", b"L", b"K"):
-            if flag == b"x":
-                found, bad = _pax_records(stream, size, limits)
-                pax.update(found)
-                problem = problem or bad
+            if size > limits.max_header_bytes:  # skipped unread; the member it names is dropped
+                stream.skip(size, "an extended header")
+                if flag in (b"x", b"L"):
+                    problem = problem or "oversized_header"
+            elif flag == b"x":
+                pax.update(_pax_records(stream.exact(size, "a pax header")))
             elif flag == b"L":
-                if size > limits.max_header_bytes:
-                    stream.skip(size, "a long-name header")
-                    problem, long_name = problem or "oversized_header", b""
-                else:
-                    long_name = stream.exact(size, "a long-name header").split(b"\0", 1)[0]
+                long_name = stream.exact(size, "a long-name header").split(b"\0", 1)[0]
             else:  # global pax headers and GNU long link names change nothing condense keeps
                 stream.skip(size, "an extended header")
             stream.skip(-size % BLOCK, "header padding")
@@ -461,7 +470,8 @@ def _entries(stream: _Bytes, limits: ShardLimits) -> Iterator[_Entry]:
             kind = "link"
         else:
             kind = "other"
-        yield _Entry(name, kind, size, problem)
+        # As tar itself: folders, links and devices store no data, whatever their size field.
+        yield _Entry(name, kind, size if kind in ("file", "other") else 0, problem)
         long_name, pax, problem = None, {}, None
         block = stream.read(BLOCK)
 
@@ -471,12 +481,15 @@ def _after_end(stream: _Bytes) -> bytes | None:
     archive. Zero padding is allowed up to MAX_ZERO_PADDING bytes."""
     zeros = BLOCK
     while True:
-        block = stream.read(BLOCK)
+        try:
+            block = stream.read(BLOCK)
+        except TarDamage as damage:  # a compressed stream damaged after the archive's end
+            raise TarDamage(damage.reason, str(damage), after_end=True) from damage
         if not block:
             return None
         if block != ZERO_BLOCK[: len(block)]:
             if len(block) < BLOCK:
-                raise TarDamage("truncated_tar", "the file ends inside a header")
+                raise TarDamage("corrupt_tar", "junk after the end of the archive", True)
             return block
         if len(block) < BLOCK:  # padding that is not a whole block: still only zeros
             return None
@@ -496,52 +509,27 @@ def _pax_size(value: bytes) -> int | None:
     return size if size >= 0 else None
 
 
-def _pax_records(stream: _Bytes, size: int, limits: ShardLimits) -> tuple[dict, str | None]:
-    """The records of a pax header (`LEN key=value\\n`), parsed as a stream: values condense
-    keeps (path, size) are read when under the header limit; others are skipped unread."""
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    """The records of a pax header (`LEN key=value\\n`, at most max_header_bytes of them): the
+    ones condense uses (path, size); damage is corrupt_tar."""
     found: dict[bytes, bytes] = {}
-    problem = None
-    left = size
-    while left > 0:
-        digits = b""
-        while True:
-            char = stream.exact(1, "a pax header")
-            left -= 1
-            if char == b" ":
-                break
-            if not char.isdigit() or len(digits) >= 20 or left <= 0:
-                if not digits and char == b"\0":  # NUL padding ends the records
-                    stream.skip(left, "a pax header")
-                    return found, problem
-                raise TarDamage("corrupt_tar", "a pax header record is malformed")
-            digits += char
-        length = int(digits)
-        rest = length - len(digits) - 1  # key=value\n
-        if rest < 2 or rest > left:
-            raise TarDamage("corrupt_tar", "a pax header record has a bad length")
-        key = b""
-        while True:
-            char = stream.exact(1, "a pax header")
-            rest -= 1
-            left -= 1
-            if char == b"=":
-                break
-            if len(key) >= 256 or rest <= 1:
-                raise TarDamage("corrupt_tar", "a pax header record is malformed")
-            key += char
-        value_len = rest - 1
-        if key in (b"path", b"size") and value_len <= limits.max_header_bytes:
-            found[key] = stream.exact(value_len, "a pax header")
-        else:
-            if key == b"path":
-                problem, found[key] = "oversized_header", b""
-            elif key == b"size":
-                raise TarDamage("corrupt_tar", "a pax size record is too long")
-            stream.skip(value_len, "a pax header")
-        if stream.exact(1, "a pax header") != b"\n":
-            raise TarDamage("corrupt_tar", "a pax header record does not end in a newline")
-        left -= value_len + 1
-    return found, problem
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:  # NUL padding ends the records
+            break
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            raise TarDamage("corrupt_tar", "a pax header record has no length")
+        end = pos + int(digits)
+        record = data[space + 1 : end]
+        if end > len(data) or end <= space + 1 or not record.endswith(b"\n") or b"=" not in record:
+            raise TarDamage("corrupt_tar", "a pax header record is malformed")
+        key, _, value = record[:-1].partition(b"=")
+        if key in (b"path", b"size"):
+            found[key] = value
+        pos = end
+    return found
 
 
 # ---------------------------------------------------------------------------- samples
@@ -556,19 +544,21 @@ def read_samples(
     (`truncated_tar`, `corrupt_tar`), or a keyless sample carries it when none was being read.
     Bounds of the whole shard (bytes, time, samples) and read errors raise `InputError`."""
     stream = _Bytes(fileobj, name, limits)
-    seen: set[int] = set()
+    seen: set[bytes] = set()
     current: Sample | None = None
     try:
         for entry in _entries(stream, limits):
             if entry.kind == "dir":
-                stream.skip(entry.size + (-entry.size % BLOCK), "a folder entry")
                 continue
             key, ext, problem = _name_of(entry)
             if current is None or key != current.key:
                 if current is not None:
                     yield _finish(current)
                 current = Sample(key)
-                marker = hash(key)
+                # A stable 8-byte hash: the same on a retry, whatever the process.
+                marker = hashlib.blake2b(
+                    key.encode("utf-8", "surrogateescape"), digest_size=8
+                ).digest()
                 if marker in seen:
                     current.fail("split_sample")  # its key was seen earlier in the shard
                 seen.add(marker)
@@ -579,6 +569,9 @@ def read_samples(
                     )
             _add_member(current, ext, entry, problem, stream, limits)
     except TarDamage as damage:
+        if damage.after_end and current is not None:  # junk after a complete archive
+            yield _finish(current)
+            current = None
         if current is None:
             current = Sample(None)
         current.problem = damage.reason
@@ -620,6 +613,8 @@ def _add_member(
         sample.fail(problem)
     elif ext in sample.exts:
         sample.fail("duplicate_member")  # k.txt twice, or k.txt and k.TXT
+    elif ext in IMAGE_EXTENSIONS and sample.exts.intersection(IMAGE_EXTENSIONS):
+        sample.fail("two_images")  # at the second: a sample never holds two images' bytes
     elif len(sample.exts) >= limits.max_members_per_sample:
         sample.fail("too_many_members")
     if sample.problem is not None:  # a dropped sample holds nothing more (bounded memory)

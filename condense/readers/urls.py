@@ -27,6 +27,7 @@ from pydantic import Field, field_validator
 from condense.errors import InputError
 from condense.pipeline.rundir import atomic_write_json, read_json
 from condense.readers.download_guard.sitecustomize import REFUSED
+from condense.readers.shards import ShardLimits
 from condense.strict import StrictModel
 
 GUARD_DIR = Path(__file__).with_name("download_guard")  # put on img2dataset's PYTHONPATH
@@ -87,7 +88,13 @@ class DownloadConfig(StrictModel):
 
 
 def download_command(
-    url_list: str, out: Path, cfg: DownloadConfig, url_col: str, caption_col: str, extra: list[str]
+    url_list: str,
+    out: Path,
+    cfg: DownloadConfig,
+    url_col: str,
+    caption_col: str,
+    extra: list[str],
+    limits: ShardLimits,
 ) -> list[str]:
     args = {
         "url_list": url_list,
@@ -99,6 +106,10 @@ def download_command(
         "save_additional_columns": extra or None,
         "enable_wandb": False,
         "incremental_mode": "incremental",
+        # img2dataset checks these after decoding; OPENCV_IO_MAX_IMAGE_PIXELS (set by
+        # run_download) stops OpenCV from decoding a larger image at all.
+        "max_image_area": limits.max_pixels,
+        "max_aspect_ratio": limits.max_aspect_ratio,
         **cfg.img2dataset_args(),
     }
     # The guard (this folder's sitecustomize) is imported at start-up by this process and by
@@ -123,6 +134,7 @@ def run_download(input_cfg, out: str) -> dict:
         "size": source.stat().st_size,
         "mtime": source.stat().st_mtime_ns,
         "download": input_cfg.download.fingerprint_dict(),
+        "limits": [input_cfg.limits.max_pixels, input_cfg.limits.max_aspect_ratio],
         "columns": [input_cfg.url_column, input_cfg.caption_column, input_cfg.id_column],
     }
     done = read_json(out_dir.parent / DONE)
@@ -142,6 +154,7 @@ def run_download(input_cfg, out: str) -> dict:
             p for p in (str(GUARD_DIR), os.environ.get("PYTHONPATH", "")) if p
         ),
         "CONDENSE_DOWNLOAD_GUARD": json.dumps(input_cfg.download.guard_settings()),
+        "OPENCV_IO_MAX_IMAGE_PIXELS": str(input_cfg.limits.max_pixels),
     }
     extra = [input_cfg.id_column] if input_cfg.id_column else []
     cmd = download_command(
@@ -151,6 +164,7 @@ def run_download(input_cfg, out: str) -> dict:
         input_cfg.url_column,
         input_cfg.caption_column,
         extra,
+        input_cfg.limits,
     )
     returncode, stderr = _run_bounded(cmd, env, input_cfg.download.max_seconds, source)
     if returncode != 0:

@@ -103,8 +103,8 @@ class PoisonGuard:
             raise InputError(
                 f"shard {self.source}: sample {key!r} (number {index} in the shard) killed its "
                 f"decode worker {self.deaths} time{'s' * (self.deaths > 1)} (an out-of-memory "
-                "decode or a decoder crash); "
-                "set input.limits.skip_poison: true to drop it and keep the rest of the shard"
+                "decode or a decoder crash); rerun with --resume and input.limits.skip_poison: "
+                "true to drop it and keep the rest of the shard (finished shards are kept)"
             )
         return True
 

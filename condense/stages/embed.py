@@ -192,6 +192,17 @@ def model_files(model: ModelConfig) -> list[tuple]:
     return out
 
 
+def reset_scratch(folder: Path) -> None:
+    """Empty a shard's scratch folder for a new attempt, keeping the poison guard's mark: a
+    sample that killed workers before a --resume is still known to."""
+    from condense.readers.webdataset import INFLIGHT
+
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.name != INFLIGHT:
+                path.unlink()
+
+
 class EmbedStage(Stage):
     name = "embed"
     version = 3  # 2: rows stored in id-hash order, with _ids/ side files; 3: the bad-input rules
@@ -274,7 +285,7 @@ class EmbedStage(Stage):
             if item["part"] in recorded and item["part"] in written:
                 continue
             if encoded_count(scratch / item["part"]) is None:
-                shutil.rmtree(scratch / item["part"], ignore_errors=True)
+                reset_scratch(scratch / item["part"])
                 todo.append(item)
         dim = self._encoded_dim(scratch, out_dir)
         if todo:

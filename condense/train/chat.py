@@ -43,8 +43,11 @@ def load_trained(model_dir: str | Path):
     return model, tokenizer, cfg
 
 
-def answer(model, tokenizer, cfg, image: bytes | None, question: str, max_new_tokens: int = 64):
-    """The model's answer (greedy) to `question` about `image`."""
+def answer(
+    model, tokenizer, cfg, image: bytes | None, question: str, max_new_tokens: int = 64, limits=None
+):
+    """The model's answer (greedy) to `question` about `image` (decoded within `limits`: the
+    trained stage's data.limits by default)."""
     import numpy as np
     import torch
 
@@ -53,7 +56,9 @@ def answer(model, tokenizer, cfg, image: bytes | None, question: str, max_new_to
 
     pix = None
     if image is not None:
-        pix, reason = pixels(image, model.vision.image_size, model.vision.mean, model.vision.std)
+        limits = limits if limits is not None else cfg.data.limits
+        size, mean, std = model.vision.image_size, model.vision.mean, model.vision.std
+        pix, reason = pixels(image, size, mean, std, limits)
         if pix is None:
             raise InputError(f"the image cannot be used ({reason})")
         if IMAGE not in question:

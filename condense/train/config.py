@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from condense.readers.shards import ShardLimits
 from condense.strict import StrictModel
 
 
@@ -28,6 +29,8 @@ class DataConfig(StrictModel):
     shards: str | None = None  # WebDataset shards folder; None: RUN/export/shards
     llava_json: str | None = None  # a LLaVA-format JSON instead (stage 2, or stage 1 from files)
     image_folder: str | None = None  # where the JSON's images are; None: beside it
+    # Bounds on samples and shards, as the pipeline's input.limits (the same decoder and reader).
+    limits: ShardLimits = ShardLimits()
 
 
 class LoraSettings(StrictModel):

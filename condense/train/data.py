@@ -68,7 +68,12 @@ def json_samples(path: Path, image_folder: Path | None, skipped: Counter):
             if image is None:
                 skipped["unsafe_image_path"] += 1
                 continue
-            if not image.is_file():
+            try:
+                found = image.is_file()
+            except OSError:  # a name too long for the filesystem, a folder it may not read
+                skipped["unreadable_image"] += 1
+                continue
+            if not found:
                 skipped["missing_image"] += 1
                 continue
         images_named = sum(t["value"].count("<image>") for t in turns)
@@ -109,7 +114,14 @@ def pixels(
     return a.transpose(2, 0, 1).copy(), None
 
 
-def load_image(data: bytes | Path | None, size: int, skipped: Counter, mean=None, std=None):
+def load_image(
+    data: bytes | Path | None,
+    size: int,
+    skipped: Counter,
+    mean=None,
+    std=None,
+    limits: ShardLimits = DEFAULT_LIMITS,
+):
     """A sample's pixels from its image bytes or file; None (counted by the decoder's reason)
     if they do not decode."""
     if data is None:
@@ -120,7 +132,7 @@ def load_image(data: bytes | Path | None, size: int, skipped: Counter, mean=None
         except OSError:
             skipped["unreadable_image"] += 1
             return None
-    out, reason = pixels(data, size, mean, std)
+    out, reason = pixels(data, size, mean, std, limits)
     if out is None:
         skipped[reason] += 1
     return out

@@ -25,6 +25,7 @@ import torch
 from condense.errors import InputError
 from condense.faults import kill_once
 from condense.pipeline.rundir import atomic_file
+from condense.readers.shards import DEFAULT_LIMITS, ShardLimits
 from condense.train.data import load_image
 from condense.train.model import BunnyModel, base_llm
 from condense.train.parallel import Single
@@ -60,6 +61,7 @@ class LoopConfig:
     # What a checkpoint must have been made with to be resumed (settings and data identity):
     # resuming with another LoRA rank, unfrozen vision or other data is refused by name.
     settings: dict = field(default_factory=dict)
+    limits: ShardLimits = DEFAULT_LIMITS  # bounds on the images decoded (data.limits)
 
 
 @dataclass
@@ -294,7 +296,7 @@ def train(
         if image is None and cfg.stage == "stage1":
             skipped["no_image"] += 1  # nothing for the projector to learn from
             return None
-        pix = load_image(image, image_size, skipped, mean, std)
+        pix = load_image(image, image_size, skipped, mean, std, cfg.limits)
         if image is not None and pix is None:
             return None
         try:

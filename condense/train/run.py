@@ -71,9 +71,9 @@ def stage_samples(cfg: TrainConfig, run_dir: Path, skipped: Counter):
     total = (
         sum(stats)
         if len(stats) == len(shards)
-        else sum(1 for _ in shard_samples(shards, Counter()))
+        else sum(1 for _ in shard_samples(shards, Counter(), cfg.data.limits))
     )
-    return (lambda: shard_samples(shards, skipped)), total
+    return (lambda: shard_samples(shards, skipped, cfg.data.limits)), total
 
 
 def projector_start(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -158,13 +158,15 @@ def train_on_ray(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool 
         f"[train] {cfg.stage} on {cfg.workers} Ray Train workers "
         f"({cfg.strategy}, {'GPU' if gpus else 'CPU'})"
     )
-    errors = run_dir / "train" / cfg.stage / WORKER_ERROR
-    errors.unlink(missing_ok=True)
-    trainer.fit()
-    error = read_json(errors)
-    if error is not None:  # a worker stopped on bad input: the same message as in one process
-        errors.unlink(missing_ok=True)
-        raise InputError(error["message"])
+    out = run_dir / "train" / cfg.stage
+    for stale in out.glob(WORKER_ERRORS):
+        stale.unlink()
+    try:
+        trainer.fit()
+    except Exception:
+        _raise_worker_error(out)  # bad input seen by a worker, rather than Ray's account of it
+        raise
+    _raise_worker_error(out)
     # The main worker wrote it (the run directory is on storage every node sees).
     return json.loads((run_dir / "train" / cfg.stage / "trainer_state.json").read_text())
 
@@ -206,18 +208,30 @@ def _ray_worker(config: dict) -> None:
     os.environ.update(config["failpoints"])  # a test's failpoints (condense/faults.py)
     cfg = TrainConfig(**config["cfg"])
     run_dir = Path(config["run_dir"])
+    out = run_dir / "train" / cfg.stage
+    if any(out.glob(WORKER_ERRORS)):  # an earlier attempt stopped on bad input: so would this
+        return
     restarted = (checkpoint_dir(cfg, run_dir) / CHECKPOINT).exists()
     parallel = make_parallel(cfg.strategy, ray.train.torch.get_device())
     try:
         run_worker(cfg, run_dir, print, config["resume"] or restarted, parallel)
     except CondenseError as exc:
         # Bad input fails the same way on every restart: report it to the driver and end this
-        # worker cleanly, so that Ray Train keeps its restarts for workers that die.
-        if parallel.is_main:
-            atomic_write_json(run_dir / "train" / cfg.stage / WORKER_ERROR, {"message": str(exc)})
+        # worker cleanly (Ray Train's restarts are for workers that die). A worker alone with
+        # it leaves its peers in a collective; their failure and restarts end at the check
+        # above, and the driver reports this message.
+        atomic_write_json(out / f"worker_error-{parallel.rank}.json", {"message": str(exc)})
 
 
-WORKER_ERROR = "worker_error.json"  # what a Ray Train worker stopped on, for the driver
+WORKER_ERRORS = "worker_error-*.json"  # what each Ray Train worker stopped on, for the driver
+
+
+def _raise_worker_error(folder: Path) -> None:
+    """The bad-input error a worker reported (the lowest rank's), as in one process."""
+    for path in sorted(folder.glob(WORKER_ERRORS)):
+        error = read_json(path)
+        if error is not None:
+            raise InputError(error["message"])
 
 
 def checkpoint_dir(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -280,6 +294,7 @@ def run_worker(cfg: TrainConfig, run_dir: Path, log, resume: bool, parallel) -> 
         log_every=cfg.log_every,
         gradient_checkpointing=cfg.gradient_checkpointing,
         settings=settings,
+        limits=cfg.data.limits,
     )
     if parallel.is_main:
         log(f"[train] {cfg.stage} on {total:,} samples, global batch {cfg.global_batch}")

@@ -101,3 +101,16 @@ def test_exif_orientation_is_applied():
     assert sum(upright.getpixel((11, 0))) > 600  # the corner is now top-right
     broken = buf.getvalue().replace(b"Exif\x00\x00", b"Exif\x00\x00\xff\xff\xff", 1)
     assert decode_rgb(broken)[0] is not None  # an unreadable EXIF leaves the pixels as stored
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped_to_white():
+    import numpy as np
+
+    ramp = np.linspace(0, 65535, 16 * 256).reshape(16, 256).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")  # opens as mode I;16
+    image, reason = decode_rgb(buf.getvalue())
+    pixels = np.asarray(image)[..., 0]
+    assert reason is None and image.mode == "RGB"
+    assert pixels.min() == 0 and pixels.max() == 255 and len(np.unique(pixels)) > 200
+    assert abs(int(pixels.ravel()[pixels.size // 2]) - 128) <= 1  # mid-ramp is mid-gray

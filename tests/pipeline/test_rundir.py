@@ -133,3 +133,25 @@ def test_fingerprints_see_the_content_of_inputs_and_model_files(tmp_path):
     model.write_text(json.dumps({"embed_dim": 8, "width": 2}))
     os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert stage_fingerprints(images)["embed"] != before
+
+
+def test_a_live_holder_on_this_host_is_refused_even_where_locks_are_not_shared(tmp_path):
+    """NFS mounted with local_lock=flock gives every host its own locks: the holder's record
+    still names a live process of this host, which is not taken over."""
+    import subprocess
+    import sys
+
+    claim(tmp_path / "run")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"host": socket.gethostname(), "pid": other.pid, "started": 0}
+        (tmp_path / "run" / "_lock.json").write_text(json.dumps(record))
+        with pytest.raises(CondenseError, match=f"in use by host .* pid {other.pid}"):
+            RunLock(tmp_path / "run").acquire()
+    finally:
+        other.kill()
+        other.wait()
+    with RunLock(tmp_path / "run", log=lambda _: None):  # gone now: taken over
+        pass
+    with pytest.raises(ConfigError, match="a run directory is a local path"):
+        claim("s3://bucket/run")

@@ -469,3 +469,58 @@ def test_shards_listed_and_streamed_through_fsspec():
     with open_shard(items[1]["path"]) as f:
         got = [(s.key, s.caption) for s in read_samples(f)]
     assert got == [("k1", "one"), ("k2", "two")]
+
+
+def test_malformed_pax_records_are_damage_not_a_crash():
+    for records in (b" path=a.txt\n", b"99 path=a.txt\n", b"12 pathx.txt\n", b"abc path=x\n"):
+        tar = make_tar(good("a"))[:-1024] + _pax_entry(records) + make_tar(good("b"))
+        got, dropped, _ = samples(tar)
+        assert keys(got) == [] and dropped == {"corrupt_tar": 1}, records
+
+
+def test_large_pax_headers_are_skipped_in_chunks():
+    tiny = b"".join(_record(b"c%d" % i, b"v") for i in range(400_000))  # 4 MB of records
+    start = time.monotonic()
+    got, dropped, _ = samples(
+        _pax_entry(tiny) + make_tar([("x.jpg", PNG)])[:-1024] + make_tar(good("b"))
+    )
+    assert time.monotonic() - start < 1.0
+    assert keys(got) == ["b"] and dropped == {"oversized_header": 1}
+
+
+def test_an_extended_header_left_pending_at_an_archives_end_is_damage():
+    first = make_tar(good("a"))[:-1024] + _pax_entry(_record(b"path", b"x.txt")) + bytes(1024)
+    got, dropped, _ = samples(first + make_tar(good("b")))
+    assert keys(got) == [] and dropped == {"truncated_tar": 1}  # b.jpg is never renamed x.txt
+
+
+def test_junk_after_a_complete_archive_keeps_its_last_sample():
+    got, dropped, total = samples(make_tar([*good("a"), *good("b")]) + b"\x01" * 512)
+    assert keys(got) == ["a", "b"] and dropped == {"corrupt_tar": 1} and total == 3
+
+
+def test_folders_links_and_devices_store_no_data_whatever_their_size_field():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for kind in (tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.CHRTYPE):
+            info = tarfile.TarInfo("sub" if kind == tarfile.DIRTYPE else f"l{kind.decode()}.jpg")
+            info.type, info.size = kind, 512  # a size, but no data follows (as tar writes)
+            tar.addfile(info)
+        for name, data in good("ok"):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    got, dropped, _ = samples(buf.getvalue())
+    assert keys(got) == ["ok"] and dropped == {"unsafe_member": 2}
+
+
+def test_a_sample_never_holds_two_images():
+    big = bytes(4 << 20)
+    members = [(f"k.{ext}", big) for ext in ("jpg", "jpeg", "png", "webp", "gif", "bmp")]
+    stream = io.BytesIO(make_tar([*members, ("k.txt", b"c"), *good("next")]))
+    tracemalloc.start()
+    got, dropped, _ = samples(stream)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert keys(got) == ["next"] and dropped == {"two_images": 1}
+    assert peak < 12 << 20  # one 4 MiB image at a time, never six

@@ -37,16 +37,16 @@ class Handler(BaseHTTPRequestHandler):
             return
         if kind == "slow":
             time.sleep(8)  # beyond the 3 s timeout below
-        if kind == "trickle":  # each byte within the socket timeout, the whole body not
+        if kind == "trickle":  # a byte at a time within the socket timeout, for a minute
             self.send_response(200)
             self.send_header("Content-Type", "image/jpeg")
             self.end_headers()
             try:
-                for byte in picture(number)[:40]:
-                    self.wfile.write(bytes([byte]))
+                for _ in range(300):
+                    self.wfile.write(b"x")
                     self.wfile.flush()
                     time.sleep(0.2)
-            except (BrokenPipeError, ConnectionResetError):
+            except (BrokenPipeError, ConnectionResetError, OSError):
                 pass
             return
         body = b"this is not an image" if kind == "garbage" else picture(number)
@@ -105,7 +105,8 @@ def test_urls_download_embed_and_export(ray_session, tmp_path, server):
         "number_sample_per_shard": 10,
         "allow_networks": ["127.0.0.1/32"],  # this server; 127.0.0.2 is not allowed
         "max_response_bytes": 1 << 20,
-        "max_response_seconds": 2.0,
+        "max_response_seconds": 4.0,  # over the 3 s timeout: the "slow" ones time out first
+        "max_seconds": 50.0,  # the trickle would hold its thread for a minute without the cut-off
     }
     cfg = make_config(
         tmp_path / "urls.parquet",

@@ -4,6 +4,7 @@ tests/stages/test_export_shards.py, which has an uninterrupted run to compare wi
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from condense.cli import _find_condense_error
@@ -37,9 +38,10 @@ def config(folder, **limits):
     )
 
 
-def test_a_poison_sample_is_named(ray_session, tmp_path, failpoints):
+def test_a_poison_sample_is_named_then_skipped_on_resume(ray_session, tmp_path, failpoints):
     """Every worker that decodes it dies (as on an OOM decode): Ray retries the task a bounded
-    number of times, and the run stops naming the shard, the sample and the setting."""
+    number of times, and the run stops naming the shard, the sample and the setting; resumed
+    with that setting, the poison is dropped (its mark kept) and the rest of its shard kept."""
     folder = shards(tmp_path)
     failpoints("decode_kill:1x0002")
     cfg = config(folder, poison_after=1)  # the first death makes it poison: one retry
@@ -48,7 +50,13 @@ def test_a_poison_sample_is_named(ray_session, tmp_path, failpoints):
     error = str(_find_condense_error(info.value))
     assert "shard 00001.tar: sample '1x0002'" in error
     assert "killed its decode worker 1 time (an out-of-memory decode" in error
-    assert "input.limits.skip_poison: true" in error
+    assert "--resume and input.limits.skip_poison: true" in error
+    cfg = config(folder, poison_after=1, skip_poison=True)
+    run_pipeline(cfg, tmp_path / "a", until="embed", log=quiet_log, progress=False, resume=True)
+    mark = json.loads((tmp_path / "a" / "embed" / "_stage.json").read_text())
+    assert mark["dropped"] == {"poison_sample": 1} and mark["rows_out"] == 17
+    ids = pq.read_table(tmp_path / "a" / "embed", columns=["sample_id"]).column(0).to_pylist()
+    assert "1x0002" not in ids and {"1x0001", "1x0003"} <= set(ids)
 
 
 def test_a_poison_sample_is_dropped_when_asked_and_the_rest_of_its_shard_kept(tmp_path):

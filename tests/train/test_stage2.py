@@ -310,6 +310,7 @@ def test_llava_json_entries_are_untrusted(tmp_path):
         {"image": str(tmp_path / "outside.png"), "conversations": list(good)},
         {"image": "sub/../../outside.png", "conversations": list(good)},
         {"image": "0.png\0.txt", "conversations": list(good)},
+        {"image": "x" * 300 + ".png", "conversations": list(good)},  # too long a name
         {"image": "0.png", "conversations": [{"from": "human"}, good[1]]},
         {"image": "0.png", "conversations": "not a list"},
         {"image": "0.png", "conversations": [good[0], {"from": "gpt", "value": 7}]},
@@ -322,6 +323,7 @@ def test_llava_json_entries_are_untrusted(tmp_path):
         "bad_entry": 2,
         "bad_image_field": 1,
         "unsafe_image_path": 4,
+        "unreadable_image": 1,
         "bad_turns": 3,
     }
     from condense.errors import InputError
@@ -379,6 +381,7 @@ def test_chat_and_training_refuse_extreme_aspect_images_before_resizing(tmp_path
 
     from condense.errors import InputError
     from condense.train.chat import answer
+    from condense.train.config import TrainConfig
     from condense.train.data import load_image
 
     buf = io.BytesIO()
@@ -387,4 +390,4 @@ def test_chat_and_training_refuse_extreme_aspect_images_before_resizing(tmp_path
     assert load_image(buf.getvalue(), 32, skipped) is None and skipped == {"extreme_aspect": 1}
     model = tiny_model()
     with pytest.raises(InputError, match=r"the image cannot be used \(extreme_aspect\)"):
-        answer(model, byte_tokenizer(), stage2_config(), buf.getvalue(), "What is it?")
+        answer(model, byte_tokenizer(), TrainConfig(), buf.getvalue(), "What is it?")
