@@ -84,13 +84,13 @@ def read_json(path: Path) -> Any | None:
 
 
 def file_sizes(folder: Path, paths: list[str]) -> dict[str, int]:
-    """{path relative to `folder`: size} of files a part or a stage wrote."""
+    """{path relative to `folder`: size} of files a part or a stage wrote (their paths as the
+    workers gave them: absolute, or relative to the same working directory as `folder`)."""
+    base = Path(folder).resolve()
     out = {}
     for path in paths:
-        path = Path(path)
-        out[str(path.relative_to(folder) if path.is_absolute() else path)] = (
-            (Path(folder) / path).stat().st_size
-        )
+        full = Path(path).resolve()
+        out[str(full.relative_to(base))] = full.stat().st_size
     return out
 
 
@@ -275,7 +275,7 @@ def claim(root: str | Path, inputs: tuple[str | None, ...] = ()) -> Path:
     if not isinstance(read_json(root / MANIFEST), dict):
         manifest = RunDir(root).manifest()  # rebuilt from the marks if it was damaged
         atomic_write_json(root / MANIFEST, manifest)
-    return root
+    return here  # absolute: workers get paths that do not depend on their working directory
 
 
 def _alive_here(holder: dict) -> bool:

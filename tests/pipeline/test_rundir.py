@@ -155,3 +155,16 @@ def test_a_live_holder_on_this_host_is_refused_even_where_locks_are_not_shared(t
         pass
     with pytest.raises(ConfigError, match="a run directory is a local path"):
         claim("s3://bucket/run")
+
+
+def test_a_relative_run_directory_means_the_same_to_every_worker(
+    ray_session, small, tmp_path, monkeypatch
+):
+    """`condense run ... --run-dir runs/x` (make demo does so): the run directory is made
+    absolute before any worker, whose working directory is Ray's, sees a path."""
+    monkeypatch.chdir(tmp_path)
+    cfg = make_config(small, embed={"rows_per_part": 600})
+    run_pipeline(cfg, "runs/rel", until="embed", log=quiet_log, progress=False)
+    mark = RunDir(tmp_path / "runs" / "rel").stage_mark("embed")
+    assert mark is not None and mark["rows_out"] == 1200
+    assert sorted(mark["files"])[0].startswith("_ids/")  # recorded relative to the stage
