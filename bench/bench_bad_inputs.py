@@ -101,9 +101,11 @@ def baseline(path: Path, transform) -> int:
 
 def condense(path: Path, scratch: Path) -> int:
     from condense.readers.shards import ShardLimits
-    from condense.readers.webdataset import ModelConfig, decode_shard
+    from condense.readers.webdataset import Shard
+    from condense.stages.embed.clip import ModelConfig
+    from condense.stages.embed.images import decode_shard
 
-    item = {"part": "p", "source": path.name, "path": str(path)}
+    item = Shard(part="p", source=path.name, path=str(path))
     model = ModelConfig(name=MODEL, batch_size=64)
     return sum(
         len(b["sample_id"]) for b in decode_shard(item, model, None, str(scratch), ShardLimits())
@@ -111,7 +113,7 @@ def condense(path: Path, scratch: Path) -> int:
 
 
 def speed(args) -> None:
-    from condense.readers.webdataset import _transform
+    from condense.stages.embed.images import _transform
 
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "good.tar"
@@ -195,7 +197,7 @@ def _status(field: str) -> int:
 def peak_child(path: str) -> None:
     """In a fresh process: decode one shard; print its RSS before and its peak while decoding.
     (ru_maxrss would not do: Linux carries it over from the forking parent.)"""
-    from condense.readers.webdataset import _transform
+    from condense.stages.embed.images import _transform
 
     _transform(MODEL, None)  # imports and the transform cost the same for every input
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS

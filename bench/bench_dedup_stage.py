@@ -32,11 +32,11 @@ from condense.config import config_from_dict
 from condense.cores.components import components
 from condense.cores.keep import keep_mask
 from condense.cores.vectors import to_unit_float32
-from condense.pipeline.rundir import RunDir
 from condense.pipeline.runner import _run_stage
 from condense.runtime.ray import RayExecutor
 from condense.stages.base import StageContext
 from condense.stages.dedup import DedupStage
+from condense.storage.rundir import RunDir
 
 ROWS_PER_PART = 100_000
 
@@ -145,10 +145,7 @@ def main() -> None:
 
     import ray
 
-    from condense.runtime.ray import _quiet_ray_data
-
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
-    _quiet_ray_data()
     rows = make_rows(args.rows, args.dim, args.k)
     sizes = np.bincount(rows[S.CLUSTER_ID])
     print(

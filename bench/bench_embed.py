@@ -79,11 +79,11 @@ def plain_loop(folder: Path, model_name: str, batch: int) -> float:
 def condense_stage(folder: Path, run_dir: Path, model_name: str, batch: int) -> float:
     """Seconds for the embed stage on the same shards (Ray already initialised)."""
     from condense.config import config_from_dict
-    from condense.pipeline.rundir import RunDir
     from condense.pipeline.runner import _run_stage
     from condense.runtime.ray import RayExecutor
     from condense.stages.base import StageContext
     from condense.stages.embed import EmbedStage
+    from condense.storage.rundir import RunDir
 
     config = config_from_dict(
         {
@@ -112,10 +112,7 @@ def main() -> None:
 
     import ray
 
-    from condense.runtime.ray import _quiet_ray_data
-
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
-    _quiet_ray_data()
     images = args.shards * args.per_shard
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:
         folder = Path(tmp) / "shards"

@@ -25,12 +25,12 @@ import pyarrow.parquet as pq
 from condense import schema as S
 from condense.config import config_from_dict
 from condense.cores.bands import descending_key
-from condense.pipeline.rundir import RunDir
 from condense.pipeline.runner import _run_stage
 from condense.runtime.ray import RayExecutor
 from condense.stages.bands import CentroidBandStage, ClipBandStage
 from condense.stages.base import StageContext
 from condense.stages.sample import SampleStage
+from condense.storage.rundir import RunDir
 
 ROWS_PER_PART = 500_000
 

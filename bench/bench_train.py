@@ -85,13 +85,14 @@ def build(seed: int = 0):
 
 
 def loop_config(stage: str, epochs: int):
-    from condense.train.loop import LoopConfig
+    from condense.train.config import TrainConfig
 
     common = dict(global_batch=32, per_device_batch=8, epochs=epochs, max_length=512)
-    common.update(progress_bar=False, log_every=10**9)
+    common.update(log_every=10**9)
     if stage == "stage1":
-        return LoopConfig(stage="stage1", template="plain", lr=5e-4, **common)
-    return LoopConfig(stage="stage2", template="bunny", lr=2e-4, lora_r=16, lora_alpha=32, **common)
+        return TrainConfig(stage="stage1", template="plain", lr=5e-4, **common)
+    lora = {"r": 16, "alpha": 32}
+    return TrainConfig(stage="stage2", template="bunny", lr=2e-4, lora=lora, **common)
 
 
 def run_condense(stage: str, data: list, epochs: int) -> tuple[float, int, list]:

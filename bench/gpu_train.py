@@ -117,9 +117,9 @@ def batch_of(size: int, text: int, image_size: int, vocab: int, seed: int = 0) -
 def bench_stage(stage: str, args, device: torch.device, peak: float | None) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
+    from condense.train.config import TrainConfig
     from condense.train.loop import (
-        LoopConfig,
-        _micro_step,
+        _forward_backward,
         checkpoint_activations,
         freeze_for_stage1,
         prepare_stage2,
@@ -131,7 +131,8 @@ def bench_stage(stage: str, args, device: torch.device, peak: float | None) -> N
         freeze_for_stage1(model)
         groups = [{"params": list(model.projector.parameters()), "lr": 5e-4}]
     else:
-        cfg = LoopConfig(stage="stage2", lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
+        lora = {"r": args.lora_r, "alpha": 2 * args.lora_r}
+        cfg = TrainConfig(stage="stage2", lora=lora)
         groups = prepare_stage2(model, cfg)
     if args.gradient_checkpointing:
         from condense.train.model import base_llm
@@ -147,7 +148,7 @@ def bench_stage(stage: str, args, device: torch.device, peak: float | None) -> N
     trained = args.batch * args.text
 
     def step():
-        _micro_step(model, batch, device, autocast, 1.0)
+        _forward_backward(model, batch, device, autocast, 1.0)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

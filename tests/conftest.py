@@ -23,15 +23,12 @@ def ray_session(tmp_path_factory):
 
     import ray
 
-    from condense.runtime.ray import _quiet_ray_data
-
     spec = tmp_path_factory.mktemp("failpoints") / "spec"
     os.environ["CONDENSE_FAILPOINTS_FILE"] = str(spec)  # before Ray starts: its workers inherit it
     # A Ray Train worker killed by a test leaves the others in a collective: Ray Train waits
     # this long (30 s by default) for their process group to shut down before restarting.
     os.environ["TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"] = "2"
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    _quiet_ray_data()
     yield ray
     ray.shutdown()
 

@@ -1,7 +1,8 @@
 import pytest
 
-from condense.config import config_from_dict, load_config, parse_overrides
+from condense.config import config_from_dict, load_config
 from condense.errors import ConfigError
+from condense.strict import parse_overrides
 from tests.conftest import REPO
 
 

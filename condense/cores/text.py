@@ -1,6 +1,6 @@
 """Text from untrusted samples: what can be stored, and what a sample id may be.
 
-The rules (the README states them for users):
+The rules (docs/robustness.md states them for users):
 
 - a caption must be valid UTF-8 (else the sample is dropped: `caption_not_utf8`); it is stored
   whole (within the member size limit) and cut to `max_caption_chars` characters only for the

@@ -52,6 +52,7 @@ def serve(folder: Path, port: int = PORT) -> Iterator[str]:
 def image_demo_config(run_dir: Path, checkpoint: Path, overrides: dict | None = None):
     """The demo's pipeline config: the recipe's rules on a corpus of a few hundred photos."""
     from condense.config import config_from_dict
+    from condense.strict import merge
 
     data = {
         "input": {
@@ -76,9 +77,7 @@ def image_demo_config(run_dir: Path, checkpoint: Path, overrides: dict | None = 
         "sample": {"n": 4, "seed": 0},
         "export": {"shard_size": 2},
     }
-    for key, value in (overrides or {}).items():
-        data[key] = {**data.get(key, {}), **value}
-    return config_from_dict(data, "demo")
+    return config_from_dict(merge(data, overrides or {}), "demo")
 
 
 def run_demo(
@@ -87,8 +86,8 @@ def run_demo(
     """Build, serve and condense the demo corpus into `run_dir`; returns the run directory."""
     from condense.demo.corpus import build_corpus
     from condense.demo.thumbnail import write_checkpoint
-    from condense.pipeline.rundir import claim
     from condense.pipeline.runner import run_pipeline
+    from condense.storage.rundir import claim
 
     run_dir = claim(run_dir)  # before the corpus is written into it
     folder = run_dir / "input"

@@ -85,12 +85,12 @@ def thumbnail_weights(model) -> None:
 
 def write_checkpoint(config: str | Path, path: str | Path) -> Path:
     """Build the thumbnail-clip model, set its weights and save an open_clip checkpoint."""
-    import open_clip
     import torch
 
-    open_clip.add_model_config(Path(config))
+    from condense.stages.embed.clip import create_model
+
     torch.manual_seed(0)  # the text tower's random weights
-    model = open_clip.create_model(Path(config).stem, pretrained=None)
+    model = create_model(str(config))
     thumbnail_weights(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

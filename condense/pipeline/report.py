@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from condense import schema as S
 from condense.errors import CondenseError
-from condense.pipeline.rundir import RunDir
+from condense.storage.rundir import CONFIG, RunDir
 
 
 def funnel(run_dir: str | Path) -> list[dict]:
@@ -94,7 +95,7 @@ def dedup_quality(run_dir: str | Path) -> dict | None:
     """Precision and recall of dedup against the planted truth (None without truth or dedup)."""
     import pyarrow.parquet as pq
 
-    from condense.stages.base import part_files
+    from condense.storage.parts import part_files
     from condense.synth import dedup_quality as measure
 
     run = RunDir(run_dir)
@@ -102,8 +103,8 @@ def dedup_quality(run_dir: str | Path) -> dict | None:
     parts = part_files(run.stage_dir("dedup"))
     if truth is None or run.stage_mark("dedup") is None or not parts:
         return None
-    dedup = pq.read_table(run.stage_dir("dedup"), columns=["sample_id", "kept"])
-    return measure(pq.read_table(truth, columns=["sample_id", "group_id"]), dedup)
+    dedup = pq.read_table(run.stage_dir("dedup"), columns=[S.SAMPLE_ID, S.KEPT])
+    return measure(pq.read_table(truth, columns=[S.SAMPLE_ID, "group_id"]), dedup)
 
 
 def format_quality(q: dict) -> str:
@@ -124,21 +125,22 @@ def sample_images(run_dir: str | Path, sample_ids: list[str]) -> dict[str, bytes
     from condense.config import load_config
     from condense.readers import IMAGE_KINDS
     from condense.readers.shards import IMAGE_EXTENSIONS
-    from condense.readers.webdataset import find_samples, image_root, list_shards
+    from condense.readers.webdataset import find_samples, list_shards
+    from condense.stages.embed import image_root
 
     run = RunDir(run_dir)
-    config = load_config(run.root / "config.yaml")
+    config = load_config(run.root / CONFIG)
     if config.input.kind not in IMAGE_KINDS or not sample_ids:
         return {}
-    rows = pq.read_table(run.stage_dir("embed"), columns=["sample_id", "source"])
-    rows = rows.filter(pc.is_in(rows.column("sample_id"), pa.array(sample_ids, pa.string())))
+    rows = pq.read_table(run.stage_dir("embed"), columns=[S.SAMPLE_ID, S.SOURCE])
+    rows = rows.filter(pc.is_in(rows.column(S.SAMPLE_ID), pa.array(sample_ids, pa.string())))
     wanted: dict[str, set[str]] = {}
     for sample_id, source in zip(
-        rows.column("sample_id").to_pylist(), rows.column("source").to_pylist(), strict=True
+        rows.column(S.SAMPLE_ID).to_pylist(), rows.column(S.SOURCE).to_pylist(), strict=True
     ):
         wanted.setdefault(source, set()).add(sample_id)
     try:
-        paths = {s["source"]: s["path"] for s in list_shards(image_root(config, run.root))}
+        paths = {s.source: s.path for s in list_shards(image_root(config, run.root))}
     except CondenseError:  # the source shards are gone: nothing to show
         return {}
     found: dict[str, bytes] = {}

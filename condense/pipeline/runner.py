@@ -14,21 +14,17 @@ import pyarrow.parquet as pq
 
 from condense.config import PipelineConfig
 from condense.errors import CondenseError, StageError
-from condense.pipeline.rundir import (
-    CONFIG,
-    RunDir,
-    RunLock,
-    atomic_write_bytes,
-    claim,
-    manifest_entry,
-)
+from condense.runtime import open_executor
 from condense.stages.bands import CentroidBandStage, ClipBandStage
-from condense.stages.base import Stage, StageContext, check_columns, part_files
+from condense.stages.base import Stage, StageContext, check_columns
 from condense.stages.cluster import ClusterStage
 from condense.stages.dedup import DedupStage
 from condense.stages.embed import EmbedStage
 from condense.stages.export import ExportStage
 from condense.stages.sample import SampleStage
+from condense.storage.files import atomic_write_bytes
+from condense.storage.parts import part_files
+from condense.storage.rundir import CONFIG, RunDir, RunLock, claim, manifest_entry
 from condense.strict import fingerprint
 
 STAGES: list[Stage] = [
@@ -81,29 +77,32 @@ def run_pipeline(
     resume: bool = False,
     address: str | None = None,
     progress: bool | None = None,
+    executor: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run (or continue) a pipeline in `run_dir`, holding its lock; returns the manifest."""
+    """Run (or continue) a pipeline in `run_dir`, holding its lock; returns the manifest.
+    `executor` (default: the config's `executor`) is `ray`, or `local` to run every stage in
+    this process."""
     if until is not None and until not in STAGE_NAMES:
         raise CondenseError(f"--until {until!r}: no such stage (stages: {', '.join(STAGE_NAMES)})")
     run = RunDir(claim(run_dir, (config.input.path,)))
     with RunLock(run.root, log):
-        return _run_locked(config, run, until, resume, address, progress, log)
+        atomic_write_bytes(run.root / CONFIG, config.to_yaml().encode())
+        ctx = StageContext(
+            run=run,
+            config=config,
+            executor=open_executor(executor or config.executor, config.ray, address),
+            progress=config.ray.progress if progress is None else progress,
+            log=log,
+        )
+        return _run_stages(ctx, until, resume)
 
 
-def _run_locked(config, run, until, resume, address, progress, log) -> dict:
-    from condense.runtime.ray import RayExecutor, init_ray
-
-    atomic_write_bytes(run.root / CONFIG, config.to_yaml().encode())
-    init_ray(config.ray, address)
-    ctx = StageContext(
-        run=run,
-        config=config,
-        executor=RayExecutor(),
-        progress=config.ray.progress if progress is None else progress,
-        log=log,
-    )
-    fingerprints = stage_fingerprints(config)
+def _run_stages(ctx: StageContext, until: str | None, resume: bool) -> dict:
+    """Each stage in order: skipped when complete with these settings, else run (and every
+    later stage cleared first, since its input is about to change)."""
+    run, log = ctx.run, ctx.log
+    fingerprints = stage_fingerprints(ctx.config)
     for i, stage in enumerate(STAGES):
         fp = fingerprints[stage.name]
         mark = run.stage_mark(stage.name)
@@ -139,7 +138,7 @@ def _run_stage(ctx: StageContext, stage: Stage, fp: str, resume: bool) -> None:
     ctx.resumed = run.start_stage(stage.name, fp, resume)
     ctx.log(f"[{stage.name}] running")
     start = time.perf_counter()
-    result = stage.run(ctx)
+    result = stage.compute(ctx)
     seconds = time.perf_counter() - start
     dropped_total = sum(result.dropped.values())
     if result.rows_in != result.rows_out + dropped_total:

@@ -15,6 +15,7 @@ from pydantic import model_validator
 from condense.errors import InputError
 from condense.readers.shards import ShardLimits
 from condense.readers.urls import DownloadConfig
+from condense.runtime.processor import WorkItem
 from condense.strict import StrictModel
 from condense.synth import SynthConfig
 
@@ -71,13 +72,25 @@ class RawRows:
     first_row: int  # row number of the slice's first row within `source`, for error messages
 
 
+@dataclass(frozen=True, kw_only=True)
+class InputSlice(WorkItem):
+    """Rows [start, stop) of one input file: the embed stage's work item for embeddings."""
+
+    file: int  # the file's number (clip-retrieval) or index (Parquet)
+    path: str  # the file holding the ids: the metadata Parquet (clip-retrieval) or the Parquet
+    start: int
+    stop: int
+    img: str | None = None  # clip-retrieval: img_emb_N.npy
+    txt: str | None = None  # clip-retrieval: text_emb_N.npy
+
+
 class Reader(Protocol):
     dim: int
     total_rows: int
 
-    def plan(self, rows_per_part: int) -> list[dict]: ...
+    def plan(self, rows_per_part: int) -> list[InputSlice]: ...
 
-    def read(self, item: dict) -> RawRows: ...
+    def read(self, item: InputSlice) -> RawRows: ...
 
 
 def open_reader(cfg: InputConfig) -> Reader:
@@ -110,16 +123,23 @@ def split_rows(total: int, rows_per_part: int) -> list[tuple[int, int]]:
     return [(s, min(total, s + rows_per_part)) for s in range(0, total, rows_per_part)]
 
 
-def plan_items(files: list[dict], number_key: str, rows_per_part: int) -> list[dict]:
+def plan_items(files: list[dict], rows_per_part: int) -> list[InputSlice]:
     """One work item per slice of at most rows_per_part rows of each input file; the part name
     (file number, slice number) is stable, so reruns and resumes find their parts again."""
-    items = []
-    for f in files:
-        for i, (start, stop) in enumerate(split_rows(f["rows"], rows_per_part)):
-            items.append(
-                {**f, "start": start, "stop": stop, "part": f"{f[number_key]:05d}-{i:04d}"}
-            )
-    return items
+    return [
+        InputSlice(
+            part=f"{f['file']:05d}-{i:04d}",
+            rows=stop - start,
+            file=f["file"],
+            path=f["path"],
+            start=start,
+            stop=stop,
+            img=f.get("img"),
+            txt=f.get("txt"),
+        )
+        for f in files
+        for i, (start, stop) in enumerate(split_rows(f["rows"], rows_per_part))
+    ]
 
 
 def optional_strings(table, name: str, path: str = "") -> list[str | None]:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 from condense.errors import InputError
 from condense.readers import (
     InputConfig,
+    InputSlice,
     RawRows,
     check_id_type,
     id_strings,
@@ -131,28 +132,28 @@ class ClipRetrievalReader:
             check_id_type(metas[n], meta.schema_arrow, self.id_column)
             self.files.append(
                 {
-                    "number": n,
+                    "file": n,
                     "img": str(imgs[n]),
                     "txt": str(txts[n]),
-                    "meta": str(metas[n]),
+                    "path": str(metas[n]),
                     "rows": img_shape[0],
                 }
             )
             self.total_rows += img_shape[0]
 
-    def plan(self, rows_per_part: int) -> list[dict]:
-        return plan_items(self.files, "number", rows_per_part)
+    def plan(self, rows_per_part: int) -> list[InputSlice]:
+        return plan_items(self.files, rows_per_part)
 
-    def read(self, item: dict) -> RawRows:
-        start, stop = item["start"], item["stop"]
-        img = np.asarray(np.load(item["img"], mmap_mode="r")[start:stop])
-        txt = np.asarray(np.load(item["txt"], mmap_mode="r")[start:stop])
-        meta = read_parquet_rows(item["meta"], start, stop)
+    def read(self, item: InputSlice) -> RawRows:
+        start, stop = item.start, item.stop
+        img = np.asarray(np.load(item.img, mmap_mode="r")[start:stop])
+        txt = np.asarray(np.load(item.txt, mmap_mode="r")[start:stop])
+        meta = read_parquet_rows(item.path, start, stop)
         return RawRows(
-            sample_id=id_strings(meta, self.id_column, item["meta"]),
-            caption=optional_strings(meta, self.cfg.caption_column, item["meta"]),
-            url=optional_strings(meta, self.cfg.url_column, item["meta"]),
-            source=str(Path(item["meta"]).relative_to(self.root)),
+            sample_id=id_strings(meta, self.id_column, item.path),
+            caption=optional_strings(meta, self.cfg.caption_column, item.path),
+            url=optional_strings(meta, self.cfg.url_column, item.path),
+            source=str(Path(item.path).relative_to(self.root)),
             img=img,
             txt=txt,
             first_row=start,

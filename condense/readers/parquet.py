@@ -13,6 +13,7 @@ from condense import schema as S
 from condense.errors import InputError
 from condense.readers import (
     InputConfig,
+    InputSlice,
     RawRows,
     check_id_type,
     id_strings,
@@ -85,15 +86,15 @@ class ParquetEmbeddingReader:
                     f"{path}: dimension {dims[S.IMG_EMB]} differs from earlier files ({self.dim})"
                 )
             self.dim = dims[S.IMG_EMB]
-            self.files.append({"path": str(path), "rows": rows, "index": len(self.files)})
+            self.files.append({"path": str(path), "rows": rows, "file": len(self.files)})
             self.total_rows += rows
 
-    def plan(self, rows_per_part: int) -> list[dict]:
-        return plan_items(self.files, "index", rows_per_part)
+    def plan(self, rows_per_part: int) -> list[InputSlice]:
+        return plan_items(self.files, rows_per_part)
 
-    def read(self, item: dict) -> RawRows:
-        path = item["path"]
-        table = read_parquet_rows(path, item["start"], item["stop"])
+    def read(self, item: InputSlice) -> RawRows:
+        path = item.path
+        table = read_parquet_rows(path, item.start, item.stop)
         img = _vectors(table, S.IMG_EMB, path, self.dim)
         txt = _vectors(table, S.TXT_EMB, path, self.dim)
         return RawRows(
@@ -103,7 +104,7 @@ class ParquetEmbeddingReader:
             source=str(Path(path).relative_to(self.root)),
             img=img,
             txt=txt,
-            first_row=item["start"],
+            first_row=item.start,
         )
 
 

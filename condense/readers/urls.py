@@ -25,9 +25,9 @@ import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from condense.errors import InputError
-from condense.pipeline.rundir import atomic_write_json, read_json
 from condense.readers.download_guard.sitecustomize import REFUSED
 from condense.readers.shards import ShardLimits
+from condense.storage.files import atomic_write_json, read_json
 from condense.strict import StrictModel
 
 GUARD_DIR = Path(__file__).with_name("download_guard")  # put on img2dataset's PYTHONPATH

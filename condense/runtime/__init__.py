@@ -16,6 +16,7 @@ class RayConfig(StrictModel):
     include_dashboard: bool = False  # start the dashboard with a new local Ray
     dashboard_host: str = "127.0.0.1"  # interface the dashboard binds to (local Ray only)
     progress: bool = True  # show a progress bar per stage
+    verbose: bool = False  # show Ray's own logs and the workers' output (else in Ray's log folder)
 
     runtime_fields = frozenset(
         {
@@ -26,5 +27,23 @@ class RayConfig(StrictModel):
             "include_dashboard",
             "dashboard_host",
             "progress",
+            "verbose",
         }
     )
+
+
+EXECUTORS = ("ray", "local")
+
+
+def open_executor(kind: str, cfg: RayConfig, address: str | None = None):
+    """The executor a run asked for: `ray` (joining or starting Ray) or `local` (this process)."""
+    if kind == "local":
+        from condense.runtime.local import LocalExecutor
+
+        return LocalExecutor()
+    if kind != "ray":
+        raise ValueError(f"executor {kind!r}: expected one of {', '.join(EXECUTORS)}")
+    from condense.runtime.ray import RayExecutor, init_ray
+
+    init_ray(cfg, address)
+    return RayExecutor()

@@ -1,17 +1,16 @@
 """Ray: starting or joining a cluster, and running stage processors on it.
 
-Stages never import Ray. They hand this module a list of work items and a processor factory
-(NeMo-Curator style: `setup()` once per worker, `process(item)` per item); this module runs
-them as Ray tasks, or in a Ray Data actor pool where a processor is expensive to build, and
-streams the results back. `map_stream` chains CPU tasks that produce batches into an actor
-pool that consumes them (decode on CPUs, encode on GPUs).
+Stages never import Ray. They hand the executor a processor and its work items
+(`runtime/processor.py`); `RayExecutor` is the one adapter that turns them into Ray calls: Ray
+tasks, or a Ray Data actor pool where the processor's resources ask for long-lived workers,
+each named after the stage's processor. `stream` chains CPU tasks that produce batches into an
+actor pool that consumes them (decode on CPUs, encode on GPUs).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -20,13 +19,13 @@ import numpy as np
 
 from condense import faults
 from condense.runtime import RayConfig
+from condense.runtime.processor import Processor, Resources
 
 log = logging.getLogger(__name__)
 
 
-# Bytes reserved per producing task of map_stream: a decode task imports torch (~0.6 GiB).
-PRODUCE_MEMORY = 1 << 30
-ACTOR_RETRIES = 3  # restarts of a killed actor, and retries of its work item (Ray Data: unbounded)
+PRODUCER_BACKLOG = 4  # batches a producer task may have made that no actor has taken yet
+ACTOR_BACKLOG = 2  # batches queued at each consumer actor (one running, one waiting)
 
 
 def _fault_env() -> dict:
@@ -34,16 +33,6 @@ def _fault_env() -> dict:
     when it has a spec of its own (a failpoints file its Ray inherited needs nothing)."""
     env = faults.env()
     return {"runtime_env": {"env_vars": env}} if faults.ENV in env else {}
-
-
-def _map_batches(ds, fn, *, retries: dict, **kwargs):
-    """`ds.map_batches` with bounded retries. Ray 2.60 has no named parameter for them and warns
-    that its `**ray_remote_args` go away in 2.64: the warning is silenced here, in one place."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return ds.map_batches(fn, **kwargs, **_fault_env(), **retries)
 
 
 _STARTED_HERE = False  # whether init_ray connected this process (so shutdown_ray may disconnect it)
@@ -55,14 +44,20 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     Under `ray job submit` RAY_ADDRESS is set, so the job attaches to the cluster it was sent to.
     A local Ray is sized to this machine and keeps its dashboard on 127.0.0.1.
     """
+    target = address or cfg.address or os.environ.get("RAY_ADDRESS")
+    if not target:
+        # Token authentication, as Ray turns it on for a new local cluster anyway, but said
+        # here rather than in a warning on every run (set RAY_AUTH_MODE to choose otherwise).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     global _STARTED_HERE
     if ray.is_initialized():
         return
     _STARTED_HERE = True
-    target = address or cfg.address or os.environ.get("RAY_ADDRESS")
-    common = {"logging_level": logging.WARNING, "log_to_driver": True}
+    # Workers' output and Ray's own messages (a dead worker, raylet state) stay in Ray's log
+    # folder unless asked for: condense's progress lines and errors are what a user reads.
+    common = {"logging_level": logging.WARNING, "log_to_driver": cfg.verbose}
     if target:
         ray.init(address=target, **common)
     else:
@@ -77,7 +72,6 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
             dashboard_host=cfg.dashboard_host,
             **common,
         )
-    _quiet_ray_data()
 
 
 def dashboard_warning(cfg: RayConfig) -> str | None:
@@ -99,41 +93,6 @@ def dashboard_warning(cfg: RayConfig) -> str | None:
     )
 
 
-class _DropNoise(logging.Filter):
-    """Ray Data's per-dataset chatter, which would bury condense's own progress lines."""
-
-    NOISE = (
-        "Progress bars disabled",
-        "execution finished in",
-        "Tip: Use",
-        "Registered dataset logger",
-        "Starting execution of Dataset",
-        "Execution plan of Dataset",
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(n in message for n in self.NOISE)
-
-
-def _quiet_ray_data() -> None:
-    from ray.data import DataContext
-
-    for name in (
-        "ray.data",
-        "ray.data._internal.execution.streaming_executor",
-        "ray.data.dataset",
-        "ray.data._internal.progress",
-    ):
-        logging.getLogger(name).addFilter(_DropNoise())
-    ctx = DataContext.get_current()
-    # condense draws one progress bar per stage (items and rows/s); Ray Data's own bars and
-    # per-dataset banners would interleave with it.
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
-
-
 def shutdown_ray() -> None:
     """Disconnect from Ray if init_ray connected (stopping a local Ray it started); else leave it."""
     import ray
@@ -152,62 +111,62 @@ def cluster_resources() -> dict[str, float]:
     return {"CPU": float(res.get("CPU", 0)), "GPU": float(res.get("GPU", 0))}
 
 
-def _build(factory: Callable[..., Any], shared: dict[str, Any]) -> Any:
-    """A processor from its factory, set up (model loads, index builds) once."""
-    processor = factory(**shared)
-    setup = getattr(processor, "setup", None)
-    if setup is not None:
-        setup()
-    return processor
-
-
-def _resolve(shared_refs: dict[str, list]) -> dict[str, Any]:
-    """Shared objects from the object store (each ref wrapped in a list so Ray passes it as is)."""
+def _node_id() -> str:
     import ray
 
-    return {name: ray.get(refs[0]) for name, refs in shared_refs.items()}
+    return ray.get_runtime_context().get_node_id()
 
 
-def _run_item(factory: Callable[..., Any], shared: dict[str, Any], item: dict) -> tuple[Any, str]:
-    """One item as a Ray task: build the processor, set it up, run it."""
+def _run_item(processor_ref: list, index: int, item: Any) -> tuple[int, Any, str]:
+    """One item as a Ray task: the processor (fetched once per worker process), set up, run."""
+    processor = _fetch(processor_ref[0])
+    return index, processor.process(item), _node_id()
+
+
+_TASK_PROCESSORS: dict[Any, Any] = {}  # processors a task worker has set up, by object ref
+
+
+def _fetch(ref) -> Any:
+    """The processor behind `ref`, set up once in this worker process (workers are reused)."""
     import ray
 
-    return _build(factory, shared).process(item), ray.get_runtime_context().get_node_id()
+    key = ref.hex()
+    if key not in _TASK_PROCESSORS:
+        _TASK_PROCESSORS.clear()  # a new map: the last one's processor is done with
+        processor = ray.get(ref)
+        processor.setup()
+        _TASK_PROCESSORS[key] = processor
+    return _TASK_PROCESSORS[key]
 
 
-class _ProcessorActor:
-    """Ray Data callable class: builds the processor once per actor, runs it per item."""
+class _Worker:
+    """A long-lived worker: sets its processor up once, then runs it item after item (or
+    batch after batch). Each call carries the processor's reference (inside a list, so Ray
+    hands it over as is); the first call fetches and sets it up. A restarted actor does the
+    same on its retried call, with nothing of it kept in a constructor argument, which Ray
+    could not restore (ray-project/ray#53727)."""
 
-    def __init__(self, factory: Callable[..., Any], shared_refs: dict[str, list]):
-        import ray
+    def process(self, processor_ref: list, index: int, item: Any) -> tuple[int, Any, str]:
+        return index, _fetch(processor_ref[0]).process(item), _node_id()
 
-        self.processor = _build(factory, _resolve(shared_refs))
-        self.node_id = ray.get_runtime_context().get_node_id()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results = []
-        for blob in batch["item"]:
-            item = pickle.loads(blob)
-            results.append(pickle.dumps((self.processor.process(item), self.node_id)))
-        return {"result": np.array(results, dtype=object)}
+    def process_batch(self, processor_ref: list, batch: dict) -> dict[str, np.ndarray]:
+        return _fetch(processor_ref[0]).process(batch)
 
 
-def _produce_batches(batch: dict[str, np.ndarray], produce, shared_refs: dict[str, list]):
-    """Ray Data generator step: each work item becomes any number of output batches."""
-    shared = _resolve(shared_refs)
-    for blob in batch["item"]:
-        yield from produce(pickle.loads(blob), **shared)
+def _produce(processor_ref: list, item: Any):
+    """A producer task: one work item becomes any number of batches, streamed as they come."""
+    yield from _fetch(processor_ref[0]).process(item)
 
 
-class _BatchActor(_ProcessorActor):
-    """Ray Data callable class: builds the processor once per actor, runs it per batch."""
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.processor.process(batch)
+def _named(cls: type, label: str) -> type:
+    """`cls` under the processor's label, which Ray shows for its actors (dashboard, ps)."""
+    return type(label, (cls,), {"__qualname__": label, "__module__": __name__})
 
 
 class RayExecutor:
     """Runs processors over work items on the Ray cluster this process is attached to."""
+
+    name = "ray"
 
     def __init__(self) -> None:
         self._remote: dict[tuple, Any] = {}  # remote functions, registered once each
@@ -218,167 +177,141 @@ class RayExecutor:
     def gpus(self) -> int:
         return int(cluster_resources()["GPU"])
 
-    def map_items(
-        self,
-        items: list[dict],
-        factory: Callable[..., Any],
-        *,
-        shared: dict[str, Any] | None = None,
-        num_cpus: float = 1.0,
-        num_gpus: float = 0.0,
-        pool_size: int | None = None,
-        actors: bool = False,
-    ) -> Iterator[tuple[Any, str]]:
-        """Yield (result, node_id) for every item, in completion order.
+    def _pool_size(self, res: Resources, n: int) -> int:
+        """Workers at once: never more than the items, the setting, or the cluster holds (an
+        actor that does not fit would wait forever)."""
+        fits_cpu = int(self.cpus() // res.cpus) if res.cpus else n
+        fits_gpu = int(self.gpus() // res.gpus) if res.gpus else n
+        return max(1, min(res.workers or n, n, fits_cpu, fits_gpu))
 
-        By default each item is one Ray task that builds its processor and runs it: workers are
-        reused, so a task costs milliseconds. With `actors`, a Ray Data actor pool builds each
-        processor once (for processors that load a model or a GPU index). `shared` objects go
-        to the object store once either way. At most `pool_size` items run at once, and never
-        more than the cluster's CPUs and GPUs hold.
-        """
+    def map(self, processor: Processor, items: list) -> Iterator[tuple[Any, Any, str]]:
+        """(item, result, node) for every item, in completion order.
+
+        Without `resources.actor`, each item is one Ray task; task workers are reused and set
+        the processor up once each. With it, a pool of actors sets it up once per actor (a
+        model or a GPU index). The processor goes to the object store once either way, and at
+        most `pool size` items are in flight."""
         if not items:
             return
-        # Never more at once than the cluster can hold: Ray Data would wait for the actors.
-        fits_cpu = int(self.cpus() // num_cpus) if num_cpus else len(items)
-        fits_gpu = int(self.gpus() // num_gpus) if num_gpus else len(items)
-        pool_size = max(1, min(pool_size or len(items), len(items), fits_cpu, fits_gpu))
-        if actors:
-            yield from self._actor_pool(items, factory, shared, num_cpus, num_gpus, pool_size)
-            return
         import ray
 
-        shared_ref = ray.put(shared or {})
-        task = self._task(_run_item, num_cpus, num_gpus)
-        queue = iter(items)
-        pending: list = []
-        while True:
-            for item in queue:
-                pending.append(task.remote(factory, shared_ref, item))
-                if len(pending) >= pool_size:
-                    break
-            if not pending:
-                return
-            done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
+        res = processor.resources
+        pool_size = self._pool_size(res, len(items))
+        ref = [ray.put(processor)]
+        if res.actor:
+            actors = self._actors(processor, pool_size)
+            submit = [lambda i, item, a=a: a.process.remote(ref, i, item) for a in actors]
+        else:
+            task = self._task(_run_item, processor.label, res)
+            submit = [lambda i, item: task.remote(ref, i, item)] * pool_size
+        try:
+            queue = iter(enumerate(items))
+            pending: dict = {}  # result ref -> the slot that runs it
+            free = list(range(pool_size))
+            while True:
+                while free:
+                    nxt = next(queue, None)
+                    if nxt is None:
+                        break
+                    slot = free.pop()
+                    pending[submit[slot](*nxt)] = slot
+                if not pending:
+                    return
+                done, _ = ray.wait(list(pending), num_returns=1)
+                free.append(pending.pop(done[0]))
+                index, result, node = ray.get(done[0])
+                yield items[index], result, node
+        finally:
+            if res.actor:
+                for actor in actors:
+                    ray.kill(actor)
 
-    def _actor_pool(self, items, factory, shared, num_cpus, num_gpus, pool_size):
+    def _actors(self, processor: Processor, n: int) -> list:
+        """n actors of `processor`, each restarted (and its item retried) `retries` times."""
         import ray
-        import ray.data
 
-        shared_refs = {name: [ray.put(value)] for name, value in (shared or {}).items()}
-        ds = ray.data.from_items(
-            [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
-        )
-        ds = _map_batches(
-            ds,
-            _ProcessorActor,
-            fn_constructor_kwargs={"factory": factory, "shared_refs": shared_refs},
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=pool_size),
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            retries={"max_restarts": ACTOR_RETRIES, "max_task_retries": ACTOR_RETRIES},
-        )
-        for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
-            for blob in batch["result"]:
-                yield pickle.loads(blob)
+        res = processor.resources
+        cls = ray.remote(
+            num_cpus=res.cpus,
+            num_gpus=res.gpus,
+            max_restarts=res.retries,
+            max_task_retries=res.retries,
+            **({"memory": res.memory} if res.memory else {}),
+            **_fault_env(),
+        )(_named(_Worker, processor.label))
+        return [cls.remote() for _ in range(n)]
 
-    def map_stream(
-        self,
-        items: list[dict],
-        produce: Callable[..., Iterator[dict[str, np.ndarray]]],
-        factory: Callable[..., Any],
-        *,
-        produce_shared: dict[str, Any] | None = None,
-        shared: dict[str, Any] | None = None,
-        batch_size: int,
-        produce_cpus: float = 1.0,
-        num_cpus: float = 1.0,
-        num_gpus: float = 0.0,
-        pool_size: int = 1,
-        produce_retries: int = 3,
+    def stream(
+        self, producer: Processor, consumer: Processor, items: list, batch_size: int
     ) -> Iterator[dict[str, Any]]:
-        """A two-step stream on Ray Data: `produce(item, **produce_shared)` runs in CPU tasks and
-        yields batches (dicts of numpy columns, e.g. decoded and preprocessed images); an actor
-        pool of `pool_size` processors (`factory(**shared)`, built once per actor: a model on
-        its GPU) runs `process(batch)` on batches of `batch_size` rows and returns small
-        result columns, yielded here row by row as they complete. Ray Data keeps both steps
-        busy and bounds what waits between them, so CPUs decode while the models encode.
+        """Producer tasks, one per item, stream batches (decoded and preprocessed images) to a
+        pool of consumer actors (a model each, on its GPU), whose small result columns are
+        yielded here row by row as they complete. Producers run on whatever CPUs the actors
+        leave; each holds at most a few unconsumed batches, and each actor at most two, so CPUs
+        decode while the models encode and memory stays bounded.
 
-        A producer whose worker dies is retried `produce_retries` times, an actor that dies is
-        restarted ACTOR_RETRIES times (Ray Data's defaults are unbounded: a poison input would
-        loop forever); then the stream fails."""
+        A producer whose worker dies is retried `producer.resources.retries` times (the
+        batches it had already delivered are not delivered again), a consumer actor restarted
+        `consumer.resources.retries` times with its batch; then the stream fails. (`batch_size`
+        is the producers' own: each batch is processed as it was made.)"""
         if not items:
             return
         import ray
-        import ray.data
 
-        def refs(values):
-            return {name: [ray.put(value)] for name, value in (values or {}).items()}
+        made = producer.resources
+        consumer_ref = [ray.put(consumer)]
+        actors = self._actors(consumer, self._pool_size(consumer.resources, len(items)))
+        produce = ray.remote(
+            num_cpus=made.cpus,
+            max_retries=made.retries,
+            num_returns="streaming",
+            _generator_backpressure_num_objects=PRODUCER_BACKLOG,
+            name=producer.label,
+            **({"memory": made.memory} if made.memory else {}),
+            **_fault_env(),
+        )(_produce)
+        ref = [ray.put(producer)]
+        generators = [produce.remote(ref, item) for item in items]
+        slots = {i: 0 for i in range(len(actors))}  # batches in flight per actor
+        pending: dict = {}  # result ref -> actor index
+        try:
+            while generators or pending:
+                free = [i for i, n in slots.items() if n < ACTOR_BACKLOG]
+                waitables = list(pending) + (generators if free else [])
+                ready, _ = ray.wait(waitables, num_returns=1)
+                got = ready[0]
+                if got in pending:
+                    slots[pending.pop(got)] -= 1
+                    out = ray.get(got)
+                    names = list(out)
+                    for values in zip(*(out[n] for n in names), strict=True):
+                        yield dict(zip(names, values, strict=True))
+                    continue
+                try:
+                    batch = next(got)
+                except StopIteration:
+                    generators.remove(got)
+                    continue
+                actor = min(free, key=lambda i: slots[i])
+                slots[actor] += 1
+                pending[actors[actor].process_batch.remote(consumer_ref, batch)] = actor
+        finally:
+            for actor in actors:
+                ray.kill(actor)
 
-        ds = ray.data.from_items(
-            [{"item": pickle.dumps(item)} for item in items], override_num_blocks=len(items)
-        )
-        ds = _map_batches(
-            ds,
-            _produce_batches,
-            fn_kwargs={"produce": produce, "shared_refs": refs(produce_shared)},
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=produce_cpus,
-            # What a producer may hold (a batch of decoded images). Remote args that differ also
-            # keep Ray Data from fusing this step into the actors, which it would do where the
-            # CPU and GPU counts match (CPU-only clusters): producing stays on CPU tasks.
-            memory=PRODUCE_MEMORY,
-            retries={"max_retries": produce_retries},
-        )
-        ds = _map_batches(
-            ds,
-            _BatchActor,
-            fn_constructor_kwargs={"factory": factory, "shared_refs": refs(shared)},
-            batch_size=batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=pool_size),
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            retries={"max_restarts": ACTOR_RETRIES, "max_task_retries": ACTOR_RETRIES},
-        )
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
-            names = list(batch)
-            for values in zip(*(batch[n] for n in names), strict=True):
-                yield dict(zip(names, values, strict=True))
-
-    def _task(self, fn: Callable[..., Any], num_cpus: float, num_gpus: float = 0.0):
-        """fn as a Ray remote function, registered once per resource shape."""
+    def _task(self, fn: Callable[..., Any], label: str, res: Resources):
+        """fn as a Ray remote function named after the processor, registered once per shape."""
         import ray
 
-        key = (fn, num_cpus, num_gpus)
+        key = (fn, label, res)
         if key not in self._remote:
-            options = {"num_cpus": num_cpus, "num_gpus": num_gpus, **_fault_env()}
-            self._remote[key] = ray.remote(**options)(fn)  # a killed worker's task: 3 retries
+            options = {
+                "num_cpus": res.cpus,
+                "num_gpus": res.gpus,
+                "max_retries": res.retries,
+                "name": label,
+                **({"memory": res.memory} if res.memory else {}),
+                **_fault_env(),
+            }
+            self._remote[key] = ray.remote(**options)(fn)
         return self._remote[key]
-
-    def map_tasks(
-        self, fn: Callable[..., Any], calls: list[tuple], *, num_cpus: float = 1.0
-    ) -> list[Any]:
-        """fn(*args) for every args in `calls`, as Ray tasks; results in the order of `calls`."""
-        import ray
-
-        task = self._task(fn, num_cpus)
-        return ray.get([task.remote(*args) for args in calls])
-
-    def call(
-        self,
-        fn: Callable[..., Any],
-        *args: Any,
-        num_cpus: float = 1.0,
-        num_gpus: float = 0.0,
-        **kwargs: Any,
-    ) -> Any:
-        """Run fn(*args, **kwargs) as one Ray task (for example k-means training on a GPU node)."""
-        import ray
-
-        task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)(fn)
-        return ray.get(task.remote(*args, **kwargs))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -24,20 +25,14 @@ from condense.cores.hashing import hash_ids, smallest_hash_order
 from condense.cores.kmeans import assign, train_kmeans
 from condense.cores.vectors import to_unit_float32
 from condense.errors import StageError
-from condense.pipeline.rundir import atomic_write_npy
-from condense.stages.base import (
-    Stage,
-    StageContext,
-    StageResult,
-    iter_row_groups,
-    part_rows,
-    run_parts,
-    write_part,
-)
-from condense.stages.unique_ids import id_hash_file
+from condense.runtime.processor import Processor, Resources, WorkItem, run_one
+from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
+from condense.stages.embed.ids import id_hash_file
+from condense.storage.files import atomic_write_npy
+from condense.storage.parts import iter_row_groups, part_path, part_rows, write_part
 from condense.strict import StrictModel
 
-CENTROIDS = "centroids.npy"
+CENTROIDS = "centroids.npy"  # in cluster/: the trained centroids (dedup reads k from them)
 RING = 1 << 64  # id hashes are points on a ring of this size
 
 
@@ -93,14 +88,23 @@ def _read_rows(path: str, rows: np.ndarray, columns: list[str]) -> pa.Table:
     return table.take(pa.array(positions))
 
 
-class Assigner:
+@dataclass
+class Assigner(Processor):
     """Assigns the rows of one embed part to their nearest centroids and writes a cluster part."""
 
-    def __init__(self, centroids: np.ndarray, out_dir: str, device: str, threads: int):
-        self.centroids = centroids
-        self.out_dir = out_dir
-        self.device = device
-        self.threads = threads
+    stage = "cluster"
+    centroids: np.ndarray
+    embed_dir: str
+    out_dir: str
+    device: str  # cpu, cuda, or auto (a GPU worker uses its GPU if it can)
+    threads: int  # faiss/BLAS threads
+    gpu: bool = False  # a GPU per worker, on a long-lived actor (its index built once)
+    workers: int | None = None  # cluster.workers
+
+    @property
+    def resources(self) -> Resources:
+        gpus = 1.0 if self.gpu else 0.0
+        return Resources(cpus=float(self.threads), gpus=gpus, actor=self.gpu, workers=self.workers)
 
     def setup(self) -> None:
         if self.device == "auto":  # a GPU was requested for this actor; use it if we can
@@ -116,11 +120,12 @@ class Assigner:
         except ImportError:
             pass
 
-    def process(self, item: dict) -> dict:
+    def process(self, item: SourcePart) -> dict:
         start = time.perf_counter()
         # Row group by row group, the next one read while this one is assigned; zero-copy views.
         ids, results = [], []
-        for group in iter_row_groups(item["path"], [S.SAMPLE_ID, S.IMG_EMB]):
+        path = part_path(self.embed_dir, item.source)
+        for group in iter_row_groups(path, [S.SAMPLE_ID, S.IMG_EMB]):
             vectors = to_unit_float32(S.arrow_to_vectors(group.column(S.IMG_EMB)))
             results.append(assign(vectors, self.centroids, device=self.device))
             ids.append(group.column(S.SAMPLE_ID))
@@ -134,9 +139,9 @@ class Assigner:
             ],
             schema=S.CLUSTER_SCHEMA,
         )
-        path = write_part(out, self.out_dir, item["part"])
+        path = write_part(out, self.out_dir, item.part)
         return {
-            "part": item["part"],
+            "part": item.part,
             "files": [str(path)],
             "rows_in": n,
             "rows_out": n,
@@ -174,42 +179,59 @@ def _concat(arrays) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0)
 
 
-def _train_task(
-    parts: list[str],
-    embed_dir: str,
-    rows: int,
-    size: int,
-    k: int,
-    niter: int,
-    seed: int,
-    spherical: bool,
-    init: np.ndarray | None,
-    device: str,
-    threads: int | None,
-) -> tuple[np.ndarray, float]:
-    """One k-means round as a Ray task (so it can run on a GPU node). It draws its own sample
-    from embed/, so the sample never travels through the driver."""
-    started = time.perf_counter()
-    sample = draw_sample(parts, Path(embed_dir), rows, size, seed)
-    sample_seconds = time.perf_counter() - started
-    if len(sample) < k:
-        raise StageError(f"cluster: the training sample has {len(sample)} rows, fewer than k={k}")
-    if device == "auto":
-        import faiss
+@dataclass(frozen=True, kw_only=True)
+class TrainRound(WorkItem):
+    """One k-means round: a fresh sample of `size` rows, warm-started from `init`."""
 
-        device = "cuda" if faiss.get_num_gpus() > 0 else "cpu"  # training needs faiss-gpu
-    threads = threads or _cpu_count()
-    centroids = train_kmeans(
-        sample,
-        k,
-        niter=niter,
-        seed=seed,
-        spherical=spherical,
-        init_centroids=init,
-        device=device,
-        threads=threads,
-    )
-    return centroids, sample_seconds
+    size: int  # rows in the training sample
+    seed: int  # seeds the sample and faiss
+    init: np.ndarray | None  # the previous round's centroids
+
+
+@dataclass
+class KMeansTrainer(Processor):
+    """One k-means round on one worker (so it can run on a GPU node). It draws its own sample
+    from embed/, so the sample never travels through the driver."""
+
+    stage = "cluster"
+    parts: list[str]  # embed's parts
+    embed_dir: str
+    rows: int  # rows in embed/
+    k: int
+    niter: int
+    spherical: bool
+    device: str  # cpu, cuda or auto
+    threads: int | None  # faiss threads (None: the node's CPUs)
+    gpu: bool = False
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1.0, gpus=1.0 if self.gpu else 0.0, retries=0)
+
+    def process(self, item: TrainRound) -> tuple[np.ndarray, float]:
+        started = time.perf_counter()
+        sample = draw_sample(self.parts, Path(self.embed_dir), self.rows, item.size, item.seed)
+        sample_seconds = time.perf_counter() - started
+        if len(sample) < self.k:
+            raise StageError(
+                f"cluster: the training sample has {len(sample)} rows, fewer than k={self.k}"
+            )
+        device = self.device
+        if device == "auto":
+            import faiss
+
+            device = "cuda" if faiss.get_num_gpus() > 0 else "cpu"  # training needs faiss-gpu
+        centroids = train_kmeans(
+            sample,
+            self.k,
+            niter=self.niter,
+            seed=item.seed,
+            spherical=self.spherical,
+            init_centroids=item.init,
+            device=device,
+            threads=self.threads or _cpu_count(),
+        )
+        return centroids, sample_seconds
 
 
 class ClusterStage(Stage):
@@ -221,7 +243,7 @@ class ClusterStage(Stage):
     def settings(self, config):
         return [config.cluster.fingerprint_dict()]
 
-    def run(self, ctx: StageContext) -> StageResult:
+    def compute(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config.cluster
         embed_dir = ctx.run.stage_dir("embed")
         embed_mark = ctx.run.stage_mark("embed") or {}
@@ -233,8 +255,7 @@ class ClusterStage(Stage):
                 f"cluster.k={cfg.k} is larger than the {rows:,} rows in embed/; lower cluster.k"
             )
         items = [
-            {"part": part, "path": str(embed_dir / f"part-{part}.parquet"), "rows": n}
-            for part, n in part_rows(embed_dir).items()
+            SourcePart(part=part, source=part, rows=n) for part, n in part_rows(embed_dir).items()
         ]
         out_dir = ctx.run.stage_dir(self.name)
         centroids_path = out_dir / CENTROIDS
@@ -254,23 +275,16 @@ class ClusterStage(Stage):
         train_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        threads = 1 if use_gpu else cfg.threads_per_worker
-        stats = run_parts(
-            ctx,
-            self.name,
-            items,
-            Assigner,
-            shared={
-                "centroids": centroids,
-                "out_dir": str(out_dir),
-                "device": cfg.device if use_gpu else "cpu",
-                "threads": threads,
-            },
-            num_cpus=float(threads),
-            num_gpus=1.0 if use_gpu else 0.0,
-            pool_size=cfg.workers,
-            actors=use_gpu,  # a GPU index is built once per actor, not once per part
+        assigner = Assigner(
+            centroids,
+            str(embed_dir),
+            str(out_dir),
+            device=cfg.device if use_gpu else "cpu",
+            threads=1 if use_gpu else cfg.threads_per_worker,
+            gpu=use_gpu,
+            workers=cfg.workers,
         )
+        stats = write_parts(ctx, assigner, items)
         rows_in = sum(s["rows_in"] for s in stats)
         extra = {
             "k": cfg.k,
@@ -281,32 +295,27 @@ class ClusterStage(Stage):
         }
         return StageResult(rows_in, rows_in, {}, extra)
 
-    def _train(self, ctx: StageContext, items: list[dict], rows: int, use_gpu: bool):
+    def _train(self, ctx: StageContext, items: list[SourcePart], rows: int, use_gpu: bool):
         cfg = ctx.config.cluster
         size = min(cfg.sample_size, rows)
-        parts = [item["part"] for item in items]
-        embed_dir = str(ctx.run.stage_dir("embed"))
+        trainer = KMeansTrainer(
+            [item.source for item in items],
+            str(ctx.run.stage_dir("embed")),
+            rows,
+            cfg.k,
+            cfg.niter,
+            cfg.spherical,
+            device=cfg.device if use_gpu else "cpu",
+            threads=cfg.train_threads,
+            gpu=use_gpu,
+        )
         centroids = None
         rounds = []
         for r in range(cfg.rounds):
             t = time.perf_counter()
             ctx.log(f"[cluster] round {r + 1}/{cfg.rounds}: k-means k={cfg.k} on {size:,} rows")
-            centroids, sample_seconds = ctx.executor.call(
-                _train_task,
-                parts,
-                embed_dir,
-                rows,
-                size,
-                cfg.k,
-                cfg.niter,
-                cfg.seed + r,
-                cfg.spherical,
-                centroids,
-                cfg.device if use_gpu else "cpu",
-                cfg.train_threads,
-                num_cpus=1.0,
-                num_gpus=1.0 if use_gpu else 0.0,
-            )
+            work = TrainRound(part=f"round-{r}", size=size, seed=cfg.seed + r, init=centroids)
+            centroids, sample_seconds = run_one(ctx.executor, trainer, work)
             seconds = time.perf_counter() - t
             rounds.append(
                 {
@@ -354,7 +363,7 @@ def _window_of_part(embed_dir: Path, part: str, start: int, width: int):
     """Ring keys, ids and stored vectors of one part's rows inside [start, start + width)."""
     hashes = np.load(id_hash_file(embed_dir, part), mmap_mode="r")["hash"]
     picked = _window_rows(hashes, start, width)
-    table = _read_rows(str(embed_dir / f"part-{part}.parquet"), picked, [S.SAMPLE_ID, S.IMG_EMB])
+    table = _read_rows(str(part_path(embed_dir, part)), picked, [S.SAMPLE_ID, S.IMG_EMB])
     vectors = S.arrow_to_vectors(table.column(S.IMG_EMB))
     return (
         ring_offset(np.asarray(hashes[picked]), start),

@@ -19,6 +19,7 @@ threshold. The scatter folder is removed once the stage is complete.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -32,15 +33,15 @@ from condense.cores.components import components
 from condense.cores.keep import KeepRule, component_sizes, keep_mask
 from condense.cores.vectors import to_unit_float32
 from condense.errors import StageError
-from condense.pipeline.rundir import atomic_write_npy
-from condense.stages.base import (
-    Stage,
-    StageContext,
-    StageResult,
+from condense.runtime.processor import Processor, Resources, WorkItem, gather
+from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
+from condense.stages.cluster import CENTROIDS
+from condense.storage.files import atomic_write_npy
+from condense.storage.parts import (
     discard_scratch,
+    part_path,
     part_rows,
     read_scratch,
-    run_parts,
     write_part,
     write_scratch,
 )
@@ -111,25 +112,30 @@ def plan_tasks(sizes: np.ndarray, rows_per_task: int) -> list[list[int]]:
     return [tasks[i] for i in sorted(range(len(tasks)), key=lambda i: (-work[i], i))]
 
 
-class ClusterScatter:
+@dataclass
+class ClusterScatter(Processor):
     """Joins one embed part with its cluster part and writes it sorted by cluster."""
 
-    COLUMNS = (S.SAMPLE_ID, S.CLUSTER_ID, S.CENTROID_DIST, S.CENTROID_COS, S.CLIP_SCORE, S.IMG_EMB)
+    stage = "dedup"
+    embed_dir: str
+    cluster_dir: str
+    out_dir: str  # dedup/_by_cluster
+    k: int
+    workers: int | None = None  # dedup.workers
 
-    def __init__(self, embed_dir: str, cluster_dir: str, out_dir: str, k: int):
-        self.embed_dir, self.cluster_dir = Path(embed_dir), Path(cluster_dir)
-        self.out_dir, self.k = Path(out_dir), k
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1.0, workers=self.workers)
 
-    def process(self, item: dict) -> dict:
+    def process(self, item: SourcePart) -> dict:
         import pyarrow.parquet as pq
 
         start = time.perf_counter()
-        name = item["source"]
+        name = item.source
         embed = pq.read_table(
-            self.embed_dir / f"part-{name}.parquet",
-            columns=[S.SAMPLE_ID, S.CLIP_SCORE, S.IMG_EMB],
+            part_path(self.embed_dir, name), columns=[S.SAMPLE_ID, S.CLIP_SCORE, S.IMG_EMB]
         )
-        cluster = pq.read_table(self.cluster_dir / f"part-{name}.parquet")
+        cluster = pq.read_table(part_path(self.cluster_dir, name))
         if not embed.column(S.SAMPLE_ID).equals(cluster.column(S.SAMPLE_ID)):
             raise StageError(
                 f"dedup: cluster/part-{name}.parquet does not hold embed/part-{name}.parquet's "
@@ -148,41 +154,52 @@ class ClusterScatter:
             }
         )
         offsets = np.searchsorted(cluster_id[order], np.arange(self.k + 1)).astype(np.int64)
-        path = self.out_dir / f"{name}.arrow"
+        path = Path(self.out_dir) / f"{name}.arrow"
         # Sorted copies are taken a slice at a time: memory stays at one part plus one slice.
         slices = (
             table.take(pa.array(order[start : start + SCATTER_SLICE]))
             for start in range(0, len(order), SCATTER_SLICE)
         )
         write_scratch(path, slices, table.schema)
-        offsets_path = self.out_dir / f"{name}.offsets.npy"
+        offsets_path = Path(self.out_dir) / f"{name}.offsets.npy"
         atomic_write_npy(offsets_path, offsets)
         return {
-            "part": item["part"],
+            "part": item.part,
             "files": [str(path), str(offsets_path)],
             "rows_in": len(table),
             "seconds": time.perf_counter() - start,
         }
 
 
-class DedupWorker:
+@dataclass(frozen=True, kw_only=True)
+class ClusterGroup(WorkItem):
+    """Clusters deduplicated by one worker into one part."""
+
+    clusters: list[int]
+    largest: int  # rows of its largest cluster
+
+
+@dataclass
+class DedupWorker(Processor):
     """Finds the components of a task's clusters and writes one dedup part."""
 
-    def __init__(
-        self,
-        scatter_dir: str,
-        sources: list[str],
-        out_dir: str,
-        thresholds: list[float],
-        keep: str,
-        seed: int,
-        tile: int,
-        device: str,
-        threads: int,
-    ):
-        self.scatter_dir, self.sources, self.out_dir = Path(scatter_dir), sources, out_dir
-        self.thresholds, self.keep, self.seed = thresholds, keep, seed
-        self.tile, self.device, self.threads = tile, device, threads
+    stage = "dedup"
+    scatter_dir: str
+    sources: list[str]  # the scatter files' names (embed's parts)
+    out_dir: str
+    thresholds: list[float]  # the pipeline's threshold first
+    keep: str  # the keep rule
+    seed: int  # seeds the `random` keep rule
+    tile: int  # rows per similarity tile
+    device: str  # cpu, cuda or auto
+    threads: int  # BLAS threads
+    gpu: bool = False
+    workers: int | None = None  # dedup.workers
+
+    @property
+    def resources(self) -> Resources:
+        gpus = 1.0 if self.gpu else 0.0
+        return Resources(cpus=float(self.threads), gpus=gpus, workers=self.workers)
 
     def setup(self) -> None:
         if self.device == "auto":
@@ -190,14 +207,13 @@ class DedupWorker:
         elif self.device == "cuda" and not _torch_cuda():
             raise StageError("dedup.device is cuda but this worker has no torch with CUDA")
         # Memory-mapped: a task reads only its clusters' entries of each part's offsets.
-        self.offsets = [
-            np.load(self.scatter_dir / f"{n}.offsets.npy", mmap_mode="r") for n in self.sources
-        ]
+        folder = Path(self.scatter_dir)
+        self.offsets = [np.load(folder / f"{n}.offsets.npy", mmap_mode="r") for n in self.sources]
         self.tables: dict[int, pa.Table] = {}  # scatter files opened so far (memory-mapped)
 
     def table(self, i: int) -> pa.Table:
         if i not in self.tables:  # only the slices a task reads are ever paged in
-            self.tables[i] = read_scratch(self.scatter_dir / f"{self.sources[i]}.arrow")
+            self.tables[i] = read_scratch(Path(self.scatter_dir) / f"{self.sources[i]}.arrow")
         return self.tables[i]
 
     def rows_of(self, cluster: int) -> pa.Table:
@@ -210,29 +226,29 @@ class DedupWorker:
         table = pa.concat_tables(pieces)
         return table.take(pc.sort_indices(table, sort_keys=[(S.SAMPLE_ID, "ascending")]))
 
-    def process(self, item: dict) -> dict:
+    def process(self, item: ClusterGroup) -> dict:
         from threadpoolctl import threadpool_limits
 
         start = time.perf_counter()
         outputs, n_rows, work = [], 0, {"tiles_computed": 0, "tiles_total": 0, "entries": 0}
         with threadpool_limits(self.threads):  # BLAS threads for this task only
-            for cluster in item["clusters"]:
+            for cluster in item.clusters:
                 # No reference to the cluster's rows stays here: _dedup_cluster frees the vectors.
                 outputs.append(self._dedup_cluster(cluster, self.rows_of(cluster), work))
                 n_rows += len(outputs[-1])
         table = pa.concat_tables(outputs)
-        path = write_part(table, self.out_dir, item["part"])
+        path = write_part(table, self.out_dir, item.part)
         kept = {
             str(t): int(pc.sum(table.column(name)).as_py() or 0)
             for t, name in zip(self.thresholds, self._kept_names(), strict=True)
         }
         return {
-            "part": item["part"],
+            "part": item.part,
             "files": [str(path)],
             "rows_in": n_rows,
             "kept": kept,
-            "clusters": len(item["clusters"]),
-            "largest_cluster": int(item["largest"]),
+            "clusters": len(item.clusters),
+            "largest_cluster": item.largest,
             "seconds": time.perf_counter() - start,
             **work,
         }
@@ -272,9 +288,21 @@ class DedupWorker:
         return pa.table(columns)
 
 
-def cluster_sizes(offset_files: list[str]) -> np.ndarray:
-    """Rows per cluster over some scatter files (a Ray task: the driver only adds k-vectors)."""
-    return sum(np.diff(np.load(path)) for path in offset_files)
+@dataclass(frozen=True, kw_only=True)
+class OffsetFiles(WorkItem):
+    """Some scatter files' cluster offsets, summed by one worker."""
+
+    paths: list[str]
+
+
+@dataclass
+class SizeCounter(Processor):
+    """Rows per cluster over some scatter files (on a worker: the driver only adds k-vectors)."""
+
+    stage = "dedup"
+
+    def process(self, item: OffsetFiles) -> np.ndarray:
+        return sum(np.diff(np.load(path)) for path in item.paths)
 
 
 def _torch_cuda() -> bool:
@@ -310,7 +338,7 @@ class DedupStage(Stage):
     def columns(self, config) -> tuple[str, ...]:
         return self.writes + tuple(kept_column(t) for t in config.dedup.all_thresholds()[1:])
 
-    def run(self, ctx: StageContext) -> StageResult:
+    def compute(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config.dedup
         out_dir = ctx.run.stage_dir(self.name)
         scatter_dir = out_dir / SCATTER_DIR
@@ -318,65 +346,55 @@ class DedupStage(Stage):
         cluster_dir = ctx.run.stage_dir("cluster")
         rows = part_rows(cluster_dir)
         sources = list(rows)
-        k = int(np.load(ctx.run.stage_dir("cluster") / "centroids.npy", mmap_mode="r").shape[0])
+        k = int(np.load(cluster_dir / CENTROIDS, mmap_mode="r").shape[0])
         gpus = ctx.executor.gpus()
         if cfg.device == "cuda" and gpus == 0:
             raise StageError("dedup.device is cuda but the Ray cluster has no GPUs")
         use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
 
         t0 = time.perf_counter()
-        run_parts(
+        scatter = ClusterScatter(
+            str(ctx.run.stage_dir("embed")), str(cluster_dir), str(scatter_dir), k, cfg.workers
+        )
+        write_parts(
             ctx,
-            self.name,
-            [{"part": f"scatter-{s}", "source": s, "rows": rows[s]} for s in sources],
-            ClusterScatter,
-            shared={
-                "embed_dir": str(ctx.run.stage_dir("embed")),
-                "cluster_dir": str(ctx.run.stage_dir("cluster")),
-                "out_dir": str(scatter_dir),
-                "k": k,
-            },
-            num_cpus=1.0,
-            pool_size=cfg.workers,
+            scatter,
+            [SourcePart(part=f"scatter-{s}", source=s, rows=rows[s]) for s in sources],
         )
         paths = [str(scatter_dir / f"{s}.offsets.npy") for s in sources]
-        groups = [paths[i : i + 64] for i in range(0, len(paths), 64)]
-        sizes = sum(ctx.executor.map_tasks(cluster_sizes, [(g,) for g in groups]))
+        groups = [
+            OffsetFiles(part=f"sizes-{i}", paths=paths[i : i + 64])
+            for i in range(0, len(paths), 64)
+        ]
+        sizes = sum(gather(ctx.executor, SizeCounter(), groups))
         scatter_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         tasks = plan_tasks(np.asarray(sizes), cfg.rows_per_task)
         width = max(5, len(str(len(tasks))))
         items = [
-            {
-                "part": f"{i:0{width}d}",
-                "clusters": clusters,
-                "rows": int(sum(sizes[c] for c in clusters)),
-                "largest": int(max(sizes[c] for c in clusters)),
-            }
+            ClusterGroup(
+                part=f"{i:0{width}d}",
+                clusters=clusters,
+                rows=int(sum(sizes[c] for c in clusters)),
+                largest=int(max(sizes[c] for c in clusters)),
+            )
             for i, clusters in enumerate(tasks)
         ]
-        threads = 1 if use_gpu else cfg.threads_per_worker
-        stats = run_parts(
-            ctx,
-            self.name,
-            items,
-            DedupWorker,
-            shared={
-                "scatter_dir": str(scatter_dir),
-                "sources": sources,
-                "out_dir": str(out_dir),
-                "thresholds": cfg.all_thresholds(),
-                "keep": cfg.keep,
-                "seed": cfg.seed,
-                "tile": cfg.tile,
-                "device": cfg.device if use_gpu else "cpu",
-                "threads": threads,
-            },
-            num_cpus=float(threads),
-            num_gpus=1.0 if use_gpu else 0.0,
-            pool_size=cfg.workers,
+        worker = DedupWorker(
+            str(scatter_dir),
+            sources,
+            str(out_dir),
+            cfg.all_thresholds(),
+            cfg.keep,
+            cfg.seed,
+            cfg.tile,
+            device=cfg.device if use_gpu else "cpu",
+            threads=1 if use_gpu else cfg.threads_per_worker,
+            gpu=use_gpu,
+            workers=cfg.workers,
         )
+        stats = write_parts(ctx, worker, items)
         discard_scratch(out_dir, SCATTER_DIR, prefix="scatter-")
         rows_in = sum(s["rows_in"] for s in stats)
         kept = {str(t): sum(s["kept"][str(t)] for s in stats) for t in cfg.all_thresholds()}

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,16 +41,13 @@ from condense import schema as S
 from condense.cores.names import safe_names
 from condense.errors import StageError
 from condense.faults import kill_once
-from condense.pipeline.rundir import atomic_file, atomic_write_bytes, atomic_write_json
 from condense.readers import IMAGE_KINDS
-from condense.stages.base import (
-    Stage,
-    StageContext,
-    StageResult,
-    part_files,
-    run_parts,
-    write_part,
-)
+from condense.readers.shards import ShardLimits
+from condense.runtime.processor import Processor, WorkItem
+from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
+from condense.stages.embed import image_root
+from condense.storage.files import atomic_file, atomic_write_bytes, atomic_write_json
+from condense.storage.parts import part_files, part_name, part_path, write_part
 from condense.strict import StrictModel
 
 KEYS_DIR = "keys"
@@ -63,22 +61,25 @@ class ExportConfig(StrictModel):
     shard_size: int = Field(10_000, ge=1)  # samples per output tar (image inputs)
 
 
-class ExportPart:
+@dataclass
+class ExportPart(Processor):
     """Filters one embed part to the coreset rows and writes them with their url and caption."""
 
-    def __init__(self, coreset: pa.Array, embed_dir: str, out_dir: str):
-        self.coreset, self.embed_dir, self.out_dir = coreset, Path(embed_dir), out_dir
+    stage = "export"
+    coreset: pa.Array  # the sampled ids
+    embed_dir: str
+    out_dir: str
 
-    def process(self, item: dict) -> dict:
+    def process(self, item: SourcePart) -> dict:
         start = time.perf_counter()
         table = pq.read_table(
-            self.embed_dir / f"part-{item['source']}.parquet",
+            part_path(self.embed_dir, item.source),
             columns=[S.SAMPLE_ID, S.URL, S.CAPTION, S.SOURCE],
         )
         rows = table.filter(pc.is_in(table.column(S.SAMPLE_ID), value_set=self.coreset))
-        path = write_part(rows, self.out_dir, item["source"])
+        path = write_part(rows, self.out_dir, item.source)
         return {
-            "part": item["part"],
+            "part": item.part,
             "files": [str(path)],
             "rows_in": len(rows),
             "seconds": time.perf_counter() - start,
@@ -96,18 +97,15 @@ class ExportStage(Stage):
     def settings(self, config):
         return [config.export.fingerprint_dict()]
 
-    def run(self, ctx: StageContext) -> StageResult:
+    def compute(self, ctx: StageContext) -> StageResult:
         coreset = coreset_ids(ctx.run.stage_dir("sample"))
         embed_dir = ctx.run.stage_dir("embed")
         out_dir = ctx.run.stage_dir(self.name)
-        sources = [p.stem.removeprefix("part-") for p in part_files(embed_dir)]
-        stats = run_parts(
+        sources = [part_name(p) for p in part_files(embed_dir)]
+        stats = write_parts(
             ctx,
-            self.name,
-            [{"part": f"filter-{s}", "source": s} for s in sources],
-            ExportPart,
-            shared={"coreset": coreset, "embed_dir": str(embed_dir), "out_dir": str(out_dir)},
-            num_cpus=1.0,
+            ExportPart(coreset, str(embed_dir), str(out_dir)),
+            [SourcePart(part=f"filter-{s}", source=s) for s in sources],
         )
         exported = sum(s["rows_in"] for s in stats)
         if exported != len(coreset):
@@ -122,28 +120,16 @@ class ExportStage(Stage):
 
     def _write_shards(self, ctx: StageContext, out_dir: Path) -> dict:
         """Copy the coreset's samples into export/shards/ and write coreset.json."""
-        from condense.readers.webdataset import image_root, list_shards
+        from condense.readers.webdataset import list_shards
 
-        paths = {s["source"]: s["path"] for s in list_shards(image_root(ctx.config, ctx.run.root))}
+        paths = {s.source: s.path for s in list_shards(image_root(ctx.config, ctx.run.root))}
         items = plan_shards(out_dir, ctx.config.export.shard_size)
-        stats = run_parts(
-            ctx,
-            self.name,
-            items,
-            ShardCopier,
-            shared={
-                "paths": paths,
-                "out_dir": str(out_dir / SHARDS_DIR),
-                "id_field": ctx.config.input.id_column,
-                "limits": ctx.config.input.limits,
-            },
-            num_cpus=1.0,
-            unit="samples",
+        copier = ShardCopier(
+            paths, str(out_dir / SHARDS_DIR), ctx.config.input.id_column, ctx.config.input.limits
         )
+        stats = write_parts(ctx, copier, items, unit="samples")
         copied = sum(s["rows_in"] for s in stats)
-        write_coreset_json(
-            out_dir / SHARDS_DIR, [i["shard"] for i in items], out_dir / CORESET_JSON
-        )
+        write_coreset_json(out_dir / SHARDS_DIR, [i.shard for i in items], out_dir / CORESET_JSON)
         return {
             "shards": len(items),
             "samples": copied,
@@ -195,7 +181,15 @@ INDEX_SCHEMA = pa.schema(
 )
 
 
-def plan_shards(out_dir: Path, shard_size: int) -> list[dict]:
+@dataclass(frozen=True, kw_only=True)
+class OutputShard(WorkItem):
+    """One output tar and its coreset rows (source, sample_id, url, caption, key)."""
+
+    shard: str  # its number, `00000`
+    table: pa.Table
+
+
+def plan_shards(out_dir: Path, shard_size: int) -> list[OutputShard]:
     """Output shards: the coreset in (source, sample_id) order, cut every shard_size rows, each
     row with the member name (a sanitised, distinct key) it gets in its output tar."""
     parts = part_files(out_dir)
@@ -209,31 +203,35 @@ def plan_shards(out_dir: Path, shard_size: int) -> list[dict]:
     for number, start in enumerate(range(0, len(table), shard_size)):
         rows = table.slice(start, shard_size)
         shard = f"{number:05d}"
-        items.append({"part": f"shard-{shard}", "shard": shard, "rows": len(rows), "table": rows})
+        items.append(OutputShard(part=f"shard-{shard}", shard=shard, rows=len(rows), table=rows))
     return items
 
 
-class ShardCopier:
+@dataclass
+class ShardCopier(Processor):
     """Writes one output shard: streams the source tars it needs, one sample at a time, and
     copies the wanted samples' members byte for byte under their new keys."""
 
-    def __init__(self, paths: dict[str, str], out_dir: str, id_field: str | None, limits):
-        self.paths, self.out_dir, self.id_field = paths, Path(out_dir), id_field
-        self.limits = limits  # shards are read exactly as embed read them
+    stage = "export"
+    paths: dict[str, str]  # source shard -> where it is read from
+    out_dir: str  # export/shards
+    id_field: str | None  # input.id_column
+    limits: ShardLimits  # shards are read exactly as embed read them
 
-    def process(self, item: dict) -> dict:
+    def process(self, item: OutputShard) -> dict:
         from condense.readers.shards import IMAGE_EXTENSIONS, KEPT_EXTENSIONS
         from condense.readers.webdataset import find_samples
 
         copied = set(KEPT_EXTENSIONS)  # never a .pickle or .pyd a reader may load
         start, started_at = time.perf_counter(), time.time()
-        table = item["table"]
+        table = item.table
         wanted: dict[str, dict[str, int]] = {}
         sources, ids = table.column(S.SOURCE).to_pylist(), table.column(S.SAMPLE_ID).to_pylist()
         for row, (source, sample_id) in enumerate(zip(sources, ids, strict=True)):
             wanted.setdefault(source, {})[sample_id] = row
         order, image_ext, written = [], [], 0
-        shard = self.out_dir / item["shard"]
+        out_dir = Path(self.out_dir)
+        shard = out_dir / item.shard
         keys = table.column("key").to_pylist()
         with atomic_file(shard.with_suffix(".tar")) as f, tarfile.open(fileobj=f, mode="w|") as tar:
             for source in sorted(wanted):
@@ -249,7 +247,7 @@ class ShardCopier:
                             written += len(data)
                     order.append(row)
                     image_ext.append(next((e for e, _ in members if e in IMAGE_EXTENSIONS), None))
-                    kill_once("export_kill", item["shard"])  # a test's copier killed mid-shard
+                    kill_once("export_kill", item.shard)  # a test's copier killed mid-shard
                 if need:
                     missing = ", ".join(sorted(need)[:5])
                     raise StageError(
@@ -273,7 +271,7 @@ class ShardCopier:
             pq.write_table(index, f)
         seconds = time.perf_counter() - start
         atomic_write_json(
-            self.out_dir / f"{item['shard']}_stats.json",
+            out_dir / f"{item.shard}_stats.json",
             {
                 "count": len(rows),
                 "successes": len(rows),
@@ -288,9 +286,9 @@ class ShardCopier:
             },
         )
         files = [shard.with_suffix(".tar"), shard.with_suffix(".parquet")]
-        files.append(self.out_dir / f"{item['shard']}_stats.json")
+        files.append(out_dir / f"{item.shard}_stats.json")
         return {
-            "part": item["part"],
+            "part": item.part,
             "files": [str(f) for f in files],
             "rows_in": len(rows),
             "bytes": written,

@@ -4,10 +4,11 @@ Each keeps a range of ranks [r_lo, r_hi) of the rows that entered it, in the ord
 sample_id): the key is a band's descending score key or the sample's seeded hash. Exact and
 distributed, in three steps:
 
-1. every part's entering rows are sorted into a run `_runs/<part>.arrow` (key, sample_id, row);
-2. the rows at ranks r_lo and r_hi are found by `cores.select.find_rank`, whose questions Ray
-   tasks answer from the runs (the driver holds histograms and at most a few hundred thousand
-   keys, never a column);
+1. every part's entering rows are sorted by key into `_sorted/<part>.arrow` (key, sample_id,
+   row);
+2. the rows at ranks r_lo and r_hi are found by `cores.select.find_rank`, whose questions
+   workers answer from the sorted parts (the driver holds histograms and at most a few hundred
+   thousand keys, never a column);
 3. every part writes its output: one row per entering row, in the upstream order, `kept` set for
    the rows between the two boundaries.
 
@@ -18,29 +19,37 @@ are checked against each upstream part, so stages are joined by key, not by posi
 from __future__ import annotations
 
 import time
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from condense import schema as S
-from condense.cores.select import Boundary, Run, answer, count_below, find_rank, sort_run
+from condense.cores.select import (
+    Boundary,
+    SortedPart,
+    answer,
+    count_below,
+    find_rank,
+    sort_part,
+)
 from condense.errors import StageError
-from condense.pipeline.rundir import RunDir
-from condense.stages.base import (
-    Stage,
-    StageContext,
-    StageResult,
+from condense.runtime.processor import Processor, WorkItem, gather
+from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
+from condense.storage.parts import (
     discard_scratch,
     part_files,
+    part_name,
+    part_path,
     read_scratch,
-    run_parts,
     write_part,
     write_scratch,
 )
+from condense.storage.rundir import RunDir
 
-RUNS_DIR = "_runs"
+SORTED_DIR = "_sorted"  # scratch: each part's entering rows sorted by key
 SELECTION_CHAIN = ("dedup", "clip_band", "centroid_band", "sample")  # each filters the previous
 
 
@@ -49,9 +58,9 @@ def survivors(run_dir: str, part: str, stage: str, columns: list[str]) -> pa.Tab
     `stage` kept (checking at each step that the stage's part lists the same sample_ids)."""
     run = RunDir(run_dir)
     wanted = list(dict.fromkeys([S.SAMPLE_ID, *columns]))
-    table = pq.read_table(run.stage_dir("dedup") / f"part-{part}.parquet", columns=wanted)
+    table = pq.read_table(part_path(run.stage_dir("dedup"), part), columns=wanted)
     for upstream in SELECTION_CHAIN[: SELECTION_CHAIN.index(stage)]:
-        path = run.stage_dir(upstream) / f"part-{part}.parquet"
+        path = part_path(run.stage_dir(upstream), part)
         flags = pq.read_table(path, columns=[S.SAMPLE_ID, S.KEPT])
         if not flags.column(S.SAMPLE_ID).equals(table.column(S.SAMPLE_ID)):
             raise StageError(f"{path} does not list the rows that entered {upstream}")
@@ -59,62 +68,98 @@ def survivors(run_dir: str, part: str, stage: str, columns: list[str]) -> pa.Tab
     return table
 
 
-class RunWriter:
-    """Step 1: sort one part's entering rows into a run."""
+@dataclass
+class KeySorter(Processor):
+    """Step 1: sort one part's entering rows by key."""
 
-    def __init__(self, stage: RankedStage, run_dir: str, settings: dict):
-        self.stage, self.run_dir, self.settings = stage, run_dir, settings
+    ranked: RankedStage
+    run_dir: str
+    settings: dict  # the stage's settings (a sample's seed)
 
-    def process(self, item: dict) -> dict:
+    @property
+    def stage(self) -> str:  # one class serves the three ranked stages
+        return self.ranked.name
+
+    def process(self, item: SourcePart) -> dict:
         start = time.perf_counter()
-        rows = survivors(self.run_dir, item["source"], self.stage.name, self.stage.inputs)
-        keys = self.stage.keys(rows, self.settings)
-        run, order = sort_run(keys, rows.column(S.SAMPLE_ID))
-        table = pa.table({"key": pa.array(run.keys), S.SAMPLE_ID: run.ids, "row": pa.array(order)})
-        path = (
-            RunDir(self.run_dir).stage_dir(self.stage.name) / RUNS_DIR / f"{item['source']}.arrow"
+        rows = survivors(self.run_dir, item.source, self.ranked.name, self.ranked.inputs)
+        keys = self.ranked.keys(rows, self.settings)
+        part, order = sort_part(keys, rows.column(S.SAMPLE_ID))
+        table = pa.table(
+            {"key": pa.array(part.keys), S.SAMPLE_ID: part.ids, "row": pa.array(order)}
         )
+        path = sorted_path(self.run_dir, self.ranked.name, item.source)
         write_scratch(path, [table], table.schema)
         return {
-            "part": item["part"],
+            "part": item.part,
             "files": [str(path)],
             "rows_in": len(table),
             "seconds": time.perf_counter() - start,
         }
 
 
-def load_run(path: str) -> tuple[Run, np.ndarray]:
-    """A run file, memory-mapped: (run, row positions in the part's entering order)."""
+def sorted_path(run_dir: str, stage: str, source: str):
+    """Where a ranked stage keeps one part's sorted rows while it works."""
+    return RunDir(run_dir).stage_dir(stage) / SORTED_DIR / f"{source}.arrow"
+
+
+def load_sorted(path: str) -> tuple[SortedPart, np.ndarray]:
+    """A sorted part, memory-mapped: (its keys and ids, row positions in entering order)."""
     table = read_scratch(path)
     keys = table.column("key").combine_chunks().to_numpy(zero_copy_only=False)
     ids = table.column(S.SAMPLE_ID).combine_chunks()
-    return Run(keys, ids), table.column("row").combine_chunks().to_numpy(zero_copy_only=False)
+    return SortedPart(keys, ids), table.column("row").combine_chunks().to_numpy(
+        zero_copy_only=False
+    )
 
 
-def answer_runs(paths: list[str], question: tuple) -> list:
-    """A Ray task: every run in `paths` answers one question."""
-    return [answer(load_run(p)[0], question) for p in paths]
+@dataclass(frozen=True, kw_only=True)
+class SortedGroup(WorkItem):
+    """Some sorted parts, which one worker reads to answer a question."""
+
+    paths: list[str]
 
 
-class KeptWriter:
+@dataclass
+class RankAnswerer(Processor):
+    """Step 2: every sorted part of a group answers one question of `find_rank`."""
+
+    stage_name: str
+    question: tuple
+
+    @property
+    def stage(self) -> str:
+        return self.stage_name
+
+    def process(self, item: SortedGroup) -> list[Any]:
+        return [answer(load_sorted(p)[0], self.question) for p in item.paths]
+
+
+@dataclass
+class KeptWriter(Processor):
     """Step 3: write one part with `kept` set between the two boundaries."""
 
-    def __init__(self, stage: RankedStage, run_dir: str, lower, upper):
-        self.stage, self.run_dir = stage, run_dir
-        self.lower, self.upper = lower, upper
+    ranked: RankedStage
+    run_dir: str
+    lower: Boundary | None
+    upper: Boundary | None
 
-    def process(self, item: dict) -> dict:
+    @property
+    def stage(self) -> str:
+        return self.ranked.name
+
+    def process(self, item: SourcePart) -> dict:
         start = time.perf_counter()
-        rows = survivors(self.run_dir, item["source"], self.stage.name, self.stage.inputs)
-        out_dir = RunDir(self.run_dir).stage_dir(self.stage.name)
-        run, row = load_run(str(out_dir / RUNS_DIR / f"{item['source']}.arrow"))
-        a, b = count_below(run, self.lower), count_below(run, self.upper)
+        rows = survivors(self.run_dir, item.source, self.ranked.name, self.ranked.inputs)
+        out_dir = RunDir(self.run_dir).stage_dir(self.ranked.name)
+        part, row = load_sorted(str(sorted_path(self.run_dir, self.ranked.name, item.source)))
+        a, b = count_below(part, self.lower), count_below(part, self.upper)
         kept = np.zeros(len(rows), dtype=bool)
         kept[row[a:b]] = True
-        table = rows.select(list(self.stage.writes[:-1])).append_column(S.KEPT, pa.array(kept))
-        path = write_part(table, out_dir, item["source"])
+        table = rows.select(list(self.ranked.writes[:-1])).append_column(S.KEPT, pa.array(kept))
+        path = write_part(table, out_dir, item.source)
         return {
-            "part": item["part"],
+            "part": item.part,
             "files": [str(path)],
             "rows_in": len(rows),
             "kept": int(b - a),
@@ -135,51 +180,44 @@ class RankedStage(Stage):
         """r_lo, r_hi, the drop counts by reason, and notes for `_stage.json`, for n rows."""
         raise NotImplementedError
 
-    def run(self, ctx: StageContext) -> StageResult:
+    def compute(self, ctx: StageContext) -> StageResult:
         out_dir = ctx.run.stage_dir(self.name)
-        sources = [p.stem.removeprefix("part-") for p in part_files(ctx.run.stage_dir("dedup"))]
+        sources = [part_name(p) for p in part_files(ctx.run.stage_dir("dedup"))]
         settings = self.settings(ctx.config)[0]
+        run_dir = str(ctx.run.root)
         t0 = time.perf_counter()
-        counts = run_parts(
+        counts = write_parts(
             ctx,
-            self.name,
-            [{"part": f"run-{s}", "source": s} for s in sources],
-            RunWriter,
-            shared={"stage": self, "run_dir": str(ctx.run.root), "settings": settings},
-            num_cpus=1.0,
+            KeySorter(self, run_dir, settings),
+            [SourcePart(part=f"sorted-{s}", source=s) for s in sources],
         )
         n = sum(c["rows_in"] for c in counts)
         r_lo, r_hi, dropped, notes = self.ranks(ctx, n)
-        paths = [str(out_dir / RUNS_DIR / f"{s}.arrow") for s in sources]
-        groups = _groups(paths, 4 * ctx.executor.cpus())
+        paths = [str(sorted_path(run_dir, self.name, s)) for s in sources]
+        groups = [
+            SortedGroup(part=f"group-{i}", paths=g)
+            for i, g in enumerate(_groups(paths, 4 * ctx.executor.cpus()))
+        ]
 
         def ask(question: tuple) -> list:
-            answers = ctx.executor.map_tasks(answer_runs, [(g, question) for g in groups])
+            answers = gather(ctx.executor, RankAnswerer(self.name, question), groups)
             return [a for group in answers for a in group]
 
         lower = find_rank(r_lo, n, ask) if r_lo < n else None
         upper = find_rank(r_hi, n, ask) if r_hi < n else None
         select_seconds = time.perf_counter() - t0
-        stats = run_parts(
+        stats = write_parts(
             ctx,
-            self.name,
+            KeptWriter(self, run_dir, lower, upper),
             [
-                {"part": f"out-{s}", "source": s, "rows": c["rows_in"]}
+                SourcePart(part=f"out-{s}", source=s, rows=c["rows_in"])
                 for s, c in zip(sources, counts, strict=True)
             ],
-            KeptWriter,
-            shared={
-                "stage": self,
-                "run_dir": str(ctx.run.root),
-                "lower": lower,
-                "upper": upper,
-            },
-            num_cpus=1.0,
         )
         kept = sum(s["kept"] for s in stats)
         if kept != r_hi - r_lo:
             raise StageError(f"{self.name}: kept {kept} rows, expected {r_hi - r_lo}")
-        discard_scratch(out_dir, RUNS_DIR, prefix="run-")
+        discard_scratch(out_dir, SORTED_DIR, prefix="sorted-")
         extra = {
             "ranks": [r_lo, r_hi],
             "boundaries": [_describe(lower), _describe(upper)],

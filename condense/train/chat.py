@@ -10,7 +10,7 @@ from condense.errors import InputError
 def load_trained(model_dir: str | Path):
     """(model, tokenizer, config) from RUN/train/<stage>/: the config it ran with, the projector,
     the peft adapter and the vision tower's weights when it trained them."""
-    from condense.config import load_config
+    from condense.strict import load_yaml
     from condense.train.config import TrainConfig
     from condense.train.loop import load_projector
     from condense.train.run import build_model
@@ -21,7 +21,7 @@ def load_trained(model_dir: str | Path):
         or not (folder / "mm_projector.safetensors").is_file()
     ):
         raise InputError(f"{folder}: not a trained stage (config.yaml, mm_projector.safetensors)")
-    cfg = load_config(folder / "config.yaml", model=TrainConfig)
+    cfg = load_yaml(folder / "config.yaml", TrainConfig)
     model, tokenizer = build_model(cfg)
     load_projector(model, folder / "mm_projector.safetensors")
     if (folder / "merged").is_dir():  # the adapter already folded in

@@ -5,7 +5,12 @@ at its own rate (and the vision tower, when unfrozen).
 Batches of `per_device_batch` samples; gradients accumulate to `global_batch`; AdamW with a
 cosine schedule after a linear warmup; bf16 autocast on GPUs that have it. Samples that cannot
 be used (an image that does not decode, text past max_length: truncated) are counted, never
-raised mid-epoch.
+raised mid-epoch. `train` reads top to bottom; the pieces it calls, in order, are
+`prepare_model`, `prepare_sample`, `micro_step`, `optimizer_step`, `Checkpointer` and
+`StepLog`.
+
+    model, tokenizer = build_model(cfg)          # condense/train/run.py
+    result = train(model, lambda: samples, len(samples), tokenizer, 32, cfg)
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,44 +30,14 @@ import torch
 
 from condense.errors import InputError
 from condense.faults import kill_once
-from condense.pipeline.rundir import atomic_file
-from condense.readers.shards import DEFAULT_LIMITS, ShardLimits
+from condense.storage.files import atomic_file
+from condense.train.config import TrainConfig
 from condense.train.data import load_image
 from condense.train.model import BunnyModel, base_llm
-from condense.train.parallel import Single
+from condense.train.parallel import OneProcess
 from condense.train.templates import IGNORE, IMAGE_TOKEN, encode
 
 CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class LoopConfig:
-    lr: float = 5e-4
-    global_batch: int = 256
-    per_device_batch: int = 8
-    epochs: int = 1
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_length: int = 2048
-    template: str = "plain"
-    seed: int = 0
-    stage: str = "stage1"  # stage1: the projector; stage2: LoRA adapters + projector (+ vision)
-    mm_projector_lr: float = 2e-5  # stage 2: projector (and unfrozen vision tower) rate
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
-    unfreeze_vision: bool = False
-    checkpoint_dir: Path | None = None  # where checkpoint.pt goes (None: no checkpoints)
-    save_every: int = 100  # optimizer steps between checkpoints (and one at each epoch end)
-    resume: bool = False  # continue from checkpoint_dir/checkpoint.pt when it exists
-    max_steps: int | None = None  # stop after this many steps (a checkpoint is written first)
-    log_every: int = 10  # steps between progress lines when there is no terminal
-    gradient_checkpointing: bool = False  # recompute the LLM's activations in the backward pass
-    progress_bar: bool = True  # a tqdm bar when stderr is a terminal
-    # What a checkpoint must have been made with to be resumed (settings and data identity):
-    # resuming with another LoRA rank, unfrozen vision or other data is refused by name.
-    settings: dict = field(default_factory=dict)
-    limits: ShardLimits = DEFAULT_LIMITS  # bounds on the images decoded (data.limits)
 
 
 @dataclass
@@ -85,7 +61,7 @@ def freeze_for_stage1(model: BunnyModel) -> None:
     model.projector.train()
 
 
-def prepare_stage2(model: BunnyModel, cfg: LoopConfig) -> list[dict]:
+def prepare_stage2(model: BunnyModel, cfg: TrainConfig) -> list[dict]:
     """LoRA (peft) on every linear layer of the LLM but lm_head, its base weights frozen; the
     projector trains at mm_projector_lr, the vision tower too when unfrozen. Returns the
     optimizer's parameter groups."""
@@ -93,9 +69,9 @@ def prepare_stage2(model: BunnyModel, cfg: LoopConfig) -> list[dict]:
 
     model.requires_grad_(False)
     lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
         target_modules="all-linear",  # peft leaves the output layer (lm_head) out
         task_type="CAUSAL_LM",
     )
@@ -122,34 +98,24 @@ def cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(
-    model: BunnyModel,
-    samples: Callable[[], Iterable[tuple[list[dict], bytes | Path | None]]],
-    n_samples: int,
-    tokenizer,
-    image_size: int,
-    cfg: LoopConfig,
-    log: Callable[[str], None] = print,
-    parallel: Single | None = None,
-) -> LoopResult:
-    """Train `model` on `samples` (one epoch's stream, the same on every worker).
+@dataclass
+class Trainable:
+    """What the optimizer steps, after the model is prepared for its stage."""
 
-    Each optimizer step takes the next `global_batch` samples of the stream in blocks of
-    `per_device_batch`; block j goes to worker j % world, so any number of workers sees the
-    same steps as one (the global batch is a multiple of per_device_batch x workers). Each
-    micro-batch's mean loss is divided by the micro-batches per worker per step, and DDP/FSDP
-    average the gradients over the workers: the gradient one worker would compute.
-    """
-    parallel = parallel or Single()
-    if not parallel.is_main:
-        log = _silent
+    module: torch.nn.Module  # what the loop calls: the model, or its DDP/FSDP wrapper
+    groups: list[dict]  # the optimizer's parameter groups
+    names: list[str]  # the trainable parameters' names (checkpoints are keyed by them)
+    image_params: list[torch.Tensor]  # the image side's (projector, vision tower)
+    count: int  # trainable parameters
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.groups for p in g["params"]]
+
+
+def prepare_model(model: BunnyModel, cfg: TrainConfig, parallel, log) -> Trainable:
+    """Freeze or adapt the model for its stage, wrap it for the workers, seed each worker."""
     torch.manual_seed(cfg.seed)  # the same LoRA initialisation on every worker
-    per_step = cfg.per_device_batch * parallel.world
-    if cfg.global_batch % per_step:
-        raise ValueError(
-            f"global_batch {cfg.global_batch} is not a multiple of per_device_batch "
-            f"{cfg.per_device_batch} x {parallel.world} worker(s)"
-        )
     model.to(parallel.device)
     if cfg.stage == "stage2":
         groups = prepare_stage2(model, cfg)
@@ -161,9 +127,8 @@ def train(
         groups = [{"params": list(model.projector.parameters()), "lr": cfg.lr}]
         what = "the projector"
     if cfg.gradient_checkpointing:
-        llm = base_llm(model.llm)
-        checkpoint_activations(llm)
-    trainable = sum(p.numel() for g in groups for p in g["params"])
+        checkpoint_activations(base_llm(model.llm))
+    count = sum(p.numel() for g in groups for p in g["params"])
     name_of = {id(p): n for n, p in model.named_parameters()}
     names = [[name_of[id(p)] for p in g["params"]] for g in groups]
     # Stage 2 has text-only samples: the projector may be left out of a batch's graph.
@@ -171,180 +136,275 @@ def train(
     own = dict(model.named_parameters())  # FSDP has replaced them with sharded ones
     groups = [{**g, "params": [own[n] for n in ns]} for g, ns in zip(groups, names, strict=True)]
     torch.manual_seed(cfg.seed + parallel.rank)  # and each its own LoRA dropout
-    params = [p for g in groups for p in g["params"]]
-    trainable_names = [n for ns in names for n in ns]
-    image_params = [own[n] for n in trainable_names if n.startswith(("projector.", "vision."))]
-    log(f"[train] {cfg.stage}: {trainable:,} trainable parameters ({what})")
-    full = cfg.global_batch // cfg.per_device_batch  # blocks (micro-batches) in a whole step
-    steps_per_epoch = max(1, math.ceil(n_samples / cfg.global_batch))
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, round(cfg.warmup_ratio * total))
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, total, warmup))
-    device = parallel.device
-    autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    result = LoopResult(steps=0, trainable=trainable)
-    skipped: Counter = Counter()
-    start = time.perf_counter()
-    window = {"loss": 0.0, "tokens": 0, "samples": 0, "images": 0}  # this worker's, this step
-    dummy = _dummy_batch(tokenizer, image_size)
-    mean, std = getattr(model.vision, "mean", None), getattr(model.vision, "std", None)
+    flat = [n for ns in names for n in ns]
+    image_params = [own[n] for n in flat if n.startswith(("projector.", "vision."))]
+    log(f"[train] {cfg.stage}: {count:,} trainable parameters ({what})")
+    return Trainable(module, groups, flat, image_params, count)
 
-    def micro_step(batch: list | None, last: bool, weight: float) -> None:
-        """Forward and backward of one micro-batch, its mean loss weighted by 1 / the
-        micro-batches per worker in a step (DDP and FSDP then average over the workers: the
-        step's gradient is the mean over its micro-batches; a short last step is scaled up
-        before the optimizer steps). Gradients are all-reduced on the last micro-batch of a
-        step. An empty one (its samples all skipped, or past the stream's end on this
-        worker) runs a zero-weight pass, so every worker joins every all-reduce."""
-        if not batch and parallel.world == 1:
-            return
-        with nullcontext() if last else parallel.no_sync(module):
-            loss, tokens = _micro_step(
-                module, batch or dummy, device, autocast, weight * bool(batch)
-            )
-        if batch:
-            window["loss"] += loss
-            window["tokens"] += tokens
-            window["samples"] += len(batch)
-            window["images"] += sum(1 for b in batch if b[2] is not None)
 
-    def optimizer_step() -> None:
-        loss, tokens, count, images = parallel.sum([window[k] for k in window])
-        # What one process would leave without a gradient (None: AdamW leaves it alone, no
-        # momentum step) stays so: everything in a step with no sample, the image side
-        # (projector, vision tower) in a step without images; zero-weight passes gave zeros.
-        unused = params if not count else image_params if not images else []
-        for p in unused:
-            p.grad = None
-        torch.nn.utils.clip_grad_norm_(params, 1.0)  # DTensor-aware under FSDP
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        result.steps += 1
-        result.losses.append(loss / parallel.world)
-        result.tokens += int(tokens)
-        result.samples += int(count)
-        window.update(loss=0.0, tokens=0, samples=0, images=0)
-        report()
+def prepare_sample(cfg: TrainConfig, tokenizer, image_size: int, mean, std, skipped, sample):
+    """(ids, labels, pixels) of one sample, or None (counted in `skipped` by reason)."""
+    turns, image = sample
+    if image is None and cfg.stage == "stage1":
+        skipped["no_image"] += 1  # nothing for the projector to learn from
+        return None
+    pix = load_image(image, image_size, skipped, mean, std, cfg.data.limits)
+    if image is not None and pix is None:
+        return None
+    try:
+        ids, labels, truncated = encode(turns, cfg.template, tokenizer, cfg.max_length)
+    except ValueError:
+        skipped["bad_turns"] += 1
+        return None
+    if ids.count(IMAGE_TOKEN) != (pix is not None):  # cut off by max_length, or a
+        skipped["image_token_mismatch"] += 1  # caption that itself says <image>
+        return None
+    if all(x == IGNORE for x in labels):  # truncated before the answer: nothing to learn
+        skipped["no_target"] += 1
+        return None
+    skipped["truncated"] += int(truncated)
+    return ids, labels, pix
 
-    def report() -> None:
-        """Loss, tokens/s and time left: a live bar on a terminal, else a line every
-        log_every steps (and at the last step), for logs such as `ray job logs`."""
-        elapsed = time.perf_counter() - start
-        done = result.steps - first_step
-        left = elapsed / done * (total - result.steps) if done else 0.0
-        rate = (result.tokens - first_tokens) / max(elapsed, 1e-9)
-        text = f"loss {result.losses[-1]:.4f} | {rate:,.0f} tokens/s | {left:,.0f} s left"
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(text)
-        elif result.steps % cfg.log_every == 0 or result.steps == total:
-            log(f"[train] step {result.steps}/{total}: {text}")
 
-    path = Path(cfg.checkpoint_dir) / CHECKPOINT if cfg.checkpoint_dir else None
+@dataclass
+class StepWindow:
+    """This worker's sums over the optimizer step being accumulated."""
 
-    def save(epoch: int, position: int) -> None:
-        """Trainable weights, optimizer, scheduler, RNG and the data position, atomically."""
-        weights, opt_state = parallel.state(model, opt, trainable_names)
-        rng = parallel.gather(_rng_state(device))
+    loss: float = 0.0
+    tokens: int = 0
+    samples: int = 0
+    images: int = 0
+
+    def add(self, batch: list, loss: float, tokens: int) -> None:
+        self.loss += loss
+        self.tokens += tokens
+        self.samples += len(batch)
+        self.images += sum(1 for b in batch if b[2] is not None)
+
+    def clear(self) -> None:
+        self.loss, self.tokens, self.samples, self.images = 0.0, 0, 0, 0
+
+
+def micro_step(module, batch, window: StepWindow, parallel, dummy, autocast, last, weight):
+    """Forward and backward of one micro-batch, its mean loss weighted by 1 / the
+    micro-batches per worker in a step (DDP and FSDP then average over the workers: the
+    step's gradient is the mean over its micro-batches; a short last step is scaled up
+    before the optimizer steps). Gradients are all-reduced on the last micro-batch of a
+    step. An empty one (its samples all skipped, or past the stream's end on this worker)
+    runs a zero-weight pass, so every worker joins every all-reduce."""
+    if not batch and parallel.world == 1:
+        return
+    with nullcontext() if last else parallel.no_sync(module):
+        loss, tokens = _forward_backward(
+            module, batch or dummy, parallel.device, autocast, weight * bool(batch)
+        )
+    if batch:
+        window.add(batch, loss, tokens)
+
+
+def optimizer_step(trainable: Trainable, opt, sched, window: StepWindow, result, parallel):
+    """One optimizer step on the accumulated gradients; the step's sums go into `result`."""
+    loss, tokens, count, images = parallel.sum(
+        [window.loss, window.tokens, window.samples, window.images]
+    )
+    # What one process would leave without a gradient (None: AdamW leaves it alone, no
+    # momentum step) stays so: everything in a step with no sample, the image side
+    # (projector, vision tower) in a step without images; zero-weight passes gave zeros.
+    unused = trainable.params if not count else trainable.image_params if not images else []
+    for p in unused:
+        p.grad = None
+    torch.nn.utils.clip_grad_norm_(trainable.params, 1.0)  # DTensor-aware under FSDP
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    result.steps += 1
+    result.losses.append(loss / parallel.world)
+    result.tokens += int(tokens)
+    result.samples += int(count)
+    window.clear()
+
+
+class Checkpointer:
+    """Trainable weights, optimizer, scheduler, RNG and the data position in
+    `folder/checkpoint.pt`, written atomically; `resume` continues from it. A checkpoint made
+    with other `settings` (the run's settings and data identity) is refused by name."""
+
+    def __init__(self, folder: Path, settings: dict | None = None, resume: bool = False):
+        self.path = Path(folder) / CHECKPOINT
+        self.settings, self.resume = settings or {}, resume
+
+    def save(self, ctx: dict, result: LoopResult, skipped: Counter, epoch: int, position: int):
+        parallel = ctx["parallel"]
+        weights, opt_state = parallel.state(ctx["model"], ctx["opt"], ctx["names"])
+        rng = parallel.gather(_rng_state(parallel.device))
         counts = parallel.gather(dict(skipped))
         if not parallel.is_main:
             return
         state = {
-            "settings": cfg.settings,
+            "settings": self.settings,
             "params": weights,
             "optimizer": opt_state,
-            "scheduler": sched.state_dict(),
+            "scheduler": ctx["sched"].state_dict(),
             "rng": rng,
             "epoch": epoch,
             "position": position,
-            "global_batch": cfg.global_batch,
+            "global_batch": ctx["global_batch"],
             "steps": result.steps,
             "losses": result.losses,
             "samples": result.samples,
             "tokens": result.tokens,
             "skipped": dict(sum((Counter(c) for c in counts), Counter())),
         }
-        with atomic_file(path) as f:  # a unique temporary name, fsynced, then renamed
+        with atomic_file(self.path) as f:  # a unique temporary name, fsynced, then renamed
             torch.save(state, f)
 
-    first_epoch, skip = 0, 0
-    if cfg.resume and path is not None and path.exists():
-        state = load_checkpoint(path)
-        check_resumable(path, state, cfg)
-        parallel.load_state(model, opt, state["params"], state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+    def restore(self, ctx: dict, result: LoopResult, skipped: Counter, log) -> tuple[int, int]:
+        """(epoch, position) to go on from: (0, 0) without a checkpoint to resume."""
+        if not (self.resume and self.path.exists()):
+            return 0, 0
+        parallel = ctx["parallel"]
+        state = load_checkpoint(self.path)
+        check_resumable(self.path, state, self.settings, ctx["global_batch"])
+        parallel.load_state(ctx["model"], ctx["opt"], state["params"], state["optimizer"])
+        ctx["sched"].load_state_dict(state["scheduler"])
         rng = state["rng"]  # each worker its own draws; with another worker count, derived ones
         if len(rng) == parallel.world:
-            _set_rng_state(rng[parallel.rank], device)
+            _set_rng_state(rng[parallel.rank], parallel.device)
         else:
-            torch.manual_seed(cfg.seed + parallel.rank + 1000 * state["steps"])
-        first_epoch, skip = state["epoch"], state["position"]
+            torch.manual_seed(ctx["seed"] + parallel.rank + 1000 * state["steps"])
         result.steps, result.losses = state["steps"], list(state["losses"])
         result.samples, result.tokens = state["samples"], state["tokens"]
         result.resumed_at = state["steps"]
         if parallel.is_main:  # the counts of all workers, summed once
             skipped.update(state["skipped"])
-        log(f"[train] resuming at step {result.steps} (epoch {first_epoch + 1}, sample {skip})")
+        epoch, position = state["epoch"], state["position"]
+        log(f"[train] resuming at step {result.steps} (epoch {epoch + 1}, sample {position})")
+        return epoch, position
+
+
+class StepLog:
+    """Loss, tokens/s and time left: a live bar on a terminal, else a line every `every` steps
+    (and at the last step), for logs such as `ray job logs`."""
+
+    def __init__(self, stage: str, total: int, every: int, result: LoopResult, parallel, log):
+        self.total, self.every, self.log = total, every, log
+        self.first_step, self.first_tokens = result.steps, result.tokens  # this run's share
+        self.start = time.perf_counter()
+        self.bar = None
+        if parallel.is_main and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=result.steps, desc=stage, unit="step")
+
+    def step(self, result: LoopResult) -> None:
+        elapsed = time.perf_counter() - self.start
+        done = result.steps - self.first_step
+        left = elapsed / done * (self.total - result.steps) if done else 0.0
+        rate = (result.tokens - self.first_tokens) / max(elapsed, 1e-9)
+        text = f"loss {result.losses[-1]:.4f} | {rate:,.0f} tokens/s | {left:,.0f} s left"
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text)
+        elif result.steps % self.every == 0 or result.steps == self.total:
+            self.log(f"[train] step {result.steps}/{self.total}: {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train(
+    model: BunnyModel,
+    samples: Callable[[], Iterable[tuple[list[dict], bytes | Path | None]]],
+    n_samples: int,
+    tokenizer,
+    image_size: int,
+    cfg: TrainConfig,
+    log: Callable[[str], None] = print,
+    parallel: OneProcess | None = None,
+    checkpointer: Checkpointer | None = None,
+) -> LoopResult:
+    """Train `model` on `samples` (one epoch's stream, the same on every worker).
+
+    Each optimizer step takes the next `global_batch` samples of the stream in blocks of
+    `per_device_batch`; block j goes to worker j % world, so any number of workers sees the
+    same steps as one (the global batch is a multiple of per_device_batch x workers). Each
+    micro-batch's mean loss is divided by the micro-batches per worker per step, and DDP/FSDP
+    average the gradients over the workers: the gradient one worker would compute.
+    """
+    parallel = parallel or OneProcess()
+    log = log if parallel.is_main else _silent
+    if cfg.global_batch % (cfg.per_device_batch * parallel.world):
+        raise ValueError(
+            f"global_batch {cfg.global_batch} is not a multiple of per_device_batch "
+            f"{cfg.per_device_batch} x {parallel.world} worker(s)"
+        )
+    trainable = prepare_model(model, cfg, parallel, log)
+    full = cfg.global_batch // cfg.per_device_batch  # blocks (micro-batches) in a whole step
+    total = max(1, math.ceil(n_samples / cfg.global_batch)) * cfg.epochs
+    warmup = max(1, round(cfg.warmup_ratio * total))
+    opt = torch.optim.AdamW(trainable.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, total, warmup))
+    autocast = parallel.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    result = LoopResult(steps=0, trainable=trainable.count)
+    skipped: Counter = Counter()
+    window = StepWindow()
+    dummy = _dummy_batch(tokenizer, image_size)
+    mean, std = getattr(model.vision, "mean", None), getattr(model.vision, "std", None)
+    prepare = partial(prepare_sample, cfg, tokenizer, image_size, mean, std, skipped)
+    state = {  # what a checkpoint saves and restores
+        "parallel": parallel,
+        "model": model,
+        "opt": opt,
+        "sched": sched,
+        "names": trainable.names,
+        "global_batch": cfg.global_batch,
+        "seed": cfg.seed,
+    }
+    start = time.perf_counter()
+    first_epoch, skip = (
+        checkpointer.restore(state, result, skipped, log) if checkpointer else (0, 0)
+    )
+    first_tokens = result.tokens
+    progress = StepLog(cfg.stage, total, cfg.log_every, result, parallel, log)
 
     def stop() -> bool:
         return cfg.max_steps is not None and result.steps >= cfg.max_steps
 
-    def prepare(sample: tuple[list[dict], bytes | None]):
-        turns, image = sample
-        if image is None and cfg.stage == "stage1":
-            skipped["no_image"] += 1  # nothing for the projector to learn from
-            return None
-        pix = load_image(image, image_size, skipped, mean, std, cfg.limits)
-        if image is not None and pix is None:
-            return None
-        try:
-            ids, labels, truncated = encode(turns, cfg.template, tokenizer, cfg.max_length)
-        except ValueError:
-            skipped["bad_turns"] += 1
-            return None
-        if ids.count(IMAGE_TOKEN) != (pix is not None):  # cut off by max_length, or a
-            skipped["image_token_mismatch"] += 1  # caption that itself says <image>
-            return None
-        if all(x == IGNORE for x in labels):  # truncated before the answer: nothing to learn
-            skipped["no_target"] += 1
-            return None
-        skipped["truncated"] += int(truncated)
-        return ids, labels, pix
-
-    first_step, first_tokens = result.steps, result.tokens  # this run's share, for rates
-    bar = None
-    if cfg.progress_bar and parallel.is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=result.steps, desc=cfg.stage, unit="step")
-
     for epoch in range(first_epoch, cfg.epochs):
-        blocks = _micro_batches(
+        stream = _micro_batches(
             samples(), skip, cfg.global_batch, cfg.per_device_batch, parallel, prepare
         )
         skip = 0
-        for batch, end, count in blocks:
-            micro_step(batch, last=end is not None, weight=parallel.world / full)
-            if end is None:
+        for batch, end, count in stream:
+            last = end is not None
+            micro_step(
+                trainable.module,
+                batch,
+                window,
+                parallel,
+                dummy,
+                autocast,
+                last,
+                parallel.world / full,
+            )
+            if not last:
                 continue
             if count < full:  # a short last step: the mean over the blocks it has
-                _scale_gradients(params, full / count)
-                window["loss"] *= full / count
-            optimizer_step()
-            if end == 0:  # the epoch's end
-                if path is not None:
-                    save(epoch + 1, 0)
-            elif path is not None and (result.steps % cfg.save_every == 0 or stop()):
-                save(epoch, end)
+                _scale_gradients(trainable.params, full / count)
+                window.loss *= full / count
+            optimizer_step(trainable, opt, sched, window, result, parallel)
+            progress.step(result)
+            if checkpointer is not None and end == 0:  # the epoch's end
+                checkpointer.save(state, result, skipped, epoch + 1, 0)
+            elif checkpointer is not None and (result.steps % cfg.save_every == 0 or stop()):
+                checkpointer.save(state, result, skipped, epoch, end)
             kill_once("train_kill", f"{parallel.rank}-{result.steps}")  # a test's worker killed
             if stop():
                 break
         if stop():
             break
-    if bar is not None:
-        bar.close()
+    progress.close()
     result.seconds = time.perf_counter() - start
     result.tokens_per_second = (result.tokens - first_tokens) / max(result.seconds, 1e-9)
     total_skipped = sum((Counter(c) for c in parallel.gather(dict(skipped))), Counter())
@@ -391,7 +451,7 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _micro_batches(stream, skip: int, span: int, size: int, parallel: Single, prepare):
+def _micro_batches(stream, skip: int, span: int, size: int, parallel: OneProcess, prepare):
     """This worker's micro-batches, as (batch, end, blocks): end is None inside a step, else
     the stream position after the step, or 0 after the epoch's last step; with an end, blocks
     is the number of blocks (micro-batches of all workers) the step had: fewer than a whole
@@ -457,7 +517,7 @@ def _dummy_batch(tokenizer, image_size: int) -> list:
     return [([IMAGE_TOKEN, t], [IGNORE, t], np.zeros((3, image_size, image_size), np.float32))]
 
 
-def _micro_step(module, batch, device, autocast: bool, weight: float) -> tuple[float, int]:
+def _forward_backward(module, batch, device, autocast: bool, weight: float) -> tuple[float, int]:
     ids = [b[0] for b in batch]
     labels = [b[1] for b in batch]
     images = [b[2] for b in batch if b[2] is not None]
@@ -484,11 +544,11 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def check_resumable(path: Path, state: dict, cfg: LoopConfig) -> None:
+def check_resumable(path: Path, state: dict, settings: dict, global_batch: int) -> None:
     """Refuse to resume a checkpoint made with other settings, naming each difference."""
     made = dict(state.get("settings") or {})
     made.setdefault("global_batch", state.get("global_batch"))
-    now = {**cfg.settings, "global_batch": cfg.global_batch}
+    now = {**settings, "global_batch": global_batch}
     differences = [
         f"{key} {made.get(key)!r} (now {now.get(key)!r})"
         for key in sorted(set(made) | set(now))

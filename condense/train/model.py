@@ -107,15 +107,13 @@ def _open_clip_vision(
 ):
     """`model`: an open_clip model name (e.g. EVA02-L-14) or a model config JSON; `path`: a
     local checkpoint file (None: random weights)."""
-    import open_clip
-
-    from condense.cores.clip import register
+    from condense.stages.embed.clip import create_model
 
     if not model:
         raise ValueError(
             "the open-clip vision tower needs vision.model (an open_clip name or JSON)"
         )
-    net = open_clip.create_model(register(model), pretrained=path)
+    net = create_model(model, path)
     return OpenClipVisionTower(net.visual, layer)
 
 

@@ -33,7 +33,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class Single:
+class OneProcess:
     """One process: the model as is."""
 
     rank, world = 0, 1
@@ -83,7 +83,7 @@ class Single:
         return None  # the model itself holds them: nothing to gather
 
 
-class DDP(Single):
+class DDP(OneProcess):
     """Data parallel: every worker holds the model; gradients are averaged once per step."""
 
     def __init__(self, device: torch.device | None = None):
@@ -154,15 +154,15 @@ class FSDP(DDP):
         return get_model_state_dict(model, options=_full_options())
 
 
-def make_parallel(strategy: str = "ddp", device: torch.device | None = None) -> Single:
-    """`Single` outside a process group; else the strategy's class on `device` (this worker's
+def make_parallel(strategy: str = "ddp", device: torch.device | None = None) -> OneProcess:
+    """`OneProcess` outside a process group; else the strategy's class on `device` (this worker's
     GPU, or the CPU)."""
     import torch.distributed as dist
 
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
     if not (dist.is_available() and dist.is_initialized()):
-        return Single(device)
+        return OneProcess(device)
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)
     return (DDP if strategy == "ddp" else FSDP)(device)

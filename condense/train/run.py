@@ -11,7 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 from condense.errors import CondenseError, ConfigError, InputError
-from condense.pipeline.rundir import atomic_write_json, read_json
+from condense.storage.files import atomic_write_json, read_json
 from condense.train.config import TrainConfig
 
 
@@ -107,7 +107,7 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
 
     One worker runs here, in plain PyTorch. `workers` > 1 runs a Ray Train TorchTrainer (DDP,
     or FSDP with `strategy: fsdp`) on the Ray cluster this process joins."""
-    from condense.pipeline.rundir import RunLock
+    from condense.storage.rundir import RunLock
 
     check_inputs(cfg, Path(run_dir))
     with RunLock(run_dir, log):  # one driver per run directory, the pipeline's or a trainer's
@@ -120,40 +120,20 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
 
 def train_on_ray(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool = False) -> dict:
     """The stage on `cfg.workers` Ray Train workers; returns the trainer state they saved."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from condense.config import RayConfig
-    from condense.runtime.ray import cluster_resources, init_ray
-
-    init_ray(RayConfig())
-    gpus = cfg.use_gpu if cfg.use_gpu is not None else cluster_resources()["GPU"] >= 1
     from condense import faults
+    from condense.runtime.train import cluster_has_gpus, fit
 
+    gpus = cfg.use_gpu if cfg.use_gpu is not None else cluster_has_gpus()
     run_dir = Path(run_dir).resolve()
     if not resume:  # a checkpoint the workers find is then this run's (after a restart)
         shutil.rmtree(checkpoint_dir(cfg, run_dir), ignore_errors=True)
     settings = _absolute_paths(cfg.model_dump())  # Ray Train workers run in folders of their own
-    trainer = TorchTrainer(
-        _ray_worker,
-        train_loop_config={
-            "cfg": settings,
-            "run_dir": str(run_dir),
-            "resume": resume,
-            "failpoints": faults.env(),
-        },
-        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.workers,
-            use_gpu=gpus,
-            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpus else {})},
-        ),
-        run_config=RunConfig(
-            name=f"condense-{cfg.stage}",
-            storage_path=str(run_dir / "train" / "ray"),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
-    )
+    config = {
+        "cfg": settings,
+        "run_dir": str(run_dir),
+        "resume": resume,
+        "failpoints": faults.env(),
+    }
     log(
         f"[train] {cfg.stage} on {cfg.workers} Ray Train workers "
         f"({cfg.strategy}, {'GPU' if gpus else 'CPU'})"
@@ -162,7 +142,16 @@ def train_on_ray(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool 
     for stale in out.glob(WORKER_ERRORS):
         stale.unlink()
     try:
-        trainer.fit()
+        fit(
+            _ray_worker,
+            config,
+            workers=cfg.workers,
+            cpus_per_worker=cfg.cpus_per_worker,
+            use_gpu=gpus,
+            storage=run_dir / "train" / "ray",
+            name=f"condense-{cfg.stage}",
+            max_failures=cfg.max_failures,
+        )
     except Exception:
         _raise_worker_error(out)  # bad input seen by a worker, rather than Ray's account of it
         raise
@@ -200,8 +189,7 @@ def _ray_worker(config: dict) -> None:
     from it."""
     import os
 
-    import ray.train.torch
-
+    from condense.runtime.train import worker_device
     from condense.train.loop import CHECKPOINT
     from condense.train.parallel import make_parallel
 
@@ -212,7 +200,7 @@ def _ray_worker(config: dict) -> None:
     if any(out.glob(WORKER_ERRORS)):  # an earlier attempt stopped on bad input: so would this
         return
     restarted = (checkpoint_dir(cfg, run_dir) / CHECKPOINT).exists()
-    parallel = make_parallel(cfg.strategy, ray.train.torch.get_device())
+    parallel = make_parallel(cfg.strategy, worker_device())
     try:
         run_worker(cfg, run_dir, print, config["resume"] or restarted, parallel)
     except CondenseError as exc:
@@ -243,7 +231,7 @@ def resume_settings(cfg: TrainConfig, run_dir: Path) -> dict:
     the result (not worker counts or logging), and the data's identity (files, sizes, times)."""
     from fsspec.core import url_to_fs
 
-    from condense.pipeline.rundir import content_digest
+    from condense.storage.files import content_digest
 
     settings = _absolute_paths(cfg.fingerprint_dict())  # the same here and in Ray workers
     files = [Path(cfg.data.llava_json)] if cfg.data.llava_json else shard_files(cfg, run_dir)
@@ -260,47 +248,30 @@ def run_worker(cfg: TrainConfig, run_dir: Path, log, resume: bool, parallel) -> 
     """Build, train and (on the main worker) save one stage; every worker runs this."""
     import yaml
 
-    from condense.train.loop import LoopConfig, load_projector, save_projector, train
+    from condense.train.loop import Checkpointer, load_projector, save_projector, train
 
     model, tokenizer = build_model(cfg)
     skipped: Counter = Counter()
-    settings = resume_settings(cfg, run_dir)
+    checkpointer = Checkpointer(checkpoint_dir(cfg, run_dir), resume_settings(cfg, run_dir), resume)
     if cfg.stage == "stage2":
         start = projector_start(cfg, run_dir)
         load_projector(model, start)
         if parallel.is_main:
             log(f"[train] stage 2 starts from the projector in {start}")
     samples, total = stage_samples(cfg, run_dir, skipped)
-    loop = LoopConfig(
-        lr=cfg.lr,
-        global_batch=cfg.global_batch,
-        per_device_batch=cfg.per_device_batch,
-        epochs=cfg.epochs,
-        warmup_ratio=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay,
-        max_length=cfg.max_length,
-        template=cfg.template,
-        seed=cfg.seed,
-        stage=cfg.stage,
-        mm_projector_lr=cfg.mm_projector_lr,
-        lora_r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        unfreeze_vision=cfg.unfreeze_vision,
-        checkpoint_dir=checkpoint_dir(cfg, run_dir),
-        save_every=cfg.save_every,
-        resume=resume,
-        max_steps=cfg.max_steps,
-        log_every=cfg.log_every,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        settings=settings,
-        limits=cfg.data.limits,
-    )
     if parallel.is_main:
         log(f"[train] {cfg.stage} on {total:,} samples, global batch {cfg.global_batch}")
     try:
         result = train(
-            model, samples, total, tokenizer, model.vision.image_size, loop, log, parallel
+            model,
+            samples,
+            total,
+            tokenizer,
+            model.vision.image_size,
+            cfg,
+            log,
+            parallel,
+            checkpointer,
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -327,7 +298,7 @@ def run_worker(cfg: TrainConfig, run_dir: Path, log, resume: bool, parallel) -> 
     if not parallel.is_main:
         return state
     if full is not None:  # an unsharded copy to save from
-        model = _unsharded(cfg, full, loop)
+        model = _unsharded(cfg, full)
     save_projector(model, out)
     if cfg.stage == "stage2":
         model.llm.save_pretrained(out / "adapter")  # the peft adapter (Hugging Face layout)
@@ -352,12 +323,12 @@ def run_worker(cfg: TrainConfig, run_dir: Path, log, resume: bool, parallel) -> 
     return state
 
 
-def _unsharded(cfg: TrainConfig, full: dict, loop):
+def _unsharded(cfg: TrainConfig, full: dict):
     """A plain model in the trained layout (peft-wrapped in stage 2) holding `full`."""
     from condense.train.loop import prepare_stage2
 
     model, _ = build_model(cfg)
     if cfg.stage == "stage2":
-        prepare_stage2(model, loop)
+        prepare_stage2(model, cfg)
     model.load_state_dict(full, strict=True)
     return model

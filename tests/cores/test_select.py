@@ -4,13 +4,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from condense.cores.select import Boundary, answer, count_below, find_rank, sort_run
+from condense.cores.select import Boundary, answer, count_below, find_rank, sort_part
 
 
 def make_runs(keys, ids, splits):
     runs = []
     for part in np.array_split(np.arange(len(keys)), splits):
-        run, _ = sort_run(keys[part], pa.array(ids[part].tolist(), pa.string()))
+        run, _ = sort_part(keys[part], pa.array(ids[part].tolist(), pa.string()))
         runs.append(run)
     return runs
 
@@ -69,7 +69,7 @@ def test_wide_keys_need_few_rounds():
 
 def test_bad_rank_and_empty_runs():
     runs = make_runs(np.array([5, 1], np.uint64), np.array(["b", "a"], dtype=object), 1)
-    runs += [sort_run(np.zeros(0, np.uint64), pa.array([], pa.string()))[0]]
+    runs += [sort_part(np.zeros(0, np.uint64), pa.array([], pa.string()))[0]]
 
     def ask(q):
         return [answer(run, q) for run in runs]

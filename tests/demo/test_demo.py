@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from condense.cores.clip import ClipEncoder
 from condense.demo import MODEL_CONFIG
 from condense.demo.corpus import photos
 from condense.demo.thumbnail import GRID, write_checkpoint
 from condense.pipeline.report import dedup_quality
+from condense.stages.embed.clip import ClipEncoder
 
 
 @pytest.fixture(scope="module")

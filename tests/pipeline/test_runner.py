@@ -215,8 +215,8 @@ def test_killed_run_resumes_to_the_same_output(ray_session, corpus, tmp_path, ve
 
 def test_a_stage_whose_rows_in_differs_from_the_stage_before_stops(tmp_path):
     from condense.errors import StageError
-    from condense.pipeline.rundir import RunDir
     from condense.pipeline.runner import STAGES, check_chain
+    from condense.storage.rundir import RunDir
 
     run = RunDir(tmp_path)
     run.stage_dir("embed").mkdir()

@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from condense.readers import InputConfig
-from condense.readers.webdataset import ModelConfig, decode_shard
+from condense.readers.webdataset import Shard
+from condense.stages.embed.clip import ModelConfig
+from condense.stages.embed.images import decode_shard
 from tests.stages.test_embed_images import TINY, picture
 
 LIMITS = {"max_text_bytes": 2000, "max_members_per_sample": 6}
@@ -103,7 +105,7 @@ def test_only_the_good_samples_come_out_and_every_bad_one_is_counted(tmp_path, s
     rng = np.random.default_rng(seed)
     data, good, dropped, nulled = random_shard(rng, seed)
     (tmp_path / "s.tar").write_bytes(data)
-    item = {"part": "s", "source": "s.tar", "path": str(tmp_path / "s.tar")}
+    item = Shard(part="s", source="s.tar", path=str(tmp_path / "s.tar"))
     limits = InputConfig(kind="webdataset", path=str(tmp_path), limits=LIMITS).limits
     outputs = []
     for batch_size in (1, int(rng.integers(2, 9)), 64):
@@ -142,7 +144,7 @@ def test_an_id_repeated_within_a_shard_stops_it_at_once_naming_both_samples(tmp_
                 info.size = len(data)
                 t.addfile(info, io.BytesIO(data))
     (tmp_path / "s.tar").write_bytes(buf.getvalue())
-    item = {"part": "s", "source": "s.tar", "path": str(tmp_path / "s.tar")}
+    item = Shard(part="s", source="s.tar", path=str(tmp_path / "s.tar"))
     limits = InputConfig(kind="webdataset", path=str(tmp_path)).limits
     model = ModelConfig(name=TINY, batch_size=64)
     with pytest.raises(InputError, match="shard s.tar: sample_id 'x1' .* in samples 'a' and 'c'"):

@@ -33,7 +33,7 @@ def test_clip_retrieval_reads_aligned_rows(tmp_path, dtype):
     reader = open_reader(InputConfig(path=str(tmp_path)))
     assert (reader.dim, reader.total_rows) == (8, 12)
     items = reader.plan(rows_per_part=3)
-    assert [(i["number"], i["start"], i["stop"]) for i in items] == [
+    assert [(i.file, i.start, i.stop) for i in items] == [
         (0, 0, 3),
         (0, 3, 6),
         (0, 6, 7),

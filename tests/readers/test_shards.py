@@ -461,12 +461,12 @@ def test_shards_listed_and_streamed_through_fsspec():
     fs.pipe("/bucket/laion/sub/00001.tar", data)
     fs.pipe("/bucket/laion/readme.md", b"not a shard")
     items = list_shards("memory://bucket/laion")
-    assert [i["source"] for i in items] == ["00000.tar", "sub/00001.tar"]
-    assert [i["path"] for i in items] == [
+    assert [i.source for i in items] == ["00000.tar", "sub/00001.tar"]
+    assert [i.path for i in items] == [
         "memory://bucket/laion/00000.tar",
         "memory://bucket/laion/sub/00001.tar",
     ]
-    with open_shard(items[1]["path"]) as f:
+    with open_shard(items[1].path) as f:
         got = [(s.key, s.caption) for s in read_samples(f)]
     assert got == [("k1", "one"), ("k2", "two")]
 

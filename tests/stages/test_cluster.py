@@ -107,7 +107,7 @@ def test_training_sample_does_not_depend_on_parts(ray_session, corpus, tmp_path)
     assert not np.array_equal(samples[0][0], samples[0][1])  # a fresh sample per round
     # The sample is exactly the 321 rows that follow the seed's start on the id-hash ring.
     from condense.cores.hashing import hash_ids
-    from condense.stages.unique_ids import ID_HASH_SEED
+    from condense.stages.embed.ids import ID_HASH_SEED
 
     emb = pq.read_table(sorted((tmp_path / "4000" / "embed").glob("part-*.parquet"))).to_pandas()
     emb["h"] = ring_offset(hash_ids(emb.sample_id.tolist(), ID_HASH_SEED), window_start(9))

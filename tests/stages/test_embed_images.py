@@ -46,11 +46,11 @@ def sample(key, i, **override):
 
 
 def embed_only(shards, run, batch_size, resume=False, log=quiet_log):
-    from condense.pipeline.rundir import RunDir
     from condense.pipeline.runner import _run_stage
     from condense.runtime.ray import RayExecutor
     from condense.stages.base import StageContext
     from condense.stages.embed import EmbedStage
+    from condense.storage.rundir import RunDir
     from tests.readers.test_bad_sample_mixes import LIMITS
 
     cfg = make_config(

@@ -66,10 +66,12 @@ def test_a_poison_sample_is_dropped_when_asked_and_the_rest_of_its_shard_kept(tm
 
     from condense.errors import InputError
     from condense.readers import InputConfig
-    from condense.readers.webdataset import INFLIGHT, ModelConfig, decode_shard
+    from condense.readers.webdataset import Shard
+    from condense.stages.embed.clip import ModelConfig
+    from condense.stages.embed.images import INFLIGHT, decode_shard
 
     folder = shards(tmp_path)
-    item = {"part": "00001", "source": "00001.tar", "path": str(folder / "00001.tar")}
+    item = Shard(part="00001", source="00001.tar", path=str(folder / "00001.tar"))
     scratch = tmp_path / "scratch"
     model = ModelConfig(name=TINY, batch_size=4)
 

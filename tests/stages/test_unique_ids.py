@@ -7,8 +7,8 @@ import pytest
 from condense.cores.hashing import hash_ids, repeated
 from condense.errors import InputError
 from condense.runtime.ray import RayExecutor
-from condense.stages.base import write_part
-from condense.stages.unique_ids import ID_HASH_SEED, check_unique_ids, write_id_hashes
+from condense.stages.embed.ids import ID_HASH_SEED, check_unique_ids, write_id_hashes
+from condense.storage.parts import write_part
 
 
 def test_repeated_marks_every_copy():

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from condense import schema as S
-from condense.pipeline.rundir import RunDir
 from condense.pipeline.runner import _run_stage
 from condense.runtime.ray import RayExecutor
 from condense.stages.base import StageContext
+from condense.storage.rundir import RunDir
 from tests.conftest import quiet_log
 
 

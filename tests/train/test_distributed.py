@@ -187,12 +187,13 @@ def test_a_one_process_checkpoint_resumes_under_ddp_and_fsdp(tmp_path, strategy)
     data = list(json_samples(path, images, Counter()))
 
     def run(checkpoints, parallel=None, **kw):
+        from condense.train.loop import Checkpointer
+
         model = tiny_model()
-        cfg = stage2_config(
-            global_batch=2, per_device_batch=1, epochs=2, checkpoint_dir=checkpoints, **kw
-        )
+        ck = Checkpointer(checkpoints, resume=kw.pop("resume", False))
+        cfg = stage2_config(global_batch=2, per_device_batch=1, epochs=2, **kw)
         result = train(
-            model, lambda: data, len(data), byte_tokenizer(), 32, cfg, lambda _: None, parallel
+            model, lambda: data, len(data), byte_tokenizer(), 32, cfg, lambda _: None, parallel, ck
         )
         return result, model.projector.state_dict()
 

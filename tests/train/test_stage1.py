@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from condense.train.config import TrainConfig
 from condense.train.data import shard_samples
-from condense.train.loop import LoopConfig, save_projector, train
+from condense.train.loop import save_projector, train
 from condense.train.model import PROJECTORS, VISION_TOWERS, BunnyModel, build_llm, pick
 from condense.train.templates import IGNORE, IMAGE_TOKEN, encode
 from condense.train.tokenizers import byte_tokenizer
@@ -105,7 +106,7 @@ def test_stage1_trains_only_the_projector_and_the_loss_falls(tmp_path):
     model = tiny_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = captions(4)
-    cfg = LoopConfig(lr=2e-2, global_batch=4, per_device_batch=2, epochs=30, warmup_ratio=0.03)
+    cfg = TrainConfig(lr=2e-2, global_batch=4, per_device_batch=2, epochs=30, warmup_ratio=0.03)
     lines: list[str] = []
     result = train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lines.append)
     progress = [line for line in lines if line.startswith("[train] step ")]
@@ -135,7 +136,7 @@ def test_stage1_reads_the_shards_a_run_exported(demo_run):
     data = list(shard_samples(shards, skipped))
     assert len(data) == 4 and not skipped
     model = tiny_model()
-    cfg = LoopConfig(global_batch=4, per_device_batch=2, epochs=1)
+    cfg = TrainConfig(global_batch=4, per_device_batch=2, epochs=1)
     result = train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None)
     assert result.samples == 4 and result.steps == 1 and result.tokens > 0
 
@@ -249,7 +250,7 @@ def test_open_clip_tower_gives_the_patch_tokens_of_its_layer():
     projector = pick(PROJECTORS, "mlp2x_gelu", "projector")(64, LLM["hidden_size"])
     model = BunnyModel(tower, projector, llm)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = LoopConfig(global_batch=2, per_device_batch=2, epochs=2)
+    cfg = TrainConfig(global_batch=2, per_device_batch=2, epochs=2)
     data = captions(2)
     result = train(model, lambda: data, 2, byte_tokenizer(), 64, cfg, log=lambda _: None)
     assert result.steps == 2 and result.samples == 4

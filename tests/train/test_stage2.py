@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from condense.train.config import TrainConfig
 from condense.train.data import json_samples
-from condense.train.loop import LoopConfig, train
+from condense.train.loop import Checkpointer, train
 from condense.train.tokenizers import byte_tokenizer
 from tests.train.test_stage1 import tiny_model
 
@@ -45,7 +46,7 @@ def llava_json(folder):
     return folder / "data.json", folder / "images"
 
 
-def stage2_config(**overrides) -> LoopConfig:
+def stage2_config(**overrides) -> TrainConfig:
     """Stage 2 settings for the tiny model: rates high enough to move in a few steps."""
     settings = dict(
         stage="stage2",
@@ -54,12 +55,12 @@ def stage2_config(**overrides) -> LoopConfig:
         mm_projector_lr=1e-3,
         global_batch=4,
         per_device_batch=2,
-        lora_r=4,
-        lora_alpha=8,
-        lora_dropout=0.0,
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
         max_length=512,
     )
-    return LoopConfig(**{**settings, **overrides})
+    if "lora_dropout" in overrides:
+        settings["lora"] = {**settings["lora"], "dropout": overrides.pop("lora_dropout")}
+    return TrainConfig(**{**settings, **overrides})
 
 
 def base_weights(model):
@@ -159,17 +160,13 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, stop_at):
 
     def run(checkpoints, **kw):
         model = tiny_model()
+        resume = kw.pop("resume", False)
         cfg = stage2_config(
-            global_batch=1,
-            per_device_batch=1,
-            epochs=2,
-            lora_dropout=0.1,
-            checkpoint_dir=checkpoints,
-            save_every=2,
-            **kw,
+            global_batch=1, per_device_batch=1, epochs=2, lora_dropout=0.1, save_every=2, **kw
         )
+        ck = Checkpointer(checkpoints, resume=resume)
         result = train(
-            model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None
+            model, lambda: data, len(data), byte_tokenizer(), 32, cfg, lambda _: None, None, ck
         )
         weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         return result, weights
@@ -347,12 +344,10 @@ def test_resume_refuses_other_settings_and_damaged_checkpoints(tmp_path):
     made = {"lora": {"r": 4, "alpha": 8}, "unfreeze_vision": False, "data_files": [["d", 1, "x"]]}
 
     def run(settings, **kw):
-        cfg = stage2_config(
-            global_batch=1, per_device_batch=1, checkpoint_dir=tmp_path / "ck", **kw
-        )
-        cfg.settings = settings
+        ck = Checkpointer(tmp_path / "ck", settings, kw.pop("resume", False))
+        cfg = stage2_config(global_batch=1, per_device_batch=1, **kw)
         model = tiny_model()
-        train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None)
+        train(model, lambda: data, len(data), byte_tokenizer(), 32, cfg, lambda _: None, None, ck)
         return model
 
     model = run(made, max_steps=2)

@@ -1,35 +1,96 @@
-"""CLIP image and text embeddings with open_clip: one model, batches in, unit float32 rows out.
+"""The CLIP model that embeds images and captions: its config, and open_clip behind one class.
 
-Callable without Ray (a GPU benchmark script uses it as is); the embed stage wraps it in a Ray
-actor pool. The model is named by open_clip's registry (`ViT-L-14` with a pretrained tag such as
+Callable without Ray (a GPU benchmark script uses it as is); the embed stage runs it in an
+actor pool. A model is named by open_clip's registry (`ViT-L-14` with a pretrained tag such as
 `laion2b_s32b_b82k`, or `pretrained=None` for random weights), or by a model config JSON file
-(`configs/models/tiny-clip.json`, registered under its file stem). `checkpoint` loads local
-weights instead of a tag, so nothing is downloaded at run time.
+(`configs/models/tiny-clip.json`), which is read here and built without touching open_clip's
+global registry. `checkpoint` loads local weights instead of a tag, so nothing is downloaded
+at run time.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
+
+from condense.strict import StrictModel
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 RANDOM_WEIGHTS_SEED = 0
 
 
-def register(model: str) -> str:
-    """The open_clip name of `model`: a registry name as is, or a model config JSON registered
-    under its file stem."""
+class ModelConfig(StrictModel):
+    """The CLIP model that embeds images and captions (input.kind: webdataset or urls)."""
+
+    # open_clip model name (ViT-L-14), or a model config JSON (configs/models/tiny-clip.json).
+    name: str = "ViT-L-14"
+    pretrained: str | None = None  # open_clip pretrained tag, e.g. laion2b_s32b_b82k
+    checkpoint: str | None = None  # a local weights file instead of a tag (nothing downloads)
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPUs, else fp32
+    batch_size: int = Field(64, ge=1)  # images per forward pass
+
+    runtime_fields = frozenset({"batch_size"})
+
+
+def model_config(model: str) -> dict:
+    """The open_clip model config of `model`: read from its JSON file, or the registry's."""
+    import copy
+
+    import open_clip
+
+    if model.endswith(".json"):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {model} does not exist")
+        return json.loads(path.read_text())
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise ValueError(f"unknown open_clip model {model!r}")
+    return copy.deepcopy(cfg)
+
+
+def create_model(model: str, weights: str | None = None, device: str = "cpu"):
+    """An open_clip CLIP model: `weights` is a pretrained tag or a local checkpoint file (None:
+    random weights). A JSON config is built from the file, as open_clip builds registry names."""
     import open_clip
 
     if not model.endswith(".json"):
-        return model
-    path = Path(model)
-    if not path.is_file():
-        raise FileNotFoundError(f"model config {model} does not exist")
-    open_clip.add_model_config(path)
-    return path.stem
+        return open_clip.create_model(model, pretrained=weights, device=device)
+    from open_clip.model import CLIP, CustomTextCLIP, set_model_preprocess_cfg
+
+    cfg = model_config(model)
+    cfg.pop("preprocess_cfg", None)
+    custom = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
+    net = (CustomTextCLIP if custom else CLIP)(**cfg)
+    if weights:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(
+                f"{weights}: a model config JSON takes a local checkpoint file, not a tag"
+            )
+        open_clip.load_checkpoint(net, weights, weights_only=True)
+    set_model_preprocess_cfg(net, preprocess_config(model))
+    return net.to(device)
+
+
+def create_tokenizer(model: str):
+    """The tokenizer of `model` (a JSON config: its text tower's, as open_clip picks it)."""
+    import open_clip
+
+    if not model.endswith(".json"):
+        return open_clip.get_tokenizer(model)
+    text = model_config(model).get("text_cfg", {})
+    context = text.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH)
+    kwargs = text.get("tokenizer_kwargs", {})
+    if text.get("hf_tokenizer_name"):
+        return open_clip.tokenizer.HFTokenizer(
+            text["hf_tokenizer_name"], context_length=context, **kwargs
+        )
+    return open_clip.tokenizer.SimpleTokenizer(context_length=context, **kwargs)
 
 
 def preprocess_config(model: str, pretrained: str | None = None) -> dict:
@@ -43,13 +104,10 @@ def preprocess_config(model: str, pretrained: str | None = None) -> dict:
     import open_clip
     from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
-    name = register(model)
-    model_cfg = open_clip.get_model_config(name)
-    if model_cfg is None:
-        raise ValueError(f"unknown open_clip model {model!r}")
+    model_cfg = model_config(model)
     cfg = merge_preprocess_dict(asdict(PreprocessCfg()), model_cfg.get("preprocess_cfg", {}))
     if pretrained and not Path(pretrained).exists():  # a tag: its own normalisation
-        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(name, pretrained))
+        cfg = merge_preprocess_dict(cfg, open_clip.get_pretrained_cfg(model, pretrained))
     size = model_cfg["vision_cfg"].get("image_size", cfg["size"])
     cfg["size"] = (size, size) if isinstance(size, int) else tuple(size)
     return cfg
@@ -73,24 +131,23 @@ class ClipEncoder:
         device: str = "cpu",
         precision: str = "fp32",
     ):
-        import open_clip
         import torch
 
         if precision not in PRECISIONS:
             raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         if precision != "fp32" and not device.startswith("cuda"):
             raise ValueError(f"precision {precision} needs a GPU; on {device} use fp32")
-        name = register(model)
         self.torch, self.device = torch, device
         # Weights not loaded are drawn from a fixed seed, so every actor of a pool (and every
         # run) builds the same random model: embeddings never depend on which actor ran.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_WEIGHTS_SEED)
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=checkpoint or pretrained, device=device
-            )
+            self.model = create_model(model, checkpoint or pretrained, device)
         self.model.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(name)
+        self.preprocess = image_transform(
+            preprocess_config(model, None if checkpoint else pretrained)
+        )
+        self.tokenizer = create_tokenizer(model)
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
             precision
         ]

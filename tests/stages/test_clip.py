@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from condense.cores.clip import ClipEncoder
+from condense.stages.embed.clip import ClipEncoder
 from tests.conftest import REPO
 
 TINY = str(REPO / "configs" / "models" / "tiny-clip.json")
@@ -46,7 +46,7 @@ def test_preprocessing_from_configs_matches_the_encoder(encoder):
     import open_clip
     from open_clip.transform import merge_preprocess_dict
 
-    from condense.cores.clip import image_transform, preprocess_config
+    from condense.stages.embed.clip import image_transform, preprocess_config
 
     cfg = preprocess_config(TINY)
     assert cfg == encoder.model.visual.preprocess_cfg

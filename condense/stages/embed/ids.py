@@ -9,6 +9,7 @@ against the real ids (a 64-bit collision is not a duplicate) and names file and 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,11 @@ import pyarrow.parquet as pq
 from condense import schema as S
 from condense.cores.hashing import repeated
 from condense.errors import InputError
-from condense.pipeline.rundir import atomic_write_npy
+from condense.runtime.processor import Processor, WorkItem
+from condense.storage.files import atomic_write_npy
+from condense.storage.parts import part_path
 
-IDS_DIR = "_ids"
+IDS_DIR = "_ids"  # in embed/: each part's sorted id hashes (cluster's training samples read them)
 ID_HASH_SEED = 0x5EED
 ID_RECORD = np.dtype([("hash", "<u8"), ("part_row", "<i8"), ("source_row", "<i8")])
 ROWS_PER_BUCKET = 50_000_000  # hashes one worker sorts at once (1.2 GB of records)
@@ -43,14 +46,24 @@ def id_hash_file(folder: Path, part: str) -> Path:
     return Path(folder) / IDS_DIR / f"{part}.npy"
 
 
-class RepeatFinder:
+@dataclass(frozen=True, kw_only=True)
+class HashBucket(WorkItem):
+    """A range [lo, hi) of id hashes, checked by one worker (hi None: to the end)."""
+
+    lo: int
+    hi: int | None
+    limit: int  # at most this many repeats reported
+
+
+@dataclass
+class RepeatFinder(Processor):
     """For one hash bucket: the records of every part whose hash occurs more than once."""
 
-    def __init__(self, id_files: list[str]):
-        self.id_files = id_files
+    stage = "embed"
+    id_files: list[str]
 
-    def process(self, item: dict) -> dict:
-        lo, hi = np.uint64(item["lo"]), item["hi"]
+    def process(self, item: HashBucket) -> dict:
+        lo, hi = np.uint64(item.lo), item.hi
         chunks, owners = [], []
         for index, path in enumerate(self.id_files):
             records = np.load(path, mmap_mode="r")
@@ -63,7 +76,7 @@ class RepeatFinder:
                 chunks.append(np.asarray(records[start:stop]))
                 owners.append(np.full(stop - start, index, dtype=np.int32))
         if not chunks:
-            return {"part": item["part"], "rows_in": 0, "repeats": []}
+            return {"part": item.part, "rows_in": 0, "repeats": []}
         records = np.concatenate(chunks)
         owner = np.concatenate(owners)
         order = np.argsort(records["hash"], kind="stable")
@@ -71,11 +84,9 @@ class RepeatFinder:
         mask = repeated(records["hash"])
         found = [
             (int(r["hash"]), int(o), int(r["part_row"]), int(r["source_row"]))
-            for r, o in zip(
-                records[mask][: item["limit"]], owner[mask][: item["limit"]], strict=True
-            )
+            for r, o in zip(records[mask][: item.limit], owner[mask][: item.limit], strict=True)
         ]
-        return {"part": item["part"], "rows_in": len(records), "repeats": found}
+        return {"part": item.part, "rows_in": len(records), "repeats": found}
 
 
 def check_unique_ids(
@@ -92,13 +103,11 @@ def check_unique_ids(
     buckets = max(1, -(-total_rows // rows_per_bucket))
     edges = [int(b * (1 << 64) // buckets) for b in range(buckets)] + [None]
     items = [
-        {"part": f"bucket-{b}", "lo": edges[b], "hi": edges[b + 1], "limit": 1000}
+        HashBucket(part=f"bucket-{b}", lo=edges[b], hi=edges[b + 1], limit=1000)
         for b in range(buckets)
     ]
     candidates = []
-    for result, _node in executor.map_items(
-        items, RepeatFinder, shared={"id_files": id_files}, num_cpus=1.0
-    ):
+    for _item, result, _node in executor.map(RepeatFinder(id_files), items):
         candidates += result["repeats"]
     if not candidates:
         return
@@ -107,7 +116,7 @@ def check_unique_ids(
     tables: dict[int, dict] = {}
     for _hash, owner, part_row, source_row in candidates:
         if owner not in tables:
-            path = Path(folder) / f"part-{parts[owner]}.parquet"
+            path = part_path(folder, parts[owner])
             tables[owner] = pq.read_table(path, columns=[S.SAMPLE_ID, S.SOURCE]).to_pydict()
         sid = tables[owner][S.SAMPLE_ID][part_row]
         by_id.setdefault(sid, []).append((tables[owner][S.SOURCE][part_row], source_row))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from condense.errors import CondenseError, ConfigError
-from condense.pipeline.rundir import MANIFEST, RunDir, RunLock, claim
 from condense.pipeline.runner import run_pipeline, stage_fingerprints
+from condense.storage.rundir import MANIFEST, RunDir, RunLock, claim
 from condense.synth import SynthConfig, generate
 from tests.conftest import make_config, quiet_log
 

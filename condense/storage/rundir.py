@@ -16,95 +16,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
+
+from condense.storage.files import atomic_write_json, files_intact, read_json
 
 STAGE_MARK = "_stage.json"
 PROGRESS_MARK = "_progress.json"
-PARTS_DIR = "_parts"
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 LOCK = "_lock.json"
 MARKS = (STAGE_MARK, PROGRESS_MARK)  # not listed among a stage's files
-
-
-@contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """Open a temporary file next to `path` for writing; on success it replaces `path`
-    (fsynced first), so readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (see `atomic_file`)."""
-    with atomic_file(path) as f:
-        f.write(data)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(
-        path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
-    )
-
-
-def atomic_write_npy(path: Path, array) -> None:
-    """Save a numpy array atomically (np.save format)."""
-    import io
-
-    import numpy as np
-
-    buf = io.BytesIO()
-    np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def read_json(path: Path) -> Any | None:
-    """A JSON file's value; None when it is missing, truncated or not JSON."""
-    try:
-        return json.loads(Path(path).read_bytes())
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError):
-        return None
-
-
-def file_sizes(folder: Path, paths: list[str]) -> dict[str, int]:
-    """{path relative to `folder`: size} of files a part or a stage wrote (their paths as the
-    workers gave them: absolute, or relative to the same working directory as `folder`)."""
-    base = Path(folder).resolve()
-    out = {}
-    for path in paths:
-        full = Path(path).resolve()
-        out[str(full.relative_to(base))] = full.stat().st_size
-    return out
-
-
-def files_intact(folder: Path, files: Any) -> bool:
-    """Whether every recorded file is there with its recorded size."""
-    if not isinstance(files, dict):
-        return False
-    for name, size in files.items():
-        try:
-            if (Path(folder) / name).stat().st_size != size:
-                return False
-        except OSError:
-            return False
-    return True
 
 
 def stage_files(folder: Path) -> dict[str, int]:
@@ -118,32 +41,6 @@ def stage_files(folder: Path) -> dict[str, int]:
                 continue
             out[str(path.relative_to(folder))] = path.stat().st_size
     return dict(sorted(out.items()))
-
-
-DIGEST_WHOLE = 1 << 20  # files up to this size are hashed whole
-DIGEST_BLOCKS, DIGEST_BLOCK = 16, 4096  # larger ones: this many blocks, evenly spaced
-
-
-def content_digest(fs, path: str, size: int, info: dict | None = None) -> str:
-    """A digest of a file's content, cheap at any size: the store's own content hash where it
-    has one (an S3 ETag, a GCS md5), else sha256 of the whole file up to DIGEST_WHOLE bytes,
-    else of DIGEST_BLOCKS blocks spread from its first to its last byte. With the file's size
-    and mtime it tells a rewritten input from the same one without reading terabytes."""
-    import hashlib
-
-    for key in ("ETag", "etag", "md5Hash", "crc32c"):
-        if info and info.get(key):
-            return f"{key}:{str(info[key]).strip(chr(34))}"
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        if size <= DIGEST_WHOLE:
-            digest.update(f.read())
-        else:
-            step = (size - DIGEST_BLOCK) // (DIGEST_BLOCKS - 1)
-            for i in range(DIGEST_BLOCKS):
-                f.seek(i * step)
-                digest.update(f.read(DIGEST_BLOCK))
-    return digest.hexdigest()[:32]
 
 
 MANIFEST_FIELDS = ("status", "rows_in", "rows_out", "dropped", "seconds", "config_hash", "versions")

@@ -1,0 +1,136 @@
+"""How embed/ stores rows, whatever the input: unusable rows dropped by reason, vectors
+normalised and stored in id-hash order, with each part's id hashes beside it (`ids.py`)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from condense import schema as S
+from condense.cores.hashing import hash_ids
+from condense.cores.text import DROP_BAD_ID, id_problem
+from condense.cores.vectors import (
+    DROP_MISSING_ID,
+    as_stored,
+    clip_scores,
+    invalid_rows,
+    normalize,
+    to_unit_float32,
+)
+from condense.errors import InputError
+from condense.readers import InputSlice, Reader
+from condense.readers.webdataset import Shard
+from condense.runtime.processor import Processor, Resources
+from condense.stages.embed.ids import ID_HASH_SEED, write_id_hashes
+from condense.stages.embed.images import INFLIGHT, encoded_rows
+from condense.storage.parts import write_part
+
+EMBED_ROW_GROUP = 8192  # rows per Parquet row group: the unit a partial read (a sample) fetches
+
+
+@dataclass
+class EmbedPartWriter(Processor):
+    """Reads one input slice, drops unusable rows by reason, writes one part file."""
+
+    stage = "embed"
+    reader: Reader
+    dtype: str  # embed.dtype
+    out_dir: str  # embed/
+    workers: int | None = None  # embed.workers
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=1.0, workers=self.workers)
+
+    def process(self, item: InputSlice) -> dict:
+        start = time.perf_counter()
+        stats = store_rows(self.reader.read(item), item.part, self.dtype, self.out_dir, {})
+        return {**stats, "seconds": time.perf_counter() - start}
+
+
+@dataclass
+class ShardPartWriter(Processor):
+    """Writes one WebDataset shard's part from the embeddings the encoder actors left in its
+    scratch folder, exactly as EmbedPartWriter writes precomputed rows."""
+
+    stage = "embed"
+    scratch: str  # embed/_encoded
+    dim: int  # the embeddings' dimension (for shards without a usable sample)
+    dtype: str  # embed.dtype
+    out_dir: str  # embed/
+
+    def process(self, item: Shard) -> dict:
+        import shutil
+
+        start = time.perf_counter()
+        folder = Path(self.scratch) / item.part
+        found = encoded_rows(folder, item.source, self.dim)
+        if found is None:
+            raise InputError(f"embed: shard {item.source} was not completely encoded")
+        raw, dropped, nulled = found
+        stats = store_rows(raw, item.part, self.dtype, self.out_dir, dropped)
+        shutil.rmtree(folder, ignore_errors=True)
+        return {**stats, "nulled": nulled, "seconds": time.perf_counter() - start}
+
+
+def store_rows(raw, part: str, dtype: str, out_dir: str, dropped_before: dict[str, int]) -> dict:
+    """Drop unusable rows by reason, normalise, store in id-hash order, write one part."""
+    n = len(raw.img)
+    ids = np.asarray(raw.sample_id, dtype=object)
+    problems = [id_problem(i) for i in ids.tolist()]
+    missing = np.array([p == DROP_MISSING_ID for p in problems], dtype=bool)
+    bad_id = np.array([p == DROP_BAD_ID for p in problems], dtype=bool)
+    masks = invalid_rows(raw.img, raw.txt)
+    dropped = Counter(dropped_before)
+    dropped[DROP_MISSING_ID] += int(missing.sum())
+    dropped[DROP_BAD_ID] += int(bad_id.sum())
+    keep = ~missing & ~bad_id
+    for reason, mask in masks.items():
+        mask = mask & keep
+        dropped[reason] += int(mask.sum())
+        keep &= ~mask
+    # Rows are stored in the order of their id hash: any seeded window of that order is a
+    # uniform sample that a reader can fetch without scanning the part (see cluster).
+    kept_ids = ids[keep]
+    hashes = hash_ids(kept_ids.tolist(), ID_HASH_SEED) if len(kept_ids) else np.zeros(0, np.uint64)
+    order = np.lexsort((kept_ids, hashes))
+    idx = np.flatnonzero(keep)[order]
+    img = as_stored(normalize(raw.img[idx]), dtype)
+    txt = as_stored(normalize(raw.txt[idx]), dtype)
+    # Scored from the stored vectors, exactly as later stages will see them.
+    score = clip_scores(to_unit_float32(img), to_unit_float32(txt))
+    table = pa.Table.from_arrays(
+        [
+            pa.array(ids[idx].tolist(), type=pa.string()),
+            pa.array([raw.caption[i] for i in idx], type=pa.string()),
+            pa.array([raw.url[i] for i in idx], type=pa.string()),
+            pa.array([raw.source] * len(idx), type=pa.string()),
+            S.vectors_to_arrow(img),
+            S.vectors_to_arrow(txt),
+            pa.array(score, type=pa.float32()),
+        ],
+        schema=S.embed_schema(raw.img.shape[1], dtype),
+    )
+    ids_path = write_id_hashes(Path(out_dir), part, hashes[order], raw.first_row + idx)
+    path = write_part(table, out_dir, part, row_group_rows=EMBED_ROW_GROUP)
+    return {
+        "part": part,
+        "files": [str(path), str(ids_path)],
+        "rows_in": n + sum(dropped_before.values()),
+        "rows_out": int(keep.sum()),
+        "dropped": {k: v for k, v in dropped.items() if v},
+    }
+
+
+def reset_scratch(folder: Path) -> None:
+    """Empty a shard's scratch folder for a new attempt, keeping the poison guard's mark: a
+    sample that killed workers before a --resume is still known to."""
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.name != INFLIGHT:
+                path.unlink()

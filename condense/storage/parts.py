@@ -1,0 +1,140 @@
+"""Part files: how every stage stores its output, and the records that commit it.
+
+A stage's output is a set of `part-*.parquet` files. Each part is written atomically and then
+recorded in `_parts/<part>.json` with its counts and its files' sizes; a part is finished only
+while its record is there and its files are intact, so an interrupted stage resumed with
+`--resume` keeps the recorded parts and does only the rest. Stages also keep scratch files
+(uncompressed Arrow IPC, memory-mapped) while they work, removed when they finish.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from condense.storage.files import (
+    atomic_file,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_sizes,
+    files_intact,
+    read_json,
+)
+
+PARTS_DIR = "_parts"  # in a stage folder: one record per finished part
+
+
+def part_path(folder: Path, part: str) -> Path:
+    """Where a stage keeps one part."""
+    return Path(folder) / f"part-{part}.parquet"
+
+
+def part_name(path: Path) -> str:
+    """The part a part file holds (`part-00003.parquet` -> `00003`)."""
+    return Path(path).stem.removeprefix("part-")
+
+
+def part_files(folder: Path) -> list[Path]:
+    """The stage's part files in a stable order."""
+    return sorted(Path(folder).glob("part-*.parquet"))
+
+
+def write_part(table: pa.Table, folder: Path, part: str, row_group_rows: int | None = None) -> Path:
+    """Write one part file atomically.
+
+    Text and key columns are zstd-compressed; float vectors are stored plain (their mantissas do
+    not compress, and decompressing them would cost every later stage CPU time).
+    """
+    buf = io.BytesIO()
+    compression = {
+        f.name: "none" if pa.types.is_fixed_size_list(f.type) else "zstd" for f in table.schema
+    }
+    levels = {name: 1 for name, codec in compression.items() if codec == "zstd"}
+    pq.write_table(
+        table,
+        buf,
+        compression=compression,
+        compression_level=levels or None,
+        use_dictionary=[name for name, codec in compression.items() if codec == "zstd"],
+        row_group_size=row_group_rows,
+    )
+    path = Path(folder) / f"part-{part}.parquet"
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def part_rows(folder: Path) -> dict[str, int]:
+    """Row count of each part file (from the Parquet footers), by part name."""
+    return {
+        p.stem.removeprefix("part-"): pq.ParquetFile(p).metadata.num_rows
+        for p in part_files(folder)
+    }
+
+
+def write_scratch(path: Path, tables: Iterator[pa.Table] | list[pa.Table], schema: pa.Schema):
+    """Write tables to one uncompressed Arrow IPC file, atomically: the stages' scratch format
+    (memory-mappable, so readers page in only the slices they touch)."""
+    with atomic_file(path) as f, pa.ipc.new_file(f, schema) as writer:
+        for table in tables:
+            writer.write_table(table)
+
+
+def read_scratch(path: Path | str) -> pa.Table:
+    """A scratch file, memory-mapped (zero-copy)."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def iter_row_groups(path: str | Path, columns: list[str]) -> Iterator[pa.Table]:
+    """Yield a part file's row groups in order, reading the next one while the caller works on
+    the current (Arrow and numpy release the GIL, so disk and CPU overlap in one worker)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    f = pq.ParquetFile(path)
+    n = f.metadata.num_row_groups
+
+    def read(g: int) -> pa.Table:
+        return f.read_row_group(g, columns=columns, use_threads=False)
+
+    with ThreadPoolExecutor(max_workers=1) as io:
+        pending = io.submit(read, 0) if n else None
+        for g in range(n):
+            table = pending.result()
+            if g + 1 < n:
+                pending = io.submit(read, g + 1)
+            yield table
+
+
+def record_part(folder: Path, part: str, stats: dict) -> None:
+    """Mark a part as finished: written after its Parquet file, so a record means a whole part."""
+    atomic_write_json(Path(folder) / PARTS_DIR / f"{part}.json", stats)
+
+
+def discard_scratch(folder: Path, scratch: str, prefix: str) -> None:
+    """Remove a stage's scratch folder and the records of the parts that wrote it, records
+    first: a run killed in between redoes those parts on resume instead of trusting files that
+    are gone."""
+    import shutil
+
+    for record in (Path(folder) / PARTS_DIR).glob(f"{prefix}*.json"):
+        record.unlink()
+    shutil.rmtree(Path(folder) / scratch, ignore_errors=True)
+
+
+def finished_part(folder: Path, part: str) -> dict | None:
+    """A part's record, or None unless the part is finished: its record is there and valid,
+    and every file it lists is there with its recorded size."""
+    stats = read_json(Path(folder) / PARTS_DIR / f"{part}.json")
+    if isinstance(stats, dict) and files_intact(folder, stats.get("files")):
+        return stats
+    return None
+
+
+def commit_part(folder: Path, stats: dict) -> dict:
+    """Record a part a worker wrote (its `files` turned into sizes): the part is now finished."""
+    stats = {**stats, "files": file_sizes(folder, stats.get("files", []))}
+    record_part(folder, stats["part"], stats)
+    return stats

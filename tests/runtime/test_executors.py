@@ -1,0 +1,122 @@
+"""The executors' ways to run work: tasks, an actor pool, a task-to-actor stream; Ray and local
+give the same results for the same processors."""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from condense.runtime.local import LocalExecutor
+from condense.runtime.processor import Processor, Resources, WorkItem, gather
+from condense.runtime.ray import RayExecutor
+
+
+@dataclass(frozen=True, kw_only=True)
+class Number(WorkItem):
+    n: int
+
+
+@dataclass
+class Counter(Processor):
+    """Records the process it was set up in and how many items it saw there."""
+
+    stage = "test"
+    offset: int = 0
+    actor: bool = False
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=0.5, actor=self.actor, workers=1)
+
+    def setup(self) -> None:
+        self.pid, self.seen = os.getpid(), 0
+
+    def process(self, item):
+        self.seen += 1
+        if isinstance(item, Number):
+            return {"part": item.part, "value": item.n + self.offset, "pid": self.pid}
+        return {
+            "rows": np.array([len(item["x"])]),
+            "total": np.array([int(item["x"].sum())]),
+            "same_process": np.array([bool((item["pid"] == os.getpid()).any())]),
+        }
+
+
+@dataclass
+class Producer(Processor):
+    stage = "test"
+    scale: int
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=0.5)
+
+    def process(self, item: Number):
+        for start in range(0, item.n, 4):
+            x = np.arange(start, min(start + 4, item.n)) * self.scale
+            yield {"x": x, "pid": np.full(len(x), os.getpid())}
+
+
+@pytest.fixture(params=["ray", "local"])
+def executor(request):
+    if request.param == "local":
+        return LocalExecutor()
+    request.getfixturevalue("ray_session")
+    return RayExecutor()
+
+
+def test_tasks_and_actor_pool_give_the_same_results(executor):
+    items = [Number(part=str(i), n=i) for i in range(5)]
+    for actor in (False, True):
+        got = gather(executor, Counter(offset=10, actor=actor), items)
+        assert [r["value"] for r in got] == [10, 11, 12, 13, 14]  # in the items' order
+        done = [item for item, _result, _node in executor.map(Counter(actor=actor), items)]
+        assert sorted(done, key=lambda i: i.n) == items  # the items themselves come back
+    # One actor: set up once for every item.
+    assert len({r["pid"] for r in gather(executor, Counter(actor=True), items)}) == 1
+
+
+def test_stream_sees_every_produced_row_once(executor):
+    items = [Number(part=str(i), n=n) for i, n in enumerate([0, 3, 9, 17])]
+    results = list(executor.stream(Producer(2), Counter(actor=True), items, batch_size=5))
+    assert sum(int(r["rows"]) for r in results) == 29
+    assert sum(int(r["total"]) for r in results) == 2 * sum(sum(range(n)) for n in [0, 3, 9, 17])
+    assert all(int(r["rows"]) <= 5 for r in results)
+    if isinstance(executor, RayExecutor):
+        # Produced on CPU tasks, consumed in the actors: never fused into one process.
+        assert not any(bool(r["same_process"]) for r in results)
+
+
+@dataclass
+class TaskName(Processor):
+    stage = "test"
+    actor: bool = False
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=0.5, actor=self.actor, workers=1)
+
+    def process(self, item):
+        with open("/proc/self/cmdline", "rb") as f:  # the title Ray gives its worker process
+            return f.read().split(b"\0")[0].decode()
+
+
+def test_tasks_and_actors_carry_the_processor_label(ray_session):
+    """Ray's dashboard shows a processor's stage and class for its tasks and actors."""
+    items = [Number(part="0", n=0)]
+    ex = RayExecutor()
+    assert gather(ex, TaskName(), items) == ["ray::test:TaskName"]
+    assert gather(ex, TaskName(actor=True), items)[0].startswith("ray::test:TaskName")
+
+
+def test_a_dashboard_beyond_this_machine_is_warned_about():
+    from condense.runtime import RayConfig
+    from condense.runtime.ray import dashboard_warning
+
+    assert dashboard_warning(RayConfig()) is None  # no dashboard by default
+    assert dashboard_warning(RayConfig(include_dashboard=True)) is None  # 127.0.0.1
+    assert dashboard_warning(RayConfig(include_dashboard=True, dashboard_host="::1")) is None
+    warning = dashboard_warning(RayConfig(include_dashboard=True, dashboard_host="0.0.0.0"))
+    assert "ray.dashboard_host 0.0.0.0 exposes the Ray dashboard" in warning
+    assert "RAY_AUTH_MODE=token" in warning
