@@ -27,13 +27,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from condense import schema as S
 from condense.config import config_from_dict
 from condense.cores.components import components
 from condense.cores.keep import keep_mask
 from condense.cores.vectors import to_unit_float32
-from condense.pipeline.runner import _run_stage
+from condense.pipeline.runner import compute_stage
 from condense.runtime.ray import RayExecutor
+from condense.schema import (
+    CENTROID_COS,
+    CENTROID_DIST,
+    CLIP_SCORE,
+    CLUSTER_ID,
+    IMG_EMB,
+    KEPT,
+    SAMPLE_ID,
+    arrow_to_vectors,
+    vectors_to_arrow,
+)
 from condense.stages.base import StageContext
 from condense.stages.dedup import DedupStage
 from condense.storage.rundir import RunDir
@@ -56,12 +66,12 @@ def make_rows(rows: int, dim: int, k: int, seed: int = 0) -> dict[str, np.ndarra
     cluster[copies] = cluster[originals]
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return {
-        S.SAMPLE_ID: np.array([f"{i:09d}" for i in rng.permutation(rows)], dtype=object),
-        S.IMG_EMB: x.astype(np.float16),
-        S.CLUSTER_ID: cluster.astype(np.int32),
-        S.CENTROID_DIST: rng.uniform(0.5, 1.2, rows).astype(np.float32),
-        S.CENTROID_COS: rng.uniform(0.3, 0.9, rows).astype(np.float32),
-        S.CLIP_SCORE: rng.normal(0.3, 0.07, rows).astype(np.float32),
+        SAMPLE_ID: np.array([f"{i:09d}" for i in rng.permutation(rows)], dtype=object),
+        IMG_EMB: x.astype(np.float16),
+        CLUSTER_ID: cluster.astype(np.int32),
+        CENTROID_DIST: rng.uniform(0.5, 1.2, rows).astype(np.float32),
+        CENTROID_COS: rng.uniform(0.3, 0.9, rows).astype(np.float32),
+        CLIP_SCORE: rng.normal(0.3, 0.07, rows).astype(np.float32),
     }
 
 
@@ -71,26 +81,26 @@ def write_inputs(root: Path, rows: dict, k: int) -> None:
     for folder in ("embed", "cluster"):
         run.stage_dir(folder).mkdir(parents=True, exist_ok=True)
     (root / "joined").mkdir()
-    n = len(rows[S.SAMPLE_ID])
+    n = len(rows[SAMPLE_ID])
     order = np.random.default_rng(1).permutation(n)  # parts do not follow clusters
     for p, start in enumerate(range(0, n, ROWS_PER_PART)):
         idx = order[start : start + ROWS_PER_PART]
         cols = {name: rows[name][idx] for name in rows}
-        ids = pa.array(cols[S.SAMPLE_ID].tolist(), pa.string())
-        vec = S.vectors_to_arrow(cols[S.IMG_EMB])
+        ids = pa.array(cols[SAMPLE_ID].tolist(), pa.string())
+        vec = vectors_to_arrow(cols[IMG_EMB])
         pq.write_table(
-            pa.table({S.SAMPLE_ID: ids, S.IMG_EMB: vec, S.CLIP_SCORE: cols[S.CLIP_SCORE]}),
+            pa.table({SAMPLE_ID: ids, IMG_EMB: vec, CLIP_SCORE: cols[CLIP_SCORE]}),
             run.stage_dir("embed") / f"part-{p:05d}.parquet",
         )
-        meta = {c: cols[c] for c in (S.CLUSTER_ID, S.CENTROID_DIST, S.CENTROID_COS)}
+        meta = {c: cols[c] for c in (CLUSTER_ID, CENTROID_DIST, CENTROID_COS)}
         pq.write_table(
-            pa.table({S.SAMPLE_ID: ids, **meta}), run.stage_dir("cluster") / f"part-{p:05d}.parquet"
+            pa.table({SAMPLE_ID: ids, **meta}), run.stage_dir("cluster") / f"part-{p:05d}.parquet"
         )
         pq.write_table(
-            pa.table({S.SAMPLE_ID: ids, S.IMG_EMB: vec, S.CLIP_SCORE: cols[S.CLIP_SCORE], **meta}),
+            pa.table({SAMPLE_ID: ids, IMG_EMB: vec, CLIP_SCORE: cols[CLIP_SCORE], **meta}),
             root / "joined" / f"part-{p:05d}.parquet",
         )
-    dim = rows[S.IMG_EMB].shape[1]
+    dim = rows[IMG_EMB].shape[1]
     np.save(run.stage_dir("cluster") / "centroids.npy", np.zeros((k, dim), np.float32))
 
 
@@ -99,29 +109,29 @@ def run_condense(root: Path) -> tuple[float, set[str]]:
     run = RunDir(root / "run")
     ctx = StageContext(run=run, config=config, executor=RayExecutor(), progress=False, log=print)
     start = time.perf_counter()
-    _run_stage(ctx, DedupStage(), "bench", resume=False)
+    compute_stage(ctx, DedupStage(), "bench", resume=False)
     seconds = time.perf_counter() - start
-    table = pq.read_table(run.stage_dir("dedup"), columns=[S.SAMPLE_ID, S.KEPT])
-    return seconds, set(table.filter(table.column(S.KEPT)).column(S.SAMPLE_ID).to_pylist())
+    table = pq.read_table(run.stage_dir("dedup"), columns=[SAMPLE_ID, KEPT])
+    return seconds, set(table.filter(table.column(KEPT)).column(SAMPLE_ID).to_pylist())
 
 
 def dedup_group(group: pa.Table) -> pa.Table:
     """The same work per cluster as the stage: sort by sample_id, components, keep middle."""
     from threadpoolctl import threadpool_limits
 
-    group = group.sort_by(S.SAMPLE_ID)
-    x = to_unit_float32(S.arrow_to_vectors(group.column(S.IMG_EMB)))
+    group = group.sort_by(SAMPLE_ID)
+    x = to_unit_float32(arrow_to_vectors(group.column(IMG_EMB)))
     with threadpool_limits(1):
         labels = components(x, 0.86).labels[0]
-    ids = np.asarray(group.column(S.SAMPLE_ID).to_pylist(), dtype=object)
+    ids = np.asarray(group.column(SAMPLE_ID).to_pylist(), dtype=object)
     kept = keep_mask(
         labels,
         ids,
-        group.column(S.CENTROID_DIST).to_numpy(),
-        group.column(S.CLIP_SCORE).to_numpy(),
+        group.column(CENTROID_DIST).to_numpy(),
+        group.column(CLIP_SCORE).to_numpy(),
         "middle",
     )
-    return pa.table({S.SAMPLE_ID: group.column(S.SAMPLE_ID), S.KEPT: pa.array(kept)})
+    return pa.table({SAMPLE_ID: group.column(SAMPLE_ID), KEPT: pa.array(kept)})
 
 
 def run_groupby(root: Path) -> tuple[float, set[str]]:
@@ -129,11 +139,11 @@ def run_groupby(root: Path) -> tuple[float, set[str]]:
 
     start = time.perf_counter()
     ds = ray.data.read_parquet(str(root / "joined"))
-    ds = ds.groupby(S.CLUSTER_ID).map_groups(dedup_group, batch_format="pyarrow")
+    ds = ds.groupby(CLUSTER_ID).map_groups(dedup_group, batch_format="pyarrow")
     ds.write_parquet(str(root / "groupby_out"))
     seconds = time.perf_counter() - start
     table = pq.read_table(root / "groupby_out")
-    return seconds, set(table.filter(table.column(S.KEPT)).column(S.SAMPLE_ID).to_pylist())
+    return seconds, set(table.filter(table.column(KEPT)).column(SAMPLE_ID).to_pylist())
 
 
 def main() -> None:
@@ -147,7 +157,7 @@ def main() -> None:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     rows = make_rows(args.rows, args.dim, args.k)
-    sizes = np.bincount(rows[S.CLUSTER_ID])
+    sizes = np.bincount(rows[CLUSTER_ID])
     print(
         f"# dedup stage data movement: {args.rows:,} rows x {args.dim} (float16), "
         f"{np.count_nonzero(sizes)} clusters (largest {sizes.max():,}), {os.cpu_count()} CPUs"

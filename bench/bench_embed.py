@@ -79,7 +79,7 @@ def plain_loop(folder: Path, model_name: str, batch: int) -> float:
 def condense_stage(folder: Path, run_dir: Path, model_name: str, batch: int) -> float:
     """Seconds for the embed stage on the same shards (Ray already initialised)."""
     from condense.config import config_from_dict
-    from condense.pipeline.runner import _run_stage
+    from condense.pipeline.runner import compute_stage
     from condense.runtime.ray import RayExecutor
     from condense.stages.base import StageContext
     from condense.stages.embed import EmbedStage
@@ -97,7 +97,7 @@ def condense_stage(folder: Path, run_dir: Path, model_name: str, batch: int) -> 
     run.clear_stage("embed")
     ctx = StageContext(run=run, config=config, executor=RayExecutor(), progress=False)
     start = time.perf_counter()
-    _run_stage(ctx, EmbedStage(), "bench", resume=False)
+    compute_stage(ctx, EmbedStage(), "bench", resume=False)
     return time.perf_counter() - start
 
 

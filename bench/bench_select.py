@@ -22,11 +22,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from condense import schema as S
 from condense.config import config_from_dict
 from condense.cores.bands import descending_key
-from condense.pipeline.runner import _run_stage
+from condense.pipeline.runner import compute_stage
 from condense.runtime.ray import RayExecutor
+from condense.schema import (
+    CENTROID_COS,
+    CLIP_SCORE,
+    KEPT,
+    SAMPLE_ID,
+)
 from condense.stages.bands import CentroidBandStage, ClipBandStage
 from condense.stages.base import StageContext
 from condense.stages.sample import SampleStage
@@ -45,10 +50,10 @@ def write_dedup(run_dir: Path, rows: int, seed: int = 0) -> None:
         ids = pa.array([f"{v:016x}" for v in rng.integers(0, 2**62, n).tolist()], pa.string())
         table = pa.table(
             {
-                S.SAMPLE_ID: ids,
-                S.KEPT: pa.array(rng.random(n) < 0.8),
-                S.CLIP_SCORE: pa.array(rng.normal(0.30, 0.07, n).astype(np.float32)),
-                S.CENTROID_COS: pa.array(rng.uniform(0.3, 0.95, n).astype(np.float32)),
+                SAMPLE_ID: ids,
+                KEPT: pa.array(rng.random(n) < 0.8),
+                CLIP_SCORE: pa.array(rng.normal(0.30, 0.07, n).astype(np.float32)),
+                CENTROID_COS: pa.array(rng.uniform(0.3, 0.95, n).astype(np.float32)),
             }
         )
         pq.write_table(table, folder / f"part-{p:05d}.parquet")
@@ -57,12 +62,10 @@ def write_dedup(run_dir: Path, rows: int, seed: int = 0) -> None:
 def reference_sort(run_dir: Path) -> float:
     """Seconds to gather the clip-score column into this process and sort it (ties by id)."""
     start = time.perf_counter()
-    table = pq.read_table(
-        RunDir(run_dir).stage_dir("dedup"), columns=[S.SAMPLE_ID, S.KEPT, S.CLIP_SCORE]
-    )
-    table = table.filter(table.column(S.KEPT))
-    keys = descending_key(table.column(S.CLIP_SCORE).to_numpy())
-    ids = np.asarray(table.column(S.SAMPLE_ID).to_pylist(), dtype=object)
+    table = pq.read_table(RunDir(run_dir).stage_dir("dedup"), columns=[SAMPLE_ID, KEPT, CLIP_SCORE])
+    table = table.filter(table.column(KEPT))
+    keys = descending_key(table.column(CLIP_SCORE).to_numpy())
+    ids = np.asarray(table.column(SAMPLE_ID).to_pylist(), dtype=object)
     np.lexsort((ids, keys))
     return time.perf_counter() - start
 
@@ -82,7 +85,7 @@ def run_stages(run_dir: Path, sample_n: int) -> list[tuple[str, int, float]]:
     out = []
     for stage in (ClipBandStage(), CentroidBandStage(), SampleStage()):
         start = time.perf_counter()
-        _run_stage(ctx, stage, "bench", resume=False)
+        compute_stage(ctx, stage, "bench", resume=False)
         seconds = time.perf_counter() - start
         out.append((stage.name, ctx.run.stage_mark(stage.name)["rows_in"], seconds))
     return out

@@ -1,4 +1,9 @@
-"""The `condense` command: synth, run, report, demo (DESIGN.md 7)."""
+"""The `condense` command: synth, run, report, demo, train, chat. On a CPU, in seconds:
+
+condense synth --out /tmp/synth --n 20000 --dim 64
+condense run configs/demo.yaml --run-dir /tmp/run --executor local
+condense report /tmp/run
+"""
 
 from __future__ import annotations
 

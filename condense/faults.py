@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 ENV = "CONDENSE_FAILPOINTS"
 FILE_ENV = "CONDENSE_FAILPOINTS_FILE"
@@ -55,6 +56,13 @@ def kill_once(name: str, value: str | None) -> None:
     except FileExistsError:
         return
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pause_while(name: str, value: str | None) -> None:
+    """Hold this process here while failpoint `name` is set for `value` (a test holds a driver
+    mid-stage to try a second one, then kills it)."""
+    while _armed(name, value):
+        time.sleep(0.05)
 
 
 def env() -> dict[str, str]:

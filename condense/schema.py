@@ -23,6 +23,18 @@ COMPONENT_ID = "component_id"
 COMPONENT_SIZE = "component_size"
 KEPT = "kept"
 MAX_SIM = "max_sim"  # highest similarity to another row of the same cluster (SemDeDup's score)
+GROUP_ID = "group_id"  # truth.parquet (synth, the demo): the planted duplicate group (-1: none)
+
+# Scratch files (removed when their stage is complete).
+ROW = "row"  # a row's position in the part it came from
+ORDER_KEY = "key"  # ranked stages: a row's uint64 order key
+IMG = "img"  # embed/_encoded: image embeddings of one decoded chunk
+TXT = "txt"  # embed/_encoded: caption embeddings of one decoded chunk
+
+# export/shards/*.parquet, img2dataset's index of a shard.
+KEY = "key"  # the sample's member name in its tar, without the extension
+IMAGE_EXT = "image_ext"  # its image member's extension (jpg, png, webp)
+STATUS = "status"  # img2dataset's download status ("success": every exported sample)
 
 _FLOAT_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
@@ -97,3 +109,16 @@ def pc_list_lengths(column: pa.Array) -> np.ndarray:
     import pyarrow.compute as pc
 
     return pc.list_value_length(column).to_numpy(zero_copy_only=False)
+
+
+SHARD_INDEX_SCHEMA = pa.schema(
+    [
+        (KEY, pa.string()),
+        (SAMPLE_ID, pa.string()),
+        (URL, pa.string()),
+        (CAPTION, pa.string()),
+        (SOURCE, pa.string()),
+        (IMAGE_EXT, pa.string()),
+        (STATUS, pa.string()),
+    ]
+)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from condense.schema import (
+    CAPTION,
+    GROUP_ID,
+    KEPT,
+    SAMPLE_ID,
+    URL,
+)
 from condense.strict import StrictModel
 
 DUP_COS = 0.93  # target pairwise cosine inside a duplicate group
@@ -133,17 +141,25 @@ def _chain_lengths(plan: dict[str, np.ndarray], n_groups: int) -> np.ndarray:
     return np.bincount(groups, minlength=n_groups + 1)
 
 
-def generate(out: str | Path, cfg: SynthConfig) -> dict:
-    """Write a synthetic clip-retrieval folder at `out`; returns a summary."""
-    out = Path(out)
-    for sub in ("img_emb", "text_emb", "metadata"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(cfg.seed)
-    plan = plan_rows(cfg, rng)
-    dim, n = cfg.dim, cfg.n
+@dataclass
+class _Geometry:
+    """The directions every file's rows are drawn around: topic centres, each group's base row
+    and (for chains) the direction it turns to, and the noise scales of each kind."""
+
+    centers: np.ndarray
+    bases: np.ndarray
+    turn: np.ndarray
+    spread: float
+    dup_eps: float
+    giant_eps: float
+    theta: float
+    chain_len: np.ndarray
+
+
+def _geometry(cfg: SynthConfig, rng: np.random.Generator, plan: dict) -> _Geometry:
+    dim = cfg.dim
     n_groups, n_topics = int(plan["n_groups"]), int(plan["n_topics"])
     centers = _unit(rng.standard_normal((n_topics + 1, dim)).astype(np.float32))
-    # Shared directions of each group: its base row and, for chains, the direction it turns to.
     # Topic members: cos(a, b) = s^2 / (s^2 + 1) for unit noise, so s = sqrt(c / (1 - c)).
     spread = math.sqrt(TOPIC_COS / (1 - TOPIC_COS))
     group_of = plan["group"]
@@ -154,69 +170,92 @@ def generate(out: str | Path, cfg: SynthConfig) -> dict:
     bases[n_groups] = centers[n_topics]
     turn = _noise(rng, n_groups + 1, dim)
     turn = _unit(turn - np.sum(turn * bases, axis=1, keepdims=True) * bases)  # orthogonal to base
-    dup_eps = math.sqrt(1 / DUP_COS - 1)  # members m = b + eps*u: cos(m_i, m_j) = 1 / (1 + eps^2)
-    giant_eps = math.sqrt(1 / GIANT_COS - 1)
-    theta = math.acos(CHAIN_COS)
+    return _Geometry(
+        centers=centers,
+        bases=bases,
+        turn=turn,
+        spread=spread,
+        dup_eps=math.sqrt(1 / DUP_COS - 1),  # m = b + eps*u: cos(m_i, m_j) = 1 / (1 + eps^2)
+        giant_eps=math.sqrt(1 / GIANT_COS - 1),
+        theta=math.acos(CHAIN_COS),
+        chain_len=_chain_lengths(plan, n_groups),
+    )
 
-    keys, captions, urls = [], [], []
+
+def _file_vectors(cfg, plan, geo: _Geometry, number: int, start: int, stop: int):
+    """(img, txt, topic, kind) of the rows [start, stop), file `number`."""
+    frng = np.random.default_rng([cfg.seed, number, 1])
+    kind = plan["kind"][start:stop]
+    group = plan["group"][start:stop]
+    member = plan["member"][start:stop]
+    topic = plan["topic"][start:stop]
+    m = stop - start
+    noise = _noise(frng, m, cfg.dim)
+    img = np.empty((m, cfg.dim), np.float32)
+    single = kind == 0
+    img[single] = geo.spread * geo.centers[topic[single]] + noise[single]
+    dup = kind == 1
+    img[dup] = geo.bases[group[dup]] + geo.dup_eps * noise[dup]
+    chain = kind == 2
+    # Members sit at angles centred on the base, so a chain stays inside its topic.
+    chain_len = geo.chain_len[group[chain]]
+    angle = ((member[chain] - (chain_len - 1) / 2) * geo.theta)[:, None]
+    img[chain] = (
+        np.cos(angle) * geo.bases[group[chain]]
+        + np.sin(angle) * geo.turn[group[chain]]
+        + 0.03 * noise[chain]
+    )
+    giant = kind == 3
+    img[giant] = geo.bases[int(plan["n_groups"])] + geo.giant_eps * noise[giant]
+    img = _unit(img)
+    # Text: t = c*img + sqrt(1-c^2)*w with w a unit vector orthogonal to img, so clip score = c.
+    c = np.clip(frng.normal(0.30, 0.07, m), 0.02, 0.7).astype(np.float32)[:, None]
+    w = _noise(frng, m, cfg.dim)
+    w = _unit(w - np.sum(w * img, axis=1, keepdims=True) * img)
+    return img, c * img + np.sqrt(1 - c * c) * w, topic, kind
+
+
+def generate(out: str | Path, cfg: SynthConfig) -> dict:
+    """Write a synthetic clip-retrieval folder at `out`; returns a summary.
+
+    condense synth --out data/synth --n 20000 --dim 64
+    """
+    out = Path(out)
+    for sub in ("img_emb", "text_emb", "metadata"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    plan = plan_rows(cfg, rng)
+    n, n_groups = cfg.n, int(plan["n_groups"])
+    geo = _geometry(cfg, rng, plan)
+    keys = []
     file_rows = cfg.rows_per_file
     for number, start in enumerate(range(0, n, file_rows)):
         stop = min(n, start + file_rows)
-        frng = np.random.default_rng([cfg.seed, number, 1])
-        kind = plan["kind"][start:stop]
-        group = plan["group"][start:stop]
-        member = plan["member"][start:stop]
-        topic = plan["topic"][start:stop]
-        m = stop - start
-        noise = _noise(frng, m, dim)
-        img = np.empty((m, dim), np.float32)
-        single = kind == 0
-        img[single] = spread * centers[topic[single]] + noise[single]
-        dup = kind == 1
-        img[dup] = bases[group[dup]] + dup_eps * noise[dup]
-        chain = kind == 2
-        # Members sit at angles centred on the base, so a chain stays inside its topic.
-        chain_len = _chain_lengths(plan, n_groups)[group[chain]]
-        angle = ((member[chain] - (chain_len - 1) / 2) * theta)[:, None]
-        img[chain] = (
-            np.cos(angle) * bases[group[chain]]
-            + np.sin(angle) * turn[group[chain]]
-            + 0.03 * noise[chain]
-        )
-        giant = kind == 3
-        img[giant] = bases[n_groups] + giant_eps * noise[giant]
-        img = _unit(img)
-        # Text: t = c*img + sqrt(1-c^2)*w with w a unit vector orthogonal to img, so clip score = c.
-        c = np.clip(frng.normal(0.30, 0.07, m), 0.02, 0.7).astype(np.float32)[:, None]
-        w = _noise(frng, m, dim)
-        w = _unit(w - np.sum(w * img, axis=1, keepdims=True) * img)
-        txt = c * img + np.sqrt(1 - c * c) * w
+        img, txt, topic, kind = _file_vectors(cfg, plan, geo, number, start, stop)
         np.save(out / "img_emb" / f"img_emb_{number}.npy", img.astype(cfg.dtype))
         np.save(out / "text_emb" / f"text_emb_{number}.npy", txt.astype(cfg.dtype))
         ids = [f"{i:09d}" for i in range(start, stop)]
         caps = [f"a photo of topic {t} ({KIND_NAMES[k]})" for t, k in zip(topic, kind, strict=True)]
         url = [f"https://images.invalid/{i}.jpg" for i in ids]
         pq.write_table(
-            pa.table({"key": ids, "caption": caps, "url": url}),
+            pa.table({"key": ids, CAPTION: caps, URL: url}),
             out / "metadata" / f"metadata_{number}.parquet",
         )
         keys += ids
-        captions += caps
-        urls += url
     truth = pa.table(
         {
-            "sample_id": keys,
+            SAMPLE_ID: keys,
             "topic": plan["topic"],
-            "group_id": plan["group"],
+            GROUP_ID: plan["group"],
             "kind": KIND_NAMES[plan["kind"]].tolist(),
         }
     )
     pq.write_table(truth, out / "truth.parquet")
     summary = {
         "rows": n,
-        "dim": dim,
+        "dim": cfg.dim,
         "seed": cfg.seed,
-        "topics": n_topics,
+        "topics": int(plan["n_topics"]),
         "groups": n_groups,
         "files": -(-n // file_rows),
         "rows_by_kind": {
@@ -242,9 +281,9 @@ def dedup_quality(truth: pa.Table, dedup: pa.Table) -> dict:
     """
     import pyarrow.compute as pc
 
-    joined = truth.join(dedup.select(["sample_id", "kept"]), "sample_id", join_type="inner")
-    group = joined.column("group_id").to_numpy()
-    removed = ~joined.column("kept").to_numpy(zero_copy_only=False)
+    joined = truth.join(dedup.select([SAMPLE_ID, KEPT]), SAMPLE_ID, join_type="inner")
+    group = joined.column(GROUP_ID).to_numpy()
+    removed = ~joined.column(KEPT).to_numpy(zero_copy_only=False)
     solo = group < 0
     _, inverse, sizes = np.unique(group[~solo], return_inverse=True, return_counts=True)
     removed_in = np.bincount(inverse, weights=removed[~solo], minlength=len(sizes))
@@ -259,7 +298,6 @@ def dedup_quality(truth: pa.Table, dedup: pa.Table) -> dict:
         "precision": correct / total_removed if total_removed else 1.0,
         "recall": correct / planted if planted else 1.0,
         "unmatched_rows": int(
-            len(dedup)
-            - pc.sum(pc.is_in(dedup.column("sample_id"), truth.column("sample_id"))).as_py()
+            len(dedup) - pc.sum(pc.is_in(dedup.column(SAMPLE_ID), truth.column(SAMPLE_ID))).as_py()
         ),
     }

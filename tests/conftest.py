@@ -70,8 +70,9 @@ def random_unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def make_config(input_path: Path | str | None = None, **sections):
-    """A pipeline config for tests: small parts, quiet, on the session's Ray."""
+def make_config(input_path: Path | str | None = None, executor: str = "local", **sections):
+    """A pipeline config for tests: small parts, quiet, on the local executor (in this
+    process); executor="ray" runs it on the session's Ray."""
     data = {
         "input": {"kind": "embeddings", "path": str(input_path)}
         if input_path
@@ -79,6 +80,7 @@ def make_config(input_path: Path | str | None = None, **sections):
         "embed": {"rows_per_part": 1000},
         "cluster": {"k": 8, "niter": 10, "sample_size": 100_000},
         "ray": {"progress": False},
+        "executor": executor,
     }
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value}

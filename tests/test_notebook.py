@@ -26,7 +26,7 @@ def execute(run_dir, monkeypatch) -> list:
     return outputs
 
 
-def test_notebook_on_an_embeddings_run(ray_session, tmp_path, monkeypatch):
+def test_notebook_on_an_embeddings_run(tmp_path, monkeypatch):
     generate(tmp_path / "in", SynthConfig(n=2000, dim=32, seed=1, rows_per_file=1000))
     cfg = make_config(tmp_path / "in", cluster={"k": 4}, sample={"n": 30})
     run_pipeline(cfg, tmp_path / "run", log=quiet_log, progress=False)

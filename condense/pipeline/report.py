@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from condense import schema as S
 from condense.errors import CondenseError
+from condense.schema import KEPT, SAMPLE_ID, SOURCE
 from condense.storage.rundir import CONFIG, RunDir
 
 
@@ -103,8 +103,8 @@ def dedup_quality(run_dir: str | Path) -> dict | None:
     parts = part_files(run.stage_dir("dedup"))
     if truth is None or run.stage_mark("dedup") is None or not parts:
         return None
-    dedup = pq.read_table(run.stage_dir("dedup"), columns=[S.SAMPLE_ID, S.KEPT])
-    return measure(pq.read_table(truth, columns=[S.SAMPLE_ID, "group_id"]), dedup)
+    dedup = pq.read_table(run.stage_dir("dedup"), columns=[SAMPLE_ID, KEPT])
+    return measure(pq.read_table(truth, columns=[SAMPLE_ID, "group_id"]), dedup)
 
 
 def format_quality(q: dict) -> str:
@@ -132,11 +132,11 @@ def sample_images(run_dir: str | Path, sample_ids: list[str]) -> dict[str, bytes
     config = load_config(run.root / CONFIG)
     if config.input.kind not in IMAGE_KINDS or not sample_ids:
         return {}
-    rows = pq.read_table(run.stage_dir("embed"), columns=[S.SAMPLE_ID, S.SOURCE])
-    rows = rows.filter(pc.is_in(rows.column(S.SAMPLE_ID), pa.array(sample_ids, pa.string())))
+    rows = pq.read_table(run.stage_dir("embed"), columns=[SAMPLE_ID, SOURCE])
+    rows = rows.filter(pc.is_in(rows.column(SAMPLE_ID), pa.array(sample_ids, pa.string())))
     wanted: dict[str, set[str]] = {}
     for sample_id, source in zip(
-        rows.column(S.SAMPLE_ID).to_pylist(), rows.column(S.SOURCE).to_pylist(), strict=True
+        rows.column(SAMPLE_ID).to_pylist(), rows.column(SOURCE).to_pylist(), strict=True
     ):
         wanted.setdefault(source, set()).add(sample_id)
     try:

@@ -1,5 +1,8 @@
 """Run the stages in order: skip what is complete with the same settings, rerun what changed
 and everything after it, and resume an interrupted stage part by part when asked.
+
+    from condense.config import load_config
+    run_pipeline(load_config("configs/demo.yaml"), "/tmp/run", executor="local")  # ~20 s, CPU
 """
 
 from __future__ import annotations
@@ -95,10 +98,10 @@ def run_pipeline(
             progress=config.ray.progress if progress is None else progress,
             log=log,
         )
-        return _run_stages(ctx, until, resume)
+        return compute_stages(ctx, until, resume)
 
 
-def _run_stages(ctx: StageContext, until: str | None, resume: bool) -> dict:
+def compute_stages(ctx: StageContext, until: str | None, resume: bool) -> dict:
     """Each stage in order: skipped when complete with these settings, else run (and every
     later stage cleared first, since its input is about to change)."""
     run, log = ctx.run, ctx.log
@@ -112,7 +115,7 @@ def _run_stages(ctx: StageContext, until: str | None, resume: bool) -> dict:
             for later in STAGES[i + 1 :]:  # their inputs are about to change
                 run.clear_stage(later.name)
                 run.update_manifest(later.name, None)
-            _run_stage(ctx, stage, fp, resume)
+            compute_stage(ctx, stage, fp, resume)
         if stage.name == until:
             break
     return run.manifest()
@@ -132,7 +135,7 @@ def check_chain(run: RunDir, stage: Stage, rows_in: int) -> None:
         )
 
 
-def _run_stage(ctx: StageContext, stage: Stage, fp: str, resume: bool) -> None:
+def compute_stage(ctx: StageContext, stage: Stage, fp: str, resume: bool) -> None:
     run = ctx.run
     check_columns(run, stage)
     ctx.resumed = run.start_stage(stage.name, fp, resume)

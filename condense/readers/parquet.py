@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from condense import schema as S
 from condense.errors import InputError
 from condense.readers import (
     InputConfig,
@@ -20,6 +19,12 @@ from condense.readers import (
     optional_strings,
     plan_items,
     read_parquet_rows,
+)
+from condense.schema import (
+    IMG_EMB,
+    SAMPLE_ID,
+    TXT_EMB,
+    arrow_to_vectors,
 )
 
 
@@ -54,7 +59,7 @@ class ParquetEmbeddingReader:
     def __init__(self, cfg: InputConfig):
         self.cfg = cfg
         self.root = Path(cfg.path)
-        self.id_column = cfg.id_column or S.SAMPLE_ID
+        self.id_column = cfg.id_column or SAMPLE_ID
         paths = sorted(p for p in self.root.rglob("*.parquet") if not p.name.startswith((".", "_")))
         if not paths:
             raise InputError(
@@ -69,23 +74,23 @@ class ParquetEmbeddingReader:
             except Exception as exc:  # noqa: BLE001
                 raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
             names = pf.schema_arrow.names
-            for column in (self.id_column, S.IMG_EMB, S.TXT_EMB):
+            for column in (self.id_column, IMG_EMB, TXT_EMB):
                 if column not in names:
                     raise InputError(f"{path}: missing column {column!r} (columns: {names})")
             check_id_type(path, pf.schema_arrow, self.id_column)
-            dims = {c: _list_dim(path, pf, c) for c in (S.IMG_EMB, S.TXT_EMB)}
-            if dims[S.IMG_EMB] != dims[S.TXT_EMB]:
+            dims = {c: _list_dim(path, pf, c) for c in (IMG_EMB, TXT_EMB)}
+            if dims[IMG_EMB] != dims[TXT_EMB]:
                 raise InputError(
-                    f"{path}: img_emb has dimension {dims[S.IMG_EMB]}, txt_emb {dims[S.TXT_EMB]}"
+                    f"{path}: img_emb has dimension {dims[IMG_EMB]}, txt_emb {dims[TXT_EMB]}"
                 )
             rows = pf.metadata.num_rows
             if rows == 0:
                 continue
-            if self.dim and dims[S.IMG_EMB] != self.dim:
+            if self.dim and dims[IMG_EMB] != self.dim:
                 raise InputError(
-                    f"{path}: dimension {dims[S.IMG_EMB]} differs from earlier files ({self.dim})"
+                    f"{path}: dimension {dims[IMG_EMB]} differs from earlier files ({self.dim})"
                 )
-            self.dim = dims[S.IMG_EMB]
+            self.dim = dims[IMG_EMB]
             self.files.append({"path": str(path), "rows": rows, "file": len(self.files)})
             self.total_rows += rows
 
@@ -95,8 +100,8 @@ class ParquetEmbeddingReader:
     def read(self, item: InputSlice) -> RawRows:
         path = item.path
         table = read_parquet_rows(path, item.start, item.stop)
-        img = _vectors(table, S.IMG_EMB, path, self.dim)
-        txt = _vectors(table, S.TXT_EMB, path, self.dim)
+        img = _vectors(table, IMG_EMB, path, self.dim)
+        txt = _vectors(table, TXT_EMB, path, self.dim)
         return RawRows(
             sample_id=id_strings(table, self.id_column, path),
             caption=optional_strings(table, self.cfg.caption_column, path),
@@ -117,9 +122,9 @@ def _vectors(table: pa.Table, column: str, path: str, dim: int) -> np.ndarray:
             valid = col.is_valid().to_numpy(zero_copy_only=False)
             out = np.full((len(col), dim), np.nan, dtype=np.float32)
             if valid.any():
-                out[valid] = S.arrow_to_vectors(col.filter(pa.array(valid)))
+                out[valid] = arrow_to_vectors(col.filter(pa.array(valid)))
             return out
-        vecs = S.arrow_to_vectors(col)
+        vecs = arrow_to_vectors(col)
     except (ValueError, TypeError) as exc:
         raise InputError(f"{path}: column {column!r}: {exc}") from exc
     if vecs.ndim != 2 or vecs.shape[1] != dim:

@@ -23,7 +23,7 @@ condense parses the tar itself (POSIX ustar, pax and GNU headers) instead of tru
 - nothing is ever unpickled: `.json` is parsed as JSON, `.txt` decoded as UTF-8, images are
   returned as bytes for the decoder.
 
-`read_samples` yields every `Sample` of a shard, good or bad; `usable` names a sample's drop
+`read_samples` yields every `Sample` of a shard, good or bad; `drop_reason` names a sample's drop
 reason. `open_shard` opens a shard with the retries and the regular-file check.
 """
 
@@ -669,7 +669,7 @@ def parse_meta(data: bytes | None) -> dict | None:
     return meta if isinstance(meta, dict) else {}
 
 
-def usable(sample: Sample) -> str | None:
+def drop_reason(sample: Sample) -> str | None:
     """Why a sample cannot be embedded (a drop reason), or None when it can."""
     if sample.problem is not None:
         return sample.problem

@@ -12,8 +12,13 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from condense import schema as S
 from condense.cores.bands import band_bounds, descending_key
+from condense.schema import (
+    CENTROID_COS,
+    CLIP_SCORE,
+    KEPT,
+    SAMPLE_ID,
+)
 from condense.stages.ranked import RankedStage
 from condense.strict import StrictModel
 
@@ -49,15 +54,15 @@ class _BandStage(RankedStage):
 
 class ClipBandStage(_BandStage):
     name = "clip_band"
-    score = S.CLIP_SCORE
-    inputs = [S.CLIP_SCORE]
-    reads = {"dedup": (S.SAMPLE_ID, S.KEPT, S.CLIP_SCORE)}
-    writes = (S.SAMPLE_ID, S.CLIP_SCORE, S.KEPT)
+    score = CLIP_SCORE
+    inputs = [CLIP_SCORE]
+    reads = {"dedup": (SAMPLE_ID, KEPT, CLIP_SCORE)}
+    writes = (SAMPLE_ID, CLIP_SCORE, KEPT)
 
 
 class CentroidBandStage(_BandStage):
     name = "centroid_band"
-    score = S.CENTROID_COS
-    inputs = [S.CENTROID_COS]
-    reads = {"dedup": (S.SAMPLE_ID, S.KEPT, S.CENTROID_COS), "clip_band": (S.SAMPLE_ID, S.KEPT)}
-    writes = (S.SAMPLE_ID, S.CENTROID_COS, S.KEPT)
+    score = CENTROID_COS
+    inputs = [CENTROID_COS]
+    reads = {"dedup": (SAMPLE_ID, KEPT, CENTROID_COS), "clip_band": (SAMPLE_ID, KEPT)}
+    writes = (SAMPLE_ID, CENTROID_COS, KEPT)

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import pyarrow.parquet as pq
 
 from condense.errors import StageError
+from condense.faults import pause_while
 from condense.runtime.processor import Executor, Processor, WorkItem
 from condense.stages.progress import Progress
 from condense.storage.parts import commit_part, finished_part, part_files
@@ -107,6 +108,7 @@ def write_parts(ctx: StageContext, processor: Processor, items: list, unit: str 
         for item, stats, node in ctx.executor.map(processor, todo):
             done[item.part] = commit_part(folder, {**stats, "part": item.part, "node": node})
             progress.update(int(stats["rows_in"]))
+            pause_while("driver_pause", f"{processor.stage}:{progress.done_parts}")
     finally:
         progress.close()
     return [done[item.part] for item in items]

@@ -20,12 +20,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from condense import schema as S
 from condense.cores.hashing import hash_ids, smallest_hash_order
 from condense.cores.kmeans import assign, train_kmeans
 from condense.cores.vectors import to_unit_float32
 from condense.errors import StageError
 from condense.runtime.processor import Processor, Resources, WorkItem, run_one
+from condense.schema import (
+    CLUSTER_SCHEMA,
+    IMG_EMB,
+    SAMPLE_ID,
+    arrow_to_vectors,
+)
 from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
 from condense.stages.embed.ids import id_hash_file
 from condense.storage.files import atomic_write_npy
@@ -125,10 +130,10 @@ class Assigner(Processor):
         # Row group by row group, the next one read while this one is assigned; zero-copy views.
         ids, results = [], []
         path = part_path(self.embed_dir, item.source)
-        for group in iter_row_groups(path, [S.SAMPLE_ID, S.IMG_EMB]):
-            vectors = to_unit_float32(S.arrow_to_vectors(group.column(S.IMG_EMB)))
+        for group in iter_row_groups(path, [SAMPLE_ID, IMG_EMB]):
+            vectors = to_unit_float32(arrow_to_vectors(group.column(IMG_EMB)))
             results.append(assign(vectors, self.centroids, device=self.device))
-            ids.append(group.column(S.SAMPLE_ID))
+            ids.append(group.column(SAMPLE_ID))
         n = sum(len(r.cluster_id) for r in results)
         out = pa.Table.from_arrays(
             [
@@ -137,7 +142,7 @@ class Assigner(Processor):
                 pa.array(_concat(r.centroid_dist for r in results), type=pa.float32()),
                 pa.array(_concat(r.centroid_cos for r in results), type=pa.float32()),
             ],
-            schema=S.CLUSTER_SCHEMA,
+            schema=CLUSTER_SCHEMA,
         )
         path = write_part(out, self.out_dir, item.part)
         return {
@@ -237,8 +242,8 @@ class KMeansTrainer(Processor):
 class ClusterStage(Stage):
     name = "cluster"
     version = 2  # 2: training samples are windows of the id-hash ring
-    reads = {"embed": (S.SAMPLE_ID, S.IMG_EMB)}
-    writes = tuple(S.CLUSTER_SCHEMA.names)
+    reads = {"embed": (SAMPLE_ID, IMG_EMB)}
+    writes = tuple(CLUSTER_SCHEMA.names)
 
     def settings(self, config):
         return [config.cluster.fingerprint_dict()]
@@ -363,10 +368,10 @@ def _window_of_part(embed_dir: Path, part: str, start: int, width: int):
     """Ring keys, ids and stored vectors of one part's rows inside [start, start + width)."""
     hashes = np.load(id_hash_file(embed_dir, part), mmap_mode="r")["hash"]
     picked = _window_rows(hashes, start, width)
-    table = _read_rows(str(part_path(embed_dir, part)), picked, [S.SAMPLE_ID, S.IMG_EMB])
-    vectors = S.arrow_to_vectors(table.column(S.IMG_EMB))
+    table = _read_rows(str(part_path(embed_dir, part)), picked, [SAMPLE_ID, IMG_EMB])
+    vectors = arrow_to_vectors(table.column(IMG_EMB))
     return (
         ring_offset(np.asarray(hashes[picked]), start),
-        table.column(S.SAMPLE_ID).to_pylist(),
+        table.column(SAMPLE_ID).to_pylist(),
         vectors,
     )

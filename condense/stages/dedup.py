@@ -28,12 +28,24 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from condense import schema as S
 from condense.cores.components import components
 from condense.cores.keep import KeepRule, component_sizes, keep_mask
 from condense.cores.vectors import to_unit_float32
 from condense.errors import StageError
 from condense.runtime.processor import Processor, Resources, WorkItem, gather
+from condense.schema import (
+    CENTROID_COS,
+    CENTROID_DIST,
+    CLIP_SCORE,
+    CLUSTER_ID,
+    COMPONENT_ID,
+    COMPONENT_SIZE,
+    IMG_EMB,
+    KEPT,
+    MAX_SIM,
+    SAMPLE_ID,
+    arrow_to_vectors,
+)
 from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
 from condense.stages.cluster import CENTROIDS
 from condense.storage.files import atomic_write_npy
@@ -133,24 +145,24 @@ class ClusterScatter(Processor):
         start = time.perf_counter()
         name = item.source
         embed = pq.read_table(
-            part_path(self.embed_dir, name), columns=[S.SAMPLE_ID, S.CLIP_SCORE, S.IMG_EMB]
+            part_path(self.embed_dir, name), columns=[SAMPLE_ID, CLIP_SCORE, IMG_EMB]
         )
         cluster = pq.read_table(part_path(self.cluster_dir, name))
-        if not embed.column(S.SAMPLE_ID).equals(cluster.column(S.SAMPLE_ID)):
+        if not embed.column(SAMPLE_ID).equals(cluster.column(SAMPLE_ID)):
             raise StageError(
                 f"dedup: cluster/part-{name}.parquet does not hold embed/part-{name}.parquet's "
                 "sample_ids in the same order; rerun the cluster stage"
             )
-        cluster_id = cluster.column(S.CLUSTER_ID).to_numpy()
+        cluster_id = cluster.column(CLUSTER_ID).to_numpy()
         order = np.argsort(cluster_id, kind="stable")
         table = pa.table(
             {
-                S.SAMPLE_ID: embed.column(S.SAMPLE_ID),
-                S.CLUSTER_ID: cluster.column(S.CLUSTER_ID),
-                S.CENTROID_DIST: cluster.column(S.CENTROID_DIST),
-                S.CENTROID_COS: cluster.column(S.CENTROID_COS),
-                S.CLIP_SCORE: embed.column(S.CLIP_SCORE),
-                S.IMG_EMB: embed.column(S.IMG_EMB),
+                SAMPLE_ID: embed.column(SAMPLE_ID),
+                CLUSTER_ID: cluster.column(CLUSTER_ID),
+                CENTROID_DIST: cluster.column(CENTROID_DIST),
+                CENTROID_COS: cluster.column(CENTROID_COS),
+                CLIP_SCORE: embed.column(CLIP_SCORE),
+                IMG_EMB: embed.column(IMG_EMB),
             }
         )
         offsets = np.searchsorted(cluster_id[order], np.arange(self.k + 1)).astype(np.int64)
@@ -224,7 +236,7 @@ class DedupWorker(Processor):
             if o[cluster + 1] > o[cluster]
         ]
         table = pa.concat_tables(pieces)
-        return table.take(pc.sort_indices(table, sort_keys=[(S.SAMPLE_ID, "ascending")]))
+        return table.take(pc.sort_indices(table, sort_keys=[(SAMPLE_ID, "ascending")]))
 
     def process(self, item: ClusterGroup) -> dict:
         from threadpoolctl import threadpool_limits
@@ -254,34 +266,34 @@ class DedupWorker(Processor):
         }
 
     def _kept_names(self) -> list[str]:
-        return [S.KEPT] + [kept_column(t) for t in self.thresholds[1:]]
+        return [KEPT] + [kept_column(t) for t in self.thresholds[1:]]
 
     def _dedup_cluster(self, cluster: int, rows: pa.Table, work: dict) -> pa.Table:
         n = len(rows)
-        ids = rows.column(S.SAMPLE_ID)
-        vectors = to_unit_float32(S.arrow_to_vectors(rows.column(S.IMG_EMB)))
-        rows = rows.drop_columns([S.IMG_EMB])  # the float32 copy is all that is needed now
+        ids = rows.column(SAMPLE_ID)
+        vectors = to_unit_float32(arrow_to_vectors(rows.column(IMG_EMB)))
+        rows = rows.drop_columns([IMG_EMB])  # the float32 copy is all that is needed now
         result = components(vectors, self.thresholds, tile=self.tile, device=self.device)
         del vectors
         work["tiles_computed"] += result.tiles_computed
         work["tiles_total"] += result.tiles_total
         work["entries"] += result.entries_computed
         ids_np = np.asarray(ids.to_pylist(), dtype=object)
-        dist = rows.column(S.CENTROID_DIST).to_numpy()
-        clip = rows.column(S.CLIP_SCORE).to_numpy()
+        dist = rows.column(CENTROID_DIST).to_numpy()
+        clip = rows.column(CLIP_SCORE).to_numpy()
         kept = [
             keep_mask(labels, ids_np, dist, clip, self.keep, self.seed) for labels in result.labels
         ]
         main = result.labels[0]
         columns = {
-            S.SAMPLE_ID: ids,
-            S.CLUSTER_ID: pa.array(np.full(n, cluster, dtype=np.int32)),
-            S.COMPONENT_ID: pa.array((np.int64(cluster) << np.int64(32)) + main),
-            S.COMPONENT_SIZE: pa.array(component_sizes(main).astype(np.int32)),
-            S.KEPT: pa.array(kept[0]),
-            S.MAX_SIM: pa.array(result.max_sim),
-            S.CLIP_SCORE: rows.column(S.CLIP_SCORE),
-            S.CENTROID_COS: rows.column(S.CENTROID_COS),
+            SAMPLE_ID: ids,
+            CLUSTER_ID: pa.array(np.full(n, cluster, dtype=np.int32)),
+            COMPONENT_ID: pa.array((np.int64(cluster) << np.int64(32)) + main),
+            COMPONENT_SIZE: pa.array(component_sizes(main).astype(np.int32)),
+            KEPT: pa.array(kept[0]),
+            MAX_SIM: pa.array(result.max_sim),
+            CLIP_SCORE: rows.column(CLIP_SCORE),
+            CENTROID_COS: rows.column(CENTROID_COS),
         }
         for t, mask in zip(self.thresholds[1:], kept[1:], strict=True):
             columns[kept_column(t)] = pa.array(mask)
@@ -318,18 +330,18 @@ class DedupStage(Stage):
     name = "dedup"
     version = 1
     reads = {
-        "embed": (S.SAMPLE_ID, S.CLIP_SCORE, S.IMG_EMB),
-        "cluster": (S.SAMPLE_ID, S.CLUSTER_ID, S.CENTROID_DIST, S.CENTROID_COS),
+        "embed": (SAMPLE_ID, CLIP_SCORE, IMG_EMB),
+        "cluster": (SAMPLE_ID, CLUSTER_ID, CENTROID_DIST, CENTROID_COS),
     }
     writes = (
-        S.SAMPLE_ID,
-        S.CLUSTER_ID,
-        S.COMPONENT_ID,
-        S.COMPONENT_SIZE,
-        S.KEPT,
-        S.MAX_SIM,
-        S.CLIP_SCORE,
-        S.CENTROID_COS,
+        SAMPLE_ID,
+        CLUSTER_ID,
+        COMPONENT_ID,
+        COMPONENT_SIZE,
+        KEPT,
+        MAX_SIM,
+        CLIP_SCORE,
+        CENTROID_COS,
     )
 
     def settings(self, config):

@@ -37,13 +37,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from condense import schema as S
 from condense.cores.names import safe_names
 from condense.errors import StageError
 from condense.faults import kill_once
 from condense.readers import IMAGE_KINDS
 from condense.readers.shards import ShardLimits
 from condense.runtime.processor import Processor, WorkItem
+from condense.schema import (
+    CAPTION,
+    IMAGE_EXT,
+    KEPT,
+    KEY,
+    SAMPLE_ID,
+    SHARD_INDEX_SCHEMA,
+    SOURCE,
+    URL,
+)
 from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
 from condense.stages.embed import image_root
 from condense.storage.files import atomic_file, atomic_write_bytes, atomic_write_json
@@ -74,9 +83,9 @@ class ExportPart(Processor):
         start = time.perf_counter()
         table = pq.read_table(
             part_path(self.embed_dir, item.source),
-            columns=[S.SAMPLE_ID, S.URL, S.CAPTION, S.SOURCE],
+            columns=[SAMPLE_ID, URL, CAPTION, SOURCE],
         )
-        rows = table.filter(pc.is_in(table.column(S.SAMPLE_ID), value_set=self.coreset))
+        rows = table.filter(pc.is_in(table.column(SAMPLE_ID), value_set=self.coreset))
         path = write_part(rows, self.out_dir, item.source)
         return {
             "part": item.part,
@@ -89,10 +98,10 @@ class ExportPart(Processor):
 class ExportStage(Stage):
     name = "export"
     reads = {
-        "sample": (S.SAMPLE_ID, S.KEPT),
-        "embed": (S.SAMPLE_ID, S.URL, S.CAPTION, S.SOURCE),
+        "sample": (SAMPLE_ID, KEPT),
+        "embed": (SAMPLE_ID, URL, CAPTION, SOURCE),
     }
-    writes = (S.SAMPLE_ID, S.URL, S.CAPTION, S.SOURCE)
+    writes = (SAMPLE_ID, URL, CAPTION, SOURCE)
 
     def settings(self, config):
         return [config.export.fingerprint_dict()]
@@ -112,18 +121,19 @@ class ExportStage(Stage):
             raise StageError(
                 f"export: {len(coreset):,} sampled ids but {exported:,} of them found in embed/"
             )
-        files = write_key_lists(out_dir)
+        rows = exported_rows(out_dir)  # read back once, for the key lists and the shard plan
+        files = write_key_lists(out_dir, rows)
         extra = {"key_lists": files, "kind": "urls"}
         if ctx.config.input.kind in IMAGE_KINDS:
-            extra = {**extra, **self._write_shards(ctx, out_dir), "kind": "webdataset"}
+            extra = {**extra, **self._write_shards(ctx, out_dir, rows), "kind": "webdataset"}
         return StageResult(len(coreset), exported, {}, extra)
 
-    def _write_shards(self, ctx: StageContext, out_dir: Path) -> dict:
+    def _write_shards(self, ctx: StageContext, out_dir: Path, rows: pa.Table) -> dict:
         """Copy the coreset's samples into export/shards/ and write coreset.json."""
         from condense.readers.webdataset import list_shards
 
         paths = {s.source: s.path for s in list_shards(image_root(ctx.config, ctx.run.root))}
-        items = plan_shards(out_dir, ctx.config.export.shard_size)
+        items = plan_shards(rows, ctx.config.export.shard_size)
         copier = ShardCopier(
             paths, str(out_dir / SHARDS_DIR), ctx.config.input.id_column, ctx.config.input.limits
         )
@@ -143,20 +153,27 @@ def coreset_ids(sample_dir: Path) -> pa.Array:
     parts = part_files(sample_dir)
     if not parts:
         return pa.array([], pa.string())
-    table = pq.read_table(parts, columns=[S.SAMPLE_ID, S.KEPT])
-    return table.filter(table.column(S.KEPT)).column(S.SAMPLE_ID).combine_chunks()
+    table = pq.read_table(parts, columns=[SAMPLE_ID, KEPT])
+    return table.filter(table.column(KEPT)).column(SAMPLE_ID).combine_chunks()
 
 
-def write_key_lists(out_dir: Path) -> int:
-    """keys/<source>.txt for every input file holding coreset rows; returns how many."""
+def exported_rows(out_dir: Path) -> pa.Table:
+    """source, sample_id, url and caption of every coreset row export/ holds."""
     parts = part_files(out_dir)
+    columns = [SOURCE, SAMPLE_ID, URL, CAPTION]
+    if not parts:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    return pq.read_table(parts, columns=columns)
+
+
+def write_key_lists(out_dir: Path, table: pa.Table) -> int:
+    """keys/<source>.txt for every input file holding coreset rows; returns how many."""
     folder = out_dir / KEYS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    if not parts:
+    if not len(table):
         return 0
-    table = pq.read_table(parts, columns=[S.SOURCE, S.SAMPLE_ID])
-    sources = table.column(S.SOURCE).to_numpy(zero_copy_only=False)
-    ids = table.column(S.SAMPLE_ID).to_numpy(zero_copy_only=False)
+    sources = table.column(SOURCE).to_numpy(zero_copy_only=False)
+    ids = table.column(SAMPLE_ID).to_numpy(zero_copy_only=False)
     names = sorted(set(sources.tolist()))
     stems = [Path(n).stem for n in names]
     if len({s.lower() for s in stems}) < len(stems):  # same file name in two folders
@@ -168,19 +185,6 @@ def write_key_lists(out_dir: Path) -> int:
     return len(names)
 
 
-INDEX_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("sample_id", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),
-        ("source", pa.string()),
-        ("image_ext", pa.string()),
-        ("status", pa.string()),
-    ]
-)
-
-
 @dataclass(frozen=True, kw_only=True)
 class OutputShard(WorkItem):
     """One output tar and its coreset rows (source, sample_id, url, caption, key)."""
@@ -189,16 +193,14 @@ class OutputShard(WorkItem):
     table: pa.Table
 
 
-def plan_shards(out_dir: Path, shard_size: int) -> list[OutputShard]:
+def plan_shards(table: pa.Table, shard_size: int) -> list[OutputShard]:
     """Output shards: the coreset in (source, sample_id) order, cut every shard_size rows, each
     row with the member name (a sanitised, distinct key) it gets in its output tar."""
-    parts = part_files(out_dir)
-    if not parts:
+    if not len(table):
         return []
-    table = pq.read_table(parts, columns=[S.SOURCE, S.SAMPLE_ID, S.URL, S.CAPTION])
-    table = table.sort_by([(S.SOURCE, "ascending"), (S.SAMPLE_ID, "ascending")])
-    keys = safe_names(table.column(S.SAMPLE_ID).to_pylist(), dots=False)
-    table = table.append_column("key", pa.array(keys, pa.string()))
+    table = table.sort_by([(SOURCE, "ascending"), (SAMPLE_ID, "ascending")])
+    keys = safe_names(table.column(SAMPLE_ID).to_pylist(), dots=False)
+    table = table.append_column(KEY, pa.array(keys, pa.string()))
     items = []
     for number, start in enumerate(range(0, len(table), shard_size)):
         rows = table.slice(start, shard_size)
@@ -226,13 +228,13 @@ class ShardCopier(Processor):
         start, started_at = time.perf_counter(), time.time()
         table = item.table
         wanted: dict[str, dict[str, int]] = {}
-        sources, ids = table.column(S.SOURCE).to_pylist(), table.column(S.SAMPLE_ID).to_pylist()
+        sources, ids = table.column(SOURCE).to_pylist(), table.column(SAMPLE_ID).to_pylist()
         for row, (source, sample_id) in enumerate(zip(sources, ids, strict=True)):
             wanted.setdefault(source, {})[sample_id] = row
         order, image_ext, written = [], [], 0
         out_dir = Path(self.out_dir)
         shard = out_dir / item.shard
-        keys = table.column("key").to_pylist()
+        keys = table.column(KEY).to_pylist()
         with atomic_file(shard.with_suffix(".tar")) as f, tarfile.open(fileobj=f, mode="w|") as tar:
             for source in sorted(wanted):
                 if source not in self.paths:
@@ -257,15 +259,15 @@ class ShardCopier(Processor):
         rows = table.take(pa.array(order, pa.int64()))
         index = pa.Table.from_arrays(
             [
-                rows.column("key"),
-                rows.column(S.SAMPLE_ID),
-                rows.column(S.URL),
-                rows.column(S.CAPTION),
-                rows.column(S.SOURCE),
+                rows.column(KEY),
+                rows.column(SAMPLE_ID),
+                rows.column(URL),
+                rows.column(CAPTION),
+                rows.column(SOURCE),
                 pa.array(image_ext, pa.string()),
                 pa.array(["success"] * len(rows), pa.string()),
             ],
-            schema=INDEX_SCHEMA,
+            schema=SHARD_INDEX_SCHEMA,
         )
         with atomic_file(shard.with_suffix(".parquet")) as f:
             pq.write_table(index, f)
@@ -313,10 +315,10 @@ def write_coreset_json(shards_dir: Path, shards: list[str], path: Path) -> None:
         for shard in shards:
             index = pq.read_table(shards_dir / f"{shard}.parquet")
             for key, sample_id, caption, ext in zip(
-                index.column("key").to_pylist(),
-                index.column("sample_id").to_pylist(),
-                index.column("caption").to_pylist(),
-                index.column("image_ext").to_pylist(),
+                index.column(KEY).to_pylist(),
+                index.column(SAMPLE_ID).to_pylist(),
+                index.column(CAPTION).to_pylist(),
+                index.column(IMAGE_EXT).to_pylist(),
                 strict=True,
             ):
                 entry = {

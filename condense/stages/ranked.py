@@ -26,7 +26,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from condense import schema as S
 from condense.cores.select import (
     Boundary,
     SortedPart,
@@ -37,6 +36,12 @@ from condense.cores.select import (
 )
 from condense.errors import StageError
 from condense.runtime.processor import Processor, WorkItem, gather
+from condense.schema import (
+    KEPT,
+    ORDER_KEY,
+    ROW,
+    SAMPLE_ID,
+)
 from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
 from condense.storage.parts import (
     discard_scratch,
@@ -50,6 +55,7 @@ from condense.storage.parts import (
 from condense.storage.rundir import RunDir
 
 SORTED_DIR = "_sorted"  # scratch: each part's entering rows sorted by key
+ENTERING = ".rows.arrow"  # beside each sorted part: the columns step 3 writes, in entering order
 SELECTION_CHAIN = ("dedup", "clip_band", "centroid_band", "sample")  # each filters the previous
 
 
@@ -57,14 +63,14 @@ def survivors(run_dir: str, part: str, stage: str, columns: list[str]) -> pa.Tab
     """sample_id and `columns` of dedup's part `part`, restricted to the rows every selection stage before
     `stage` kept (checking at each step that the stage's part lists the same sample_ids)."""
     run = RunDir(run_dir)
-    wanted = list(dict.fromkeys([S.SAMPLE_ID, *columns]))
+    wanted = list(dict.fromkeys([SAMPLE_ID, *columns]))
     table = pq.read_table(part_path(run.stage_dir("dedup"), part), columns=wanted)
     for upstream in SELECTION_CHAIN[: SELECTION_CHAIN.index(stage)]:
         path = part_path(run.stage_dir(upstream), part)
-        flags = pq.read_table(path, columns=[S.SAMPLE_ID, S.KEPT])
-        if not flags.column(S.SAMPLE_ID).equals(table.column(S.SAMPLE_ID)):
+        flags = pq.read_table(path, columns=[SAMPLE_ID, KEPT])
+        if not flags.column(SAMPLE_ID).equals(table.column(SAMPLE_ID)):
             raise StageError(f"{path} does not list the rows that entered {upstream}")
-        table = table.filter(flags.column(S.KEPT))
+        table = table.filter(flags.column(KEPT))
     return table
 
 
@@ -84,15 +90,19 @@ class KeySorter(Processor):
         start = time.perf_counter()
         rows = survivors(self.run_dir, item.source, self.ranked.name, self.ranked.inputs)
         keys = self.ranked.keys(rows, self.settings)
-        part, order = sort_part(keys, rows.column(S.SAMPLE_ID))
+        part, order = sort_part(keys, rows.column(SAMPLE_ID))
         table = pa.table(
-            {"key": pa.array(part.keys), S.SAMPLE_ID: part.ids, "row": pa.array(order)}
+            {ORDER_KEY: pa.array(part.keys), SAMPLE_ID: part.ids, ROW: pa.array(order)}
         )
         path = sorted_path(self.run_dir, self.ranked.name, item.source)
         write_scratch(path, [table], table.schema)
+        # What step 3 writes, kept here in the entering order: it need not read the chain again.
+        entering = rows.select(list(self.ranked.writes[:-1]))
+        entering_path = path.with_suffix(ENTERING)
+        write_scratch(entering_path, [entering], entering.schema)
         return {
             "part": item.part,
-            "files": [str(path)],
+            "files": [str(path), str(entering_path)],
             "rows_in": len(table),
             "seconds": time.perf_counter() - start,
         }
@@ -106,11 +116,9 @@ def sorted_path(run_dir: str, stage: str, source: str):
 def load_sorted(path: str) -> tuple[SortedPart, np.ndarray]:
     """A sorted part, memory-mapped: (its keys and ids, row positions in entering order)."""
     table = read_scratch(path)
-    keys = table.column("key").combine_chunks().to_numpy(zero_copy_only=False)
-    ids = table.column(S.SAMPLE_ID).combine_chunks()
-    return SortedPart(keys, ids), table.column("row").combine_chunks().to_numpy(
-        zero_copy_only=False
-    )
+    keys = table.column(ORDER_KEY).combine_chunks().to_numpy(zero_copy_only=False)
+    ids = table.column(SAMPLE_ID).combine_chunks()
+    return SortedPart(keys, ids), table.column(ROW).combine_chunks().to_numpy(zero_copy_only=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,13 +158,14 @@ class KeptWriter(Processor):
 
     def process(self, item: SourcePart) -> dict:
         start = time.perf_counter()
-        rows = survivors(self.run_dir, item.source, self.ranked.name, self.ranked.inputs)
         out_dir = RunDir(self.run_dir).stage_dir(self.ranked.name)
-        part, row = load_sorted(str(sorted_path(self.run_dir, self.ranked.name, item.source)))
+        path = sorted_path(self.run_dir, self.ranked.name, item.source)
+        rows = read_scratch(path.with_suffix(ENTERING))
+        part, row = load_sorted(str(path))
         a, b = count_below(part, self.lower), count_below(part, self.upper)
         kept = np.zeros(len(rows), dtype=bool)
         kept[row[a:b]] = True
-        table = rows.select(list(self.ranked.writes[:-1])).append_column(S.KEPT, pa.array(kept))
+        table = rows.append_column(KEPT, pa.array(kept))
         path = write_part(table, out_dir, item.source)
         return {
             "part": item.part,
@@ -228,7 +237,7 @@ class RankedStage(Stage):
 
 
 def _describe(b: Boundary | None) -> dict | None:
-    return None if b is None else {"key": b.key, S.SAMPLE_ID: b.sample_id}
+    return None if b is None else {"key": b.key, SAMPLE_ID: b.sample_id}
 
 
 def _groups(paths: list[str], n: int) -> list[list[str]]:

@@ -13,8 +13,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from condense import schema as S
 from condense.cores.hashing import hash_ids
+from condense.schema import KEPT, SAMPLE_ID
 from condense.stages.ranked import RankedStage
 from condense.strict import StrictModel
 
@@ -43,14 +43,14 @@ class SampleConfig(StrictModel):
 class SampleStage(RankedStage):
     name = "sample"
     inputs: list[str] = []
-    reads = {"centroid_band": (S.SAMPLE_ID, S.KEPT)}
-    writes = (S.SAMPLE_ID, S.KEPT)
+    reads = {"centroid_band": (SAMPLE_ID, KEPT)}
+    writes = (SAMPLE_ID, KEPT)
 
     def settings(self, config):
         return [config.sample.fingerprint_dict()]
 
     def keys(self, rows: pa.Table, settings: dict) -> np.ndarray:
-        return hash_ids(rows.column(S.SAMPLE_ID), int(settings["seed"]))
+        return hash_ids(rows.column(SAMPLE_ID), int(settings["seed"]))
 
     def ranks(self, ctx, n):
         cfg = ctx.config.sample

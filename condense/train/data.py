@@ -12,7 +12,13 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 
 from condense.errors import InputError
-from condense.readers.shards import DEFAULT_LIMITS, ShardLimits, open_shard, read_samples, usable
+from condense.readers.shards import (
+    DEFAULT_LIMITS,
+    ShardLimits,
+    drop_reason,
+    open_shard,
+    read_samples,
+)
 
 
 def shard_samples(
@@ -23,7 +29,7 @@ def shard_samples(
     for shard in shards:
         with open_shard(str(shard), limits) as f:
             for sample in read_samples(f, limits, str(shard)):
-                reason = usable(sample)
+                reason = drop_reason(sample)
                 if reason is not None:
                     skipped[reason] += 1
                     continue

@@ -9,7 +9,7 @@ from condense.synth import SynthConfig, generate
 from tests.conftest import make_config, quiet_log
 
 
-def test_synth_funnel_looks_like_the_recipe(ray_session, tmp_path):
+def test_synth_funnel_looks_like_the_recipe(tmp_path):
     generate(tmp_path / "in", SynthConfig(n=8000, dim=64, seed=3, rows_per_file=2000))
     cfg = make_config(
         tmp_path / "in",

@@ -50,7 +50,7 @@ def table(run_dir, stage):
     return pq.read_table(files).to_pandas().sort_values("sample_id").reset_index(drop=True)
 
 
-def test_rerun_skips_and_changes_rerun_downstream(ray_session, corpus, tmp_path):
+def test_rerun_skips_and_changes_rerun_downstream(corpus, tmp_path):
     cfg = make_config(corpus, cluster={"k": 6})
     run(cfg, tmp_path)
     first = marks(tmp_path)
@@ -82,7 +82,7 @@ def test_rerun_skips_and_changes_rerun_downstream(ray_session, corpus, tmp_path)
     assert again["cluster"]["config_hash"] != now["cluster"]["config_hash"]
 
 
-def test_new_input_files_rerun_embed(ray_session, tmp_path):
+def test_new_input_files_rerun_embed(tmp_path):
     import shutil
 
     generate(tmp_path / "in", SynthConfig(n=600, dim=16, seed=1, rows_per_file=300))
@@ -110,7 +110,7 @@ def test_new_input_files_rerun_embed(ray_session, tmp_path):
     assert marks(tmp_path / "run")["cluster"]["rows_out"] == 900
 
 
-def test_until_stops_and_upstream_rerun_clears_downstream(ray_session, corpus, tmp_path):
+def test_until_stops_and_upstream_rerun_clears_downstream(corpus, tmp_path):
     run(make_config(corpus), tmp_path, until="embed")
     assert set(marks(tmp_path)) == {"embed"} and not (tmp_path / "cluster").exists()
     run(make_config(corpus), tmp_path)
@@ -121,7 +121,7 @@ def test_until_stops_and_upstream_rerun_clears_downstream(ray_session, corpus, t
     assert "cluster" not in json.loads((tmp_path / "manifest.json").read_text())["stages"]
 
 
-def test_half_written_stage_is_not_trusted(ray_session, corpus, tmp_path):
+def test_half_written_stage_is_not_trusted(corpus, tmp_path):
     cfg = make_config(corpus)
     run(cfg, tmp_path, until="embed")
     reference = table(tmp_path, "embed")
@@ -133,7 +133,7 @@ def test_half_written_stage_is_not_trusted(ray_session, corpus, tmp_path):
     pd.testing.assert_frame_equal(table(tmp_path, "embed"), reference)
 
 
-def test_resume_with_other_settings_starts_over(ray_session, corpus, tmp_path):
+def test_resume_with_other_settings_starts_over(corpus, tmp_path):
     run(make_config(corpus), tmp_path, until="embed")
     (tmp_path / "embed" / "_stage.json").unlink()
     progress = {"fingerprint": "something-else"}
@@ -144,11 +144,14 @@ def test_resume_with_other_settings_starts_over(ray_session, corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_output(ray_session, corpus, tmp_path, venv_env):
+def test_killed_run_resumes_to_the_same_output(corpus, tmp_path, venv_env):
     overrides = ["embed.rows_per_part=60", "cluster.k=6", "ray.num_cpus=2", "ray.progress=false"]
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"input": {"kind": "embeddings", "path": str(corpus)}}))
     killed = tmp_path / "killed"
+    spec = tmp_path / "failpoints"
+    spec.write_text("driver_pause:cluster:3")  # the driver holds after 3 cluster parts
+    driver_env = {**venv_env, "CONDENSE_FAILPOINTS_FILE": str(spec)}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -161,7 +164,7 @@ def test_killed_run_resumes_to_the_same_output(ray_session, corpus, tmp_path, ve
             *sum((["--set", o] for o in overrides), []),
         ],
         cwd=REPO,
-        env=venv_env,
+        env=driver_env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -187,15 +190,16 @@ def test_killed_run_resumes_to_the_same_output(ray_session, corpus, tmp_path, ve
         )
         assert second.returncode == 2, second.stderr
         assert f"is in use by host {socket.gethostname()} pid {proc.pid}" in second.stderr
-        while time.time() < deadline and not recorded():
+        while time.time() < deadline and len(recorded()) < 3:
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.01)
+        time.sleep(0.5)  # held there: no further part is recorded
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
     finally:
         proc.wait(timeout=60)
     assert parts.exists(), "the cluster stage never started"
     done_before = len(recorded())
-    assert 0 < done_before < 50, done_before  # 3,000 rows in parts of 60: killed mid-stage
+    assert done_before == 3, done_before  # 3,000 rows in parts of 60: killed mid-stage
     assert not (killed / "cluster" / "_stage.json").exists()
 
     from condense.config import load_config

@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from condense import schema as S
 from condense.errors import InputError
 from condense.readers import InputConfig, open_reader
+from condense.schema import vectors_to_arrow
 from tests.conftest import random_unit, write_clip_retrieval
 
 
@@ -54,7 +54,7 @@ def test_parquet_layout_reads_fixed_and_plain_lists(tmp_path, fixed, dtype):
     rng = np.random.default_rng(1)
     img, txt = random_unit(rng, 6, 4).astype(dtype), random_unit(rng, 6, 4).astype(dtype)
     if fixed:
-        img_col, txt_col = S.vectors_to_arrow(img), S.vectors_to_arrow(txt)
+        img_col, txt_col = vectors_to_arrow(img), vectors_to_arrow(txt)
     else:
         img_col, txt_col = (
             pa.array(img.tolist(), pa.list_(pa.from_numpy_dtype(np.dtype(dtype)))),

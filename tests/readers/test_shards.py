@@ -20,9 +20,9 @@ from condense.readers.shards import (
     ShardFile,
     ShardLimits,
     _number,
+    drop_reason,
     member_key,
     read_samples,
-    usable,
 )
 
 
@@ -62,7 +62,7 @@ def samples(data, limits: ShardLimits | None = None):
     stream = io.BytesIO(data) if isinstance(data, bytes) else data
     for sample in read_samples(stream, limits or ShardLimits(), "test.tar"):
         total += 1
-        reason = usable(sample)
+        reason = drop_reason(sample)
         if reason is None:
             kept.append(sample)
         else:
@@ -154,7 +154,7 @@ def test_bad_captions_and_missing_parts_have_reasons():
             ("g.txt", b"two images"),
         ]
     )
-    reasons = {s.key: usable(s) for s in read_samples(io.BytesIO(tar))}
+    reasons = {s.key: drop_reason(s) for s in read_samples(io.BytesIO(tar))}
     assert reasons == {
         "a": "missing_caption",
         "b": "caption_not_utf8",
@@ -438,7 +438,7 @@ def test_read_errors_are_retried_then_named_never_counted_as_truncation(monkeypa
     data = make_tar([*good("a"), *good("b"), *good("c")])
     Flaky.failures = 2
     with ShardFile("s3://bucket/x.tar", retries=3, opener=lambda p: Flaky(data)) as f:
-        got = [s.key for s in read_samples(f) if usable(s) is None]
+        got = [s.key for s in read_samples(f) if drop_reason(s) is None]
     assert got == ["a", "b", "c"] and Flaky.failures == 0
     Flaky.failures = 10
     failing = ShardFile("s3://bucket/x.tar", retries=3, opener=lambda p: Flaky(data))

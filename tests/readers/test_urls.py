@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from condense.pipeline.runner import run_pipeline
-from condense.readers.shards import read_samples, usable
+from condense.readers.shards import drop_reason, read_samples
 from tests.conftest import make_config, quiet_log
 from tests.stages.test_embed_images import TINY, picture
 
@@ -95,7 +95,7 @@ def url_list(path, base, secret=None):
     return kinds
 
 
-def test_urls_download_embed_and_export(ray_session, tmp_path, server):
+def test_urls_download_embed_and_export(tmp_path, server):
     secret = tmp_path / "secret.jpg"  # a real image on this machine: it must never be copied
     secret.write_bytes(picture(999))
     kinds = url_list(tmp_path / "urls.parquet", server, secret)
@@ -144,7 +144,7 @@ def test_urls_download_embed_and_export(ray_session, tmp_path, server):
     exported = []
     for shard in sorted((run / "export" / "shards").glob("*.tar")):
         with open(shard, "rb") as f:
-            exported += [s for s in read_samples(f) if usable(s) is None]
+            exported += [s for s in read_samples(f) if drop_reason(s) is None]
     assert sorted(s.key for s in exported) == sorted(index.key) and len(exported) == 24
 
     # A rerun with another batch size embeds again but downloads nothing.

@@ -1,5 +1,5 @@
-"""Stage cluster on a real Ray and real faiss: planted topics found, and the same answer at any
-block count or worker count."""
+"""Stage cluster with real faiss: planted topics found, and the same answer at any block count,
+worker count or executor."""
 
 import json
 
@@ -30,7 +30,7 @@ def corpus(tmp_path_factory):
     return out
 
 
-def test_kmeans_finds_the_planted_topics(ray_session, corpus, tmp_path):
+def test_kmeans_finds_the_planted_topics(corpus, tmp_path):
     # 6 topics + the giant near-identical cluster = 7 planted clusters; k = 14 leaves room for
     # random initialisation to split a topic, but no cluster may mix two topics.
     cfg = make_config(corpus, cluster={"k": 14, "niter": 20, "seed": 0})
@@ -67,8 +67,9 @@ def test_same_output_at_1_2_4_blocks_and_any_worker_count(ray_session, corpus, t
     # The training sample (1,500 of 4,000 rows) and the assignment must not see the split.
     tables, centroids = [], []
     for i, (rows_per_part, workers) in enumerate([(4000, 1), (2000, 2), (1000, 1)]):
-        cfg = make_config(
+        cfg = make_config(  # two workers: on Ray
             corpus,
+            executor="ray" if workers > 1 else "local",
             embed={"rows_per_part": rows_per_part},
             cluster={"k": 10, "sample_size": 1500, "workers": workers},
         )
@@ -82,7 +83,7 @@ def test_same_output_at_1_2_4_blocks_and_any_worker_count(ray_session, corpus, t
         pd.testing.assert_frame_equal(table, tables[0], check_exact=True)
 
 
-def test_spherical_and_warm_started_rounds(ray_session, corpus, tmp_path):
+def test_spherical_and_warm_started_rounds(corpus, tmp_path):
     cfg = make_config(corpus, cluster={"k": 7, "spherical": True, "rounds": 3, "sample_size": 1000})
     run(cfg, tmp_path)
     centroids = np.load(tmp_path / "cluster" / "centroids.npy")
@@ -91,7 +92,7 @@ def test_spherical_and_warm_started_rounds(ray_session, corpus, tmp_path):
     assert [r["rows"] for r in mark["train_rounds"]] == [1000, 1000, 1000]
 
 
-def test_training_sample_does_not_depend_on_parts(ray_session, corpus, tmp_path):
+def test_training_sample_does_not_depend_on_parts(corpus, tmp_path):
     from condense.stages.cluster import draw_sample, ring_offset, window_start
 
     samples = []
@@ -116,7 +117,7 @@ def test_training_sample_does_not_depend_on_parts(ray_session, corpus, tmp_path)
     assert np.array_equal(samples[0][0], expect)
 
 
-def test_k_larger_than_rows_is_a_clear_error(ray_session, corpus, tmp_path):
+def test_k_larger_than_rows_is_a_clear_error(corpus, tmp_path):
     with pytest.raises(StageError, match=r"cluster.k=5000 is larger than the 4,000 rows in embed/"):
         run(make_config(corpus, cluster={"k": 5000}), tmp_path)
     assert (tmp_path / "embed" / "_stage.json").exists()

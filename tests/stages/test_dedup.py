@@ -7,8 +7,19 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from condense import schema as S
 from condense.cores.hashing import hash_ids
+from condense.schema import (
+    CENTROID_COS,
+    CENTROID_DIST,
+    CLIP_SCORE,
+    CLUSTER_ID,
+    COMPONENT_ID,
+    COMPONENT_SIZE,
+    IMG_EMB,
+    KEPT,
+    MAX_SIM,
+    SAMPLE_ID,
+)
 from condense.stages.dedup import DedupStage, kept_column, plan_tasks
 from tests.conftest import make_config
 from tests.stages.upstream import read_stage, run_stage, write_embed_and_cluster
@@ -52,20 +63,20 @@ def planted_rows(seed=0):
     n = len(vecs)
     ids = np.array([f"s{int(v):07d}" for v in rng.choice(10**7, n, replace=False)], dtype=object)
     return {
-        S.SAMPLE_ID: ids,
-        S.IMG_EMB: _unit(vecs),
-        S.CLUSTER_ID: np.array(cluster),
+        SAMPLE_ID: ids,
+        IMG_EMB: _unit(vecs),
+        CLUSTER_ID: np.array(cluster),
         # Coarse values, so keep rules meet ties and must break them by sample_id.
-        S.CENTROID_DIST: np.round(rng.uniform(0.1, 0.9, n), 1).astype(np.float32),
-        S.CENTROID_COS: rng.uniform(0.3, 0.9, n).astype(np.float32),
-        S.CLIP_SCORE: np.round(rng.normal(0.3, 0.05, n), 2).astype(np.float32),
+        CENTROID_DIST: np.round(rng.uniform(0.1, 0.9, n), 1).astype(np.float32),
+        CENTROID_COS: rng.uniform(0.3, 0.9, n).astype(np.float32),
+        CLIP_SCORE: np.round(rng.normal(0.3, 0.05, n), 2).astype(np.float32),
     }
 
 
 def reference(rows, threshold, rule, seed=0):
     """Kept ids and component sizes from dense similarities and networkx, cluster by cluster."""
-    ids, x = rows[S.SAMPLE_ID], rows[S.IMG_EMB]
-    dist, clip = rows[S.CENTROID_DIST], rows[S.CLIP_SCORE]
+    ids, x = rows[SAMPLE_ID], rows[IMG_EMB]
+    dist, clip = rows[CENTROID_DIST], rows[CLIP_SCORE]
     h = dict(zip(ids.tolist(), hash_ids(ids.tolist(), seed).tolist(), strict=True))
     order = {
         "middle": lambda i: (float(dist[i]), ids[i]),
@@ -75,8 +86,8 @@ def reference(rows, threshold, rule, seed=0):
         "random": lambda i: (h[ids[i]], ids[i]),
     }[rule]
     kept, size = set(), {}
-    for c in np.unique(rows[S.CLUSTER_ID]):
-        members = np.flatnonzero(rows[S.CLUSTER_ID] == c)
+    for c in np.unique(rows[CLUSTER_ID]):
+        members = np.flatnonzero(rows[CLUSTER_ID] == c)
         sim = x[members] @ x[members].T
         graph = nx.Graph()
         graph.add_nodes_from(members.tolist())
@@ -99,23 +110,23 @@ def dedup_config(**dedup):
     return make_config("/unused", dedup={"thresholds": [0.8, 0.9], **dedup})
 
 
-def kept_ids(table, column=S.KEPT):
-    return set(table.filter(table.column(column)).column(S.SAMPLE_ID).to_pylist())
+def kept_ids(table, column=KEPT):
+    return set(table.filter(table.column(column)).column(SAMPLE_ID).to_pylist())
 
 
 @pytest.mark.parametrize("rule", ["middle", "far", "near", "clip_max", "random"])
-def test_every_keep_rule_matches_the_brute_force_reference(ray_session, tmp_path, rows, rule):
+def test_every_keep_rule_matches_the_brute_force_reference(tmp_path, rows, rule):
     write_embed_and_cluster(tmp_path, rows, K, parts=3)
     mark = run_stage(tmp_path, DedupStage(), dedup_config(keep=rule, seed=7, rows_per_task=60))
     table = read_stage(tmp_path, "dedup")
     assert table.column_names == [*DedupStage.writes, "kept_0_8", "kept_0_9"]
-    assert len(table) == len(rows[S.SAMPLE_ID])
+    assert len(table) == len(rows[SAMPLE_ID])
     kept, size = reference(rows, 0.86, rule, seed=7)
     assert kept_ids(table) == kept
     got_size = dict(
         zip(
-            table.column(S.SAMPLE_ID).to_pylist(),
-            table.column(S.COMPONENT_SIZE).to_pylist(),
+            table.column(SAMPLE_ID).to_pylist(),
+            table.column(COMPONENT_SIZE).to_pylist(),
             strict=True,
         )
     )
@@ -123,11 +134,11 @@ def test_every_keep_rule_matches_the_brute_force_reference(ray_session, tmp_path
     for t in (0.8, 0.9):  # the extra thresholds, from the same pass
         assert kept_ids(table, kept_column(t)) == reference(rows, t, rule, seed=7)[0]
     # One kept row per component id; the component id never spans clusters.
-    per_component = table.group_by(S.COMPONENT_ID).aggregate(
-        [(S.KEPT, "sum"), (S.CLUSTER_ID, "count_distinct")]
+    per_component = table.group_by(COMPONENT_ID).aggregate(
+        [(KEPT, "sum"), (CLUSTER_ID, "count_distinct")]
     )
-    assert pc.all(pc.equal(per_component.column(f"{S.KEPT}_sum"), 1)).as_py()
-    assert pc.max(per_component.column(f"{S.CLUSTER_ID}_count_distinct")).as_py() == 1
+    assert pc.all(pc.equal(per_component.column(f"{KEPT}_sum"), 1)).as_py()
+    assert pc.max(per_component.column(f"{CLUSTER_ID}_count_distinct")).as_py() == 1
     assert mark["rows_out"] == len(kept) and mark["dropped"] == {
         "duplicate": len(table) - len(kept)
     }
@@ -139,11 +150,11 @@ def test_every_keep_rule_matches_the_brute_force_reference(ray_session, tmp_path
     assert not (tmp_path / "dedup" / "_by_cluster").exists()  # the scatter files are cleaned up
 
 
-def test_edge_cases_by_hand(ray_session, tmp_path, rows):
+def test_edge_cases_by_hand(tmp_path, rows):
     write_embed_and_cluster(tmp_path, rows, K, parts=2)
     run_stage(tmp_path, DedupStage(), dedup_config())
     table = read_stage(tmp_path, "dedup").to_pandas()
-    by_cluster = table.groupby(S.CLUSTER_ID)
+    by_cluster = table.groupby(CLUSTER_ID)
     assert by_cluster.kept.sum()[2] == 1 and by_cluster.size()[2] == 1  # a cluster of one row
     assert table[table.cluster_id == 2].max_sim.iloc[0] == -np.inf
     assert by_cluster.kept.sum()[3] == 1  # all identical: one component of 30
@@ -151,10 +162,10 @@ def test_edge_cases_by_hand(ray_session, tmp_path, rows):
     giant = table[table.cluster_id == 1]
     assert giant.component_size.max() >= 150  # the near-identical group is one component
     # max_sim is SemDeDup's score: exact between the smallest and largest threshold.
-    x, ids = rows[S.IMG_EMB], rows[S.SAMPLE_ID]
+    x, ids = rows[IMG_EMB], rows[SAMPLE_ID]
     score = dict(zip(table.sample_id, table.max_sim, strict=True))
     for c in range(5):
-        members = np.flatnonzero(rows[S.CLUSTER_ID] == c)
+        members = np.flatnonzero(rows[CLUSTER_ID] == c)
         if len(members) < 2:
             continue
         sim = x[members] @ x[members].T
@@ -168,6 +179,8 @@ def test_edge_cases_by_hand(ray_session, tmp_path, rows):
 
 
 def test_same_output_at_any_parts_workers_packing_or_tile(ray_session, tmp_path, rows):
+    from condense.runtime.ray import RayExecutor
+
     outputs = []
     for i, (parts, settings) in enumerate(
         [
@@ -177,14 +190,15 @@ def test_same_output_at_any_parts_workers_packing_or_tile(ray_session, tmp_path,
         ]
     ):
         write_embed_and_cluster(tmp_path / str(i), rows, K, parts=parts, seed=i)
-        run_stage(tmp_path / str(i), DedupStage(), dedup_config(**settings))
+        executor = RayExecutor() if settings["workers"] > 1 else None  # on Ray: two workers
+        run_stage(tmp_path / str(i), DedupStage(), dedup_config(**settings), executor=executor)
         outputs.append(read_stage(tmp_path / str(i), "dedup"))
     # Identical, but for max_sim's last bit: BLAS sums a dot product in an order that depends
     # on the matrix shapes it is given.
-    scores = [o.column(S.MAX_SIM).to_numpy() for o in outputs]
+    scores = [o.column(MAX_SIM).to_numpy() for o in outputs]
     assert np.allclose(scores[0], scores[1], atol=1e-6, rtol=0)
     assert np.allclose(scores[0], scores[2], atol=1e-6, rtol=0)
-    rest = [o.drop_columns([S.MAX_SIM]) for o in outputs]
+    rest = [o.drop_columns([MAX_SIM]) for o in outputs]
     assert rest[0].equals(rest[1]) and rest[0].equals(rest[2])
 
 
@@ -197,7 +211,7 @@ def test_plan_tasks_packs_big_clusters_first():
     assert all(sum(sizes[c] for c in t[:-1]) < 50 for t in tasks)
 
 
-def test_resume_redoes_only_missing_parts(ray_session, tmp_path):
+def test_resume_redoes_only_missing_parts(tmp_path):
     """A run killed after the scatter files were removed, with one output part lost: --resume
     scatters again (the records went with the files), redoes that part alone, same output."""
     import json

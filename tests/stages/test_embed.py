@@ -4,9 +4,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from condense import schema as S
 from condense.errors import InputError
 from condense.pipeline.runner import run_pipeline
+from condense.schema import embed_schema
 from tests.conftest import make_config, quiet_log, random_unit, write_clip_retrieval
 
 
@@ -26,7 +26,7 @@ def _clean(rng, n, start, dim=8):
     }
 
 
-def test_bad_vectors_are_dropped_and_counted(ray_session, tmp_path):
+def test_bad_vectors_are_dropped_and_counted(tmp_path):
     rng = np.random.default_rng(0)
     files = [_clean(rng, 20, 0), _clean(rng, 20, 20)]
     files[0]["img"][3, 2] = np.nan
@@ -68,10 +68,10 @@ def test_bad_vectors_are_dropped_and_counted(ray_session, tmp_path):
     assert np.array_equal(df.clip_score.to_numpy(), np.einsum("ij,ij->i", img, txt))
     assert set(df.source) == {"metadata/metadata_0.parquet", "metadata/metadata_1.parquet"}
     schema = pq.read_schema(sorted((tmp_path / "run" / "embed").glob("part-*.parquet"))[0])
-    assert schema.names == list(S.embed_schema(8, "float32").names)
+    assert schema.names == list(embed_schema(8, "float32").names)
 
 
-def test_float16_storage_scores_what_is_stored(ray_session, tmp_path):
+def test_float16_storage_scores_what_is_stored(tmp_path):
     rng = np.random.default_rng(1)
     write_clip_retrieval(tmp_path / "in", [_clean(rng, 30, 0, dim=16)])
     run(make_config(tmp_path / "in", embed={"dtype": "float16"}), tmp_path / "run", until="embed")
@@ -85,7 +85,7 @@ def test_float16_storage_scores_what_is_stored(ray_session, tmp_path):
     assert np.allclose(df.clip_score, np.einsum("ij,ij->i", img32, txt32), atol=1e-6)
 
 
-def test_duplicate_ids_across_files_stop_the_run(ray_session, tmp_path):
+def test_duplicate_ids_across_files_stop_the_run(tmp_path):
     rng = np.random.default_rng(2)
     files = [_clean(rng, 10, 0), _clean(rng, 10, 10)]
     files[1]["ids"][4] = "r0002"
@@ -98,7 +98,7 @@ def test_duplicate_ids_across_files_stop_the_run(ray_session, tmp_path):
     assert not (tmp_path / "run" / "embed" / "_stage.json").exists()
 
 
-def test_duplicate_ids_inside_one_file_stop_the_run(ray_session, tmp_path):
+def test_duplicate_ids_inside_one_file_stop_the_run(tmp_path):
     rng = np.random.default_rng(3)
     files = [_clean(rng, 10, 0)]
     files[0]["ids"][9] = "r0001"
@@ -110,13 +110,13 @@ def test_duplicate_ids_inside_one_file_stop_the_run(ray_session, tmp_path):
         run(make_config(tmp_path / "in"), tmp_path / "run")
 
 
-def test_expected_dimension_is_checked(ray_session, tmp_path):
+def test_expected_dimension_is_checked(tmp_path):
     write_clip_retrieval(tmp_path / "in", [_clean(np.random.default_rng(4), 5, 0)])
     with pytest.raises(InputError, match="dimension 8, embed.dim is 768"):
         run(make_config(tmp_path / "in", embed={"dim": 768}), tmp_path / "run")
 
 
-def test_all_rows_dropped_is_an_error_at_cluster(ray_session, tmp_path):
+def test_all_rows_dropped_is_an_error_at_cluster(tmp_path):
     rng = np.random.default_rng(5)
     files = [_clean(rng, 6, 0)]
     files[0]["img"][:] = 0

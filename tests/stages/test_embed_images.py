@@ -45,9 +45,9 @@ def sample(key, i, **override):
     return key, {k: v for k, v in members.items() if v is not None}
 
 
-def embed_only(shards, run, batch_size, resume=False, log=quiet_log):
-    from condense.pipeline.runner import _run_stage
-    from condense.runtime.ray import RayExecutor
+def embed_only(shards, run, batch_size, resume=False, log=quiet_log, executor=None):
+    from condense.pipeline.runner import compute_stage
+    from condense.runtime.local import LocalExecutor
     from condense.stages.base import StageContext
     from condense.stages.embed import EmbedStage
     from condense.storage.rundir import RunDir
@@ -58,17 +58,20 @@ def embed_only(shards, run, batch_size, resume=False, log=quiet_log):
         input={"kind": "webdataset", "limits": LIMITS},
         embed={"model": {"name": TINY, "batch_size": batch_size}},
     )
-    ctx = StageContext(run=RunDir(run), config=cfg, executor=RayExecutor(), progress=False)
+    ctx = StageContext(
+        run=RunDir(run), config=cfg, executor=executor or LocalExecutor(), progress=False
+    )
     ctx.log = log
-    _run_stage(ctx, EmbedStage(), "test", resume=resume)
+    compute_stage(ctx, EmbedStage(), "test", resume=resume)
     return pq.read_table(run / "embed").to_pandas().sort_values("sample_id").reset_index()
 
 
 def test_embeddings_do_not_depend_on_batch_size_and_resume_redoes_one_shard(ray_session, tmp_path):
-    """Random mixes of good and bad samples over three shards, through Ray: the rows are exactly
-    the good samples and every bad one is counted, at any batch size."""
+    """Random mixes of good and bad samples over three shards, through Ray and in one process:
+    the rows are exactly the good samples and every bad one is counted, at any batch size."""
     from collections import Counter
 
+    from condense.runtime.ray import RayExecutor
     from tests.readers.test_bad_sample_mixes import random_shard
 
     shards = tmp_path / "shards"
@@ -95,7 +98,7 @@ def test_embeddings_do_not_depend_on_batch_size_and_resume_redoes_one_shard(ray_
     (shards / "00004.tar").write_bytes(data[: data.index(b"40004.jpg")])
     good += ["40000", "40001", "40002"]
     dropped["truncated_tar"] += 1
-    a = embed_only(shards, tmp_path / "a", batch_size=3)
+    a = embed_only(shards, tmp_path / "a", batch_size=3, executor=RayExecutor())
     b = embed_only(shards, tmp_path / "b", batch_size=64)
     assert list(a.sample_id) == list(b.sample_id) == sorted(good)
     mark = json.loads((tmp_path / "a" / "embed" / "_stage.json").read_text())

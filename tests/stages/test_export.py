@@ -7,7 +7,7 @@ from condense.synth import SynthConfig, generate
 from tests.conftest import make_config, quiet_log
 
 
-def test_export_lists_exactly_the_coreset(ray_session, tmp_path):
+def test_export_lists_exactly_the_coreset(tmp_path):
     generate(tmp_path / "in", SynthConfig(n=3000, dim=32, seed=4, rows_per_file=1000))
     cfg = make_config(tmp_path / "in", cluster={"k": 6}, sample={"n": 40, "seed": 1})
     run = tmp_path / "run"

@@ -20,7 +20,7 @@ def members_of(path):
 
 
 @pytest.fixture(scope="module")
-def exported(ray_session, tmp_path_factory):
+def exported(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("export-shards")
     shards = tmp / "shards"
     (shards / "sub").mkdir(parents=True)
@@ -154,7 +154,7 @@ def test_workers_killed_mid_shard_leave_what_an_uninterrupted_run_leaves(
     cfg, _, reference = exported
     marks = failpoints("decode_kill_once:a003", "encode_kill:00001", "export_kill:00001")
     killed = tmp_path / "killed"
-    run_pipeline(cfg, killed, log=quiet_log, progress=False)
+    run_pipeline(cfg, killed, log=quiet_log, progress=False, executor="ray")
     assert sorted(p.name for p in marks.iterdir() if p.name != "spec") == [
         "decode_kill_once-a003",
         "encode_kill-00001",

@@ -25,8 +25,9 @@ def shards(tmp_path, per_shard=6):
 
 
 def config(folder, **limits):
-    return make_config(
+    return make_config(  # on Ray: its workers are killed
         folder,
+        executor="ray",
         input={"kind": "webdataset", "limits": limits},
         embed={"model": {"name": TINY, "batch_size": 4}},
         cluster={"k": 2, "sample_size": 1000},

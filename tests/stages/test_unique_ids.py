@@ -6,6 +6,7 @@ import pytest
 
 from condense.cores.hashing import hash_ids, repeated
 from condense.errors import InputError
+from condense.runtime.local import LocalExecutor
 from condense.runtime.ray import RayExecutor
 from condense.stages.embed.ids import ID_HASH_SEED, check_unique_ids, write_id_hashes
 from condense.storage.parts import write_part
@@ -37,14 +38,15 @@ def test_repeats_found_at_any_bucket_count(ray_session, tmp_path, rows_per_bucke
         "c": ["id33", "x", "y"],
     }
     _write(tmp_path, parts)
+    executor = RayExecutor() if rows_per_bucket == 3 else LocalExecutor()  # both executors
     with pytest.raises(InputError) as err:
-        check_unique_ids(RayExecutor(), tmp_path, list(parts), 44, rows_per_bucket=rows_per_bucket)
+        check_unique_ids(executor, tmp_path, list(parts), 44, rows_per_bucket=rows_per_bucket)
     msg = str(err.value)
     assert "'id7' in a.src row 107, b.src row 120" in msg
     assert "'id33' in b.src row 113, c.src row 100" in msg
 
 
-def test_unique_ids_pass(ray_session, tmp_path):
+def test_unique_ids_pass(tmp_path):
     parts = {"a": [f"id{i}" for i in range(50)], "b": [f"j{i}" for i in range(50)], "e": []}
     _write(tmp_path, parts)
-    check_unique_ids(RayExecutor(), tmp_path, list(parts), 100, rows_per_bucket=7)
+    check_unique_ids(LocalExecutor(), tmp_path, list(parts), 100, rows_per_bucket=7)

@@ -8,9 +8,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from condense import schema as S
-from condense.pipeline.runner import _run_stage
-from condense.runtime.ray import RayExecutor
+from condense.pipeline.runner import compute_stage
+from condense.runtime.local import LocalExecutor
+from condense.schema import (
+    CENTROID_COS,
+    CENTROID_DIST,
+    CLIP_SCORE,
+    CLUSTER_ID,
+    IMG_EMB,
+    KEPT,
+    SAMPLE_ID,
+    vectors_to_arrow,
+)
 from condense.stages.base import StageContext
 from condense.storage.rundir import RunDir
 from tests.conftest import quiet_log
@@ -28,15 +37,15 @@ def write_embed_and_cluster(run_dir: Path, rows: dict, k: int, parts: int, seed:
     run = RunDir(run_dir)
     for stage in ("embed", "cluster"):
         run.stage_dir(stage).mkdir(parents=True, exist_ok=True)
-    for i, idx in enumerate(split(len(rows[S.SAMPLE_ID]), parts, seed)):
+    for i, idx in enumerate(split(len(rows[SAMPLE_ID]), parts, seed)):
         name = f"part-{i:05d}.parquet"
-        ids = pa.array([rows[S.SAMPLE_ID][j] for j in idx], pa.string())
+        ids = pa.array([rows[SAMPLE_ID][j] for j in idx], pa.string())
         pq.write_table(
             pa.table(
                 {
-                    S.SAMPLE_ID: ids,
-                    S.IMG_EMB: S.vectors_to_arrow(rows[S.IMG_EMB][idx]),
-                    S.CLIP_SCORE: pa.array(rows[S.CLIP_SCORE][idx], pa.float32()),
+                    SAMPLE_ID: ids,
+                    IMG_EMB: vectors_to_arrow(rows[IMG_EMB][idx]),
+                    CLIP_SCORE: pa.array(rows[CLIP_SCORE][idx], pa.float32()),
                 }
             ),
             run.stage_dir("embed") / name,
@@ -44,15 +53,15 @@ def write_embed_and_cluster(run_dir: Path, rows: dict, k: int, parts: int, seed:
         pq.write_table(
             pa.table(
                 {
-                    S.SAMPLE_ID: ids,
-                    S.CLUSTER_ID: pa.array(rows[S.CLUSTER_ID][idx], pa.int32()),
-                    S.CENTROID_DIST: pa.array(rows[S.CENTROID_DIST][idx], pa.float32()),
-                    S.CENTROID_COS: pa.array(rows[S.CENTROID_COS][idx], pa.float32()),
+                    SAMPLE_ID: ids,
+                    CLUSTER_ID: pa.array(rows[CLUSTER_ID][idx], pa.int32()),
+                    CENTROID_DIST: pa.array(rows[CENTROID_DIST][idx], pa.float32()),
+                    CENTROID_COS: pa.array(rows[CENTROID_COS][idx], pa.float32()),
                 }
             ),
             run.stage_dir("cluster") / name,
         )
-    dim = rows[S.IMG_EMB].shape[1]
+    dim = rows[IMG_EMB].shape[1]
     np.save(run.stage_dir("cluster") / "centroids.npy", np.zeros((k, dim), np.float32))
 
 
@@ -61,28 +70,30 @@ def write_dedup(run_dir: Path, rows: dict, parts: int, seed: int = 0):
     and the sample read)."""
     folder = RunDir(run_dir).stage_dir("dedup")
     folder.mkdir(parents=True, exist_ok=True)
-    for i, idx in enumerate(split(len(rows[S.SAMPLE_ID]), parts, seed)):
+    for i, idx in enumerate(split(len(rows[SAMPLE_ID]), parts, seed)):
         pq.write_table(
             pa.table(
                 {
-                    S.SAMPLE_ID: pa.array([rows[S.SAMPLE_ID][j] for j in idx], pa.string()),
-                    S.KEPT: pa.array(rows[S.KEPT][idx]),
-                    S.CLIP_SCORE: pa.array(rows[S.CLIP_SCORE][idx], pa.float32()),
-                    S.CENTROID_COS: pa.array(rows[S.CENTROID_COS][idx], pa.float32()),
+                    SAMPLE_ID: pa.array([rows[SAMPLE_ID][j] for j in idx], pa.string()),
+                    KEPT: pa.array(rows[KEPT][idx]),
+                    CLIP_SCORE: pa.array(rows[CLIP_SCORE][idx], pa.float32()),
+                    CENTROID_COS: pa.array(rows[CENTROID_COS][idx], pa.float32()),
                 }
             ),
             folder / f"part-{i:05d}.parquet",
         )
 
 
-def run_stage(run_dir: Path, stage, config, log=quiet_log) -> dict:
-    """Run one stage on the session's Ray, with the runner's checks; returns its _stage.json."""
+def run_stage(run_dir: Path, stage, config, log=quiet_log, executor=None) -> dict:
+    """Run one stage with the runner's checks (on the local executor unless given another);
+    returns its _stage.json."""
     run = RunDir(run_dir)
-    ctx = StageContext(run=run, config=config, executor=RayExecutor(), progress=False, log=log)
-    _run_stage(ctx, stage, "test", resume=False)
+    executor = executor or LocalExecutor()
+    ctx = StageContext(run=run, config=config, executor=executor, progress=False, log=log)
+    compute_stage(ctx, stage, "test", resume=False)
     return run.stage_mark(stage.name)
 
 
 def read_stage(run_dir: Path, stage: str) -> pa.Table:
     files = sorted((Path(run_dir) / stage).glob("part-*.parquet"))
-    return pq.read_table(files).sort_by(S.SAMPLE_ID)
+    return pq.read_table(files).sort_by(SAMPLE_ID)

@@ -72,7 +72,7 @@ def small(tmp_path_factory):
     return out
 
 
-def test_damaged_marks_and_records_mean_the_work_is_redone(ray_session, small, tmp_path):
+def test_damaged_marks_and_records_mean_the_work_is_redone(small, tmp_path):
     cfg = make_config(small, embed={"rows_per_part": 300}, cluster={"k": 4})
     run_pipeline(cfg, tmp_path, until="cluster", log=quiet_log, progress=False)
     run = RunDir(tmp_path)
@@ -157,9 +157,7 @@ def test_a_live_holder_on_this_host_is_refused_even_where_locks_are_not_shared(t
         claim("s3://bucket/run")
 
 
-def test_a_relative_run_directory_means_the_same_to_every_worker(
-    ray_session, small, tmp_path, monkeypatch
-):
+def test_a_relative_run_directory_means_the_same_to_every_worker(small, tmp_path, monkeypatch):
     """`condense run ... --run-dir runs/x` (make demo does so): the run directory is made
     absolute before any worker, whose working directory is Ray's, sees a path."""
     monkeypatch.chdir(tmp_path)

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
-from condense import schema as S
 from condense.errors import InputError
 from condense.readers import IMAGE_KINDS, InputConfig, open_reader, resolve_input
 from condense.readers.webdataset import Shard, list_shards
 from condense.runtime.processor import Processor, Resources, WorkItem, run_one
+from condense.schema import IMG, IMG_EMB, embed_schema
 from condense.stages.base import Stage, StageContext, StageResult, merge_dropped, write_parts
 from condense.stages.embed.clip import ModelConfig
 from condense.stages.embed.ids import check_unique_ids
@@ -124,7 +124,7 @@ class Downloader(Processor):
 class EmbedStage(Stage):
     name = "embed"
     version = 3  # 2: rows stored in id-hash order, with _ids/ side files; 3: the bad-input rules
-    writes = tuple(S.embed_schema(1, "float32").names)
+    writes = tuple(embed_schema(1, "float32").names)
 
     def settings(self, config):
         listing = [
@@ -265,9 +265,9 @@ class EmbedStage(Stage):
         import pyarrow.parquet as pq
 
         for path in sorted(scratch.glob("*/*.arrow")):
-            return pyarrow.ipc.open_file(path).schema.field("img").type.list_size
+            return pyarrow.ipc.open_file(path).schema.field(IMG).type.list_size
         for path in part_files(out_dir):
-            return pq.read_schema(path).field(S.IMG_EMB).type.list_size
+            return pq.read_schema(path).field(IMG_EMB).type.list_size
         return 0
 
     def _download(self, ctx: StageContext) -> dict[str, int]:

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from condense import schema as S
 from condense.cores.hashing import repeated
 from condense.errors import InputError
 from condense.runtime.processor import Processor, WorkItem
+from condense.schema import SAMPLE_ID, SOURCE
 from condense.storage.files import atomic_write_npy
 from condense.storage.parts import part_path
 
@@ -117,9 +117,9 @@ def check_unique_ids(
     for _hash, owner, part_row, source_row in candidates:
         if owner not in tables:
             path = part_path(folder, parts[owner])
-            tables[owner] = pq.read_table(path, columns=[S.SAMPLE_ID, S.SOURCE]).to_pydict()
-        sid = tables[owner][S.SAMPLE_ID][part_row]
-        by_id.setdefault(sid, []).append((tables[owner][S.SOURCE][part_row], source_row))
+            tables[owner] = pq.read_table(path, columns=[SAMPLE_ID, SOURCE]).to_pydict()
+        sid = tables[owner][SAMPLE_ID][part_row]
+        by_id.setdefault(sid, []).append((tables[owner][SOURCE][part_row], source_row))
     dupes = sorted((sid, places) for sid, places in by_id.items() if len(places) > 1)
     if dupes:
         lines = [

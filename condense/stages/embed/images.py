@@ -18,13 +18,28 @@ from pathlib import Path
 
 import numpy as np
 
-from condense import schema as S
 from condense.errors import InputError
 from condense.faults import kill_if, kill_once
 from condense.readers import RawRows
-from condense.readers.shards import DEFAULT_LIMITS, ShardLimits, open_shard, read_samples, usable
+from condense.readers.shards import (
+    DEFAULT_LIMITS,
+    ShardLimits,
+    drop_reason,
+    open_shard,
+    read_samples,
+)
 from condense.readers.webdataset import Shard, sample_id_of
 from condense.runtime.processor import Processor, Resources
+from condense.schema import (
+    CAPTION,
+    IMG,
+    ROW,
+    SAMPLE_ID,
+    TXT,
+    URL,
+    arrow_to_vectors,
+    vectors_to_arrow,
+)
 from condense.stages.embed.clip import ModelConfig
 from condense.storage.files import atomic_write_json, read_json
 from condense.storage.parts import read_scratch, write_scratch
@@ -147,7 +162,7 @@ def decode_shard(
         out = {
             "part": np.array([item.part] * n, dtype=object),
             "chunk": np.full(n, chunks, dtype=np.int64),
-            "idx": np.arange(kept - n, kept, dtype=np.int64),
+            ROW: np.arange(kept - n, kept, dtype=np.int64),
             "sample_id": np.array(rows["sample_id"], dtype=object),
             "caption": np.array(rows["caption"], dtype=object),
             "url": np.array(rows["url"], dtype=object),
@@ -161,7 +176,7 @@ def decode_shard(
     guard = PoisonGuard(Path(scratch) / item.part / INFLIGHT, item.source, limits)
     with open_shard(item.path, limits) as f:
         for number, sample in enumerate(read_samples(f, limits, item.path)):
-            reason = usable(sample)
+            reason = drop_reason(sample)
             sample_id = None
             if reason is None:
                 sample_id = sample_id_of(sample.key, sample.meta, id_field)
@@ -275,15 +290,15 @@ class BatchEncoder(Processor):
             )
             table = pa.table(
                 {
-                    "idx": pa.array(batch["idx"][rows], pa.int64()),
-                    S.SAMPLE_ID: texts(batch["sample_id"][rows]),
-                    S.CAPTION: captions,
-                    S.URL: texts(batch["url"][rows]),
-                    "img": S.vectors_to_arrow(img),
-                    "txt": S.vectors_to_arrow(txt),
+                    ROW: pa.array(batch[ROW][rows], pa.int64()),
+                    SAMPLE_ID: texts(batch["sample_id"][rows]),
+                    CAPTION: captions,
+                    URL: texts(batch["url"][rows]),
+                    IMG: vectors_to_arrow(img),
+                    TXT: vectors_to_arrow(txt),
                 }
             )
-            first = int(batch["idx"][rows].min())
+            first = int(batch[ROW][rows].min())
             write_scratch(Path(self.scratch) / part / f"{first:09d}.arrow", [table], table.schema)
             parts.append(part)
             counts.append(len(rows))
@@ -313,14 +328,14 @@ def encoded_rows(
     if not tables:
         empty = np.zeros((0, dim), np.float32)
         return RawRows([], [], [], source, empty, empty, 0), decoded["dropped"], nulled
-    table = pa.concat_tables(tables).sort_by("idx")
+    table = pa.concat_tables(tables).sort_by(ROW)
     raw = RawRows(
-        sample_id=table.column("sample_id").to_pylist(),
-        caption=table.column("caption").to_pylist(),
-        url=table.column("url").to_pylist(),
+        sample_id=table.column(SAMPLE_ID).to_pylist(),
+        caption=table.column(CAPTION).to_pylist(),
+        url=table.column(URL).to_pylist(),
         source=source,
-        img=S.arrow_to_vectors(table.column("img")),
-        txt=S.arrow_to_vectors(table.column("txt")),
+        img=arrow_to_vectors(table.column(IMG)),
+        txt=arrow_to_vectors(table.column(TXT)),
         first_row=0,
     )
     return raw, decoded["dropped"], nulled

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from condense import schema as S
 from condense.cores.hashing import hash_ids
 from condense.cores.text import DROP_BAD_ID, id_problem
 from condense.cores.vectors import (
@@ -26,6 +25,7 @@ from condense.errors import InputError
 from condense.readers import InputSlice, Reader
 from condense.readers.webdataset import Shard
 from condense.runtime.processor import Processor, Resources
+from condense.schema import embed_schema, vectors_to_arrow
 from condense.stages.embed.ids import ID_HASH_SEED, write_id_hashes
 from condense.stages.embed.images import INFLIGHT, encoded_rows
 from condense.storage.parts import write_part
@@ -110,11 +110,11 @@ def store_rows(raw, part: str, dtype: str, out_dir: str, dropped_before: dict[st
             pa.array([raw.caption[i] for i in idx], type=pa.string()),
             pa.array([raw.url[i] for i in idx], type=pa.string()),
             pa.array([raw.source] * len(idx), type=pa.string()),
-            S.vectors_to_arrow(img),
-            S.vectors_to_arrow(txt),
+            vectors_to_arrow(img),
+            vectors_to_arrow(txt),
             pa.array(score, type=pa.float32()),
         ],
-        schema=S.embed_schema(raw.img.shape[1], dtype),
+        schema=embed_schema(raw.img.shape[1], dtype),
     )
     ids_path = write_id_hashes(Path(out_dir), part, hashes[order], raw.first_row + idx)
     path = write_part(table, out_dir, part, row_group_rows=EMBED_ROW_GROUP)
