@@ -8,7 +8,7 @@ batch size, in the same run, alternating, best of `--repeats`:
 - plain loop: one process builds the model, reads each tar with `tarfile`, decodes with PIL,
   preprocesses and encodes images and captions with open_clip, using every CPU thread torch
   wants (torch and open_clip are already imported: the stage's workers import them itself);
-- condense: the embed stage as the pipeline runs it: a Ray Data stream where CPU tasks decode
+- condense: the embed stage as the pipeline runs it: a stream where CPU tasks decode
   and preprocess the shards while an actor pool (one actor on a CPU machine, using the other
   CPUs' threads) encodes them, then one task per shard writes its embed/ part. The stage's
   time includes starting the actor and loading the model in it.

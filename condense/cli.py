@@ -251,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_flags(p, EXECUTORS)
     p.set_defaults(func=cmd_demo)
 
+    _add_training_commands(sub)
+    return parser
+
+
+def _add_training_commands(sub) -> None:
+    """`condense train` and `condense chat`."""
     p = sub.add_parser(
         "train", help="train the Bunny model: stage1 on a run's coreset, stage2 on instructions"
     )
@@ -281,7 +287,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question", help="what to ask")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap (64)")
     p.set_defaults(func=cmd_chat)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,7 +37,7 @@ class PipelineConfig(StrictModel):
     export: ExportConfig = ExportConfig()
     ray: RayConfig = RayConfig()
     # ray: stages run on Ray (local or a cluster); local: in this process, no Ray (for pdb and
-    # unit tests). Both write the same run directory, byte for byte.
+    # unit tests). Both write the same data files, byte for byte.
     executor: Literal[EXECUTORS] = "ray"
 
     def to_yaml(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from condense.errors import CondenseError
-from condense.schema import KEPT, SAMPLE_ID, SOURCE
+from condense.schema import GROUP_ID, KEPT, SAMPLE_ID, SOURCE
 from condense.storage.rundir import CONFIG, RunDir
 
 
@@ -104,7 +104,7 @@ def dedup_quality(run_dir: str | Path) -> dict | None:
     if truth is None or run.stage_mark("dedup") is None or not parts:
         return None
     dedup = pq.read_table(run.stage_dir("dedup"), columns=[SAMPLE_ID, KEPT])
-    return measure(pq.read_table(truth, columns=[SAMPLE_ID, "group_id"]), dedup)
+    return measure(pq.read_table(truth, columns=[SAMPLE_ID, GROUP_ID]), dedup)
 
 
 def format_quality(q: dict) -> str:

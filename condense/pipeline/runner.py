@@ -7,6 +7,7 @@ and everything after it, and resume an interrupted stage part by part when asked
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -55,11 +56,19 @@ def versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "pyarrow": pyarrow.__version__,
     }
-    for name in ("ray", "faiss", "torch"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            continue
+    from importlib.metadata import PackageNotFoundError, version
+
+    # From the installed packages' metadata: nothing is imported (not Ray under --executor local).
+    packages = {
+        "ray": ["ray"],
+        "faiss": ["faiss-cpu", "faiss-gpu-cu12", "faiss-gpu"],
+        "torch": ["torch"],
+    }
+    for name, candidates in packages.items():
+        for package in candidates:
+            with contextlib.suppress(PackageNotFoundError):
+                out[name] = version(package)
+                break
     return out
 
 

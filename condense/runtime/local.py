@@ -1,7 +1,8 @@
 """The local executor: every processor runs in the calling process, item after item.
 
-The same processors, items and results as on Ray, so a run directory written here is byte for
-byte the one a Ray run writes. Use it to step through a stage with pdb, or to run the unit tests
+The same processors, items and results as on Ray, so the data files of a run directory written
+here are byte for byte the ones a Ray run writes (its records differ in timings and node ids
+only). Use it to step through a stage with pdb, or to run the unit tests
 without starting Ray:
 
     condense run configs/demo.yaml --executor local --run-dir runs/debug
@@ -9,6 +10,7 @@ without starting Ray:
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from collections.abc import Iterator
@@ -20,7 +22,8 @@ NODE = "local"  # the node name results carry
 
 
 class LocalExecutor:
-    """Runs processors in this process: `setup()` once per map, then every item in order."""
+    """Runs processors in this process: `setup()` once per map (on a copy of the processor, as
+    Ray's workers set up their own), then every item in order."""
 
     name = "local"
 
@@ -47,15 +50,17 @@ class LocalExecutor:
     def map(self, processor: Processor, items: list) -> Iterator[tuple[Any, Any, str]]:
         if not items:
             return
+        processor = copy.copy(processor)  # what setup() changes stays out of the caller's
         processor.setup()
         for item in items:
             yield item, processor.process(item), NODE
 
     def stream(
-        self, producer: Processor, consumer: Processor, items: list, batch_size: int
+        self, producer: Processor, consumer: Processor, items: list
     ) -> Iterator[dict[str, Any]]:
         if not items:
             return
+        producer, consumer = copy.copy(producer), copy.copy(consumer)
         producer.setup()
         consumer.setup()
         for item in items:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Resources:
     cpus: float = 1.0  # CPUs per worker (fractions share a CPU)
     gpus: float = 0.0  # GPUs per worker
     memory: int = 0  # bytes reserved per worker (0: no reservation)
-    actor: bool = False  # keep workers alive: setup() once per worker, not once per item
+    actor: bool = False  # long-lived actors (a model, a GPU index), else tasks on reused workers
     workers: int | None = None  # at most this many workers at once (None: as many as fit)
     retries: int = 3  # a worker that dies mid-item: times the item is tried again
 
@@ -43,9 +43,6 @@ class WorkItem:
 
     part: str  # the part file (or record) this item writes
     rows: int = 0  # rows it handles, when known in advance (progress totals)
-
-
-Item = TypeVar("Item")
 
 
 class Processor:
@@ -92,10 +89,10 @@ class Executor(Protocol):
         ...
 
     def stream(
-        self, producer: Processor, consumer: Processor, items: list, batch_size: int
+        self, producer: Processor, consumer: Processor, items: list
     ) -> Iterator[dict[str, Any]]:
         """`producer.process(item)` yields batches (dicts of numpy columns); `consumer`
-        processes them (a model on a GPU) and returns small result columns, yielded here row
+        processes each (a model on a GPU) and returns small result columns, yielded here row
         by row as they complete."""
         ...
 

@@ -2,7 +2,7 @@
 
 Stages never import Ray. They hand the executor a processor and its work items
 (`runtime/processor.py`); `RayExecutor` is the one adapter that turns them into Ray calls: Ray
-tasks, or a Ray Data actor pool where the processor's resources ask for long-lived workers,
+tasks, or a pool of Ray actors where the processor's resources ask for long-lived workers,
 each named after the stage's processor. `stream` chains CPU tasks that produce batches into an
 actor pool that consumes them (decode on CPUs, encode on GPUs).
 """
@@ -18,11 +18,9 @@ from typing import Any
 import numpy as np
 
 from condense import faults
+from condense.errors import StageError
 from condense.runtime import RayConfig
 from condense.runtime.processor import Processor, Resources
-
-log = logging.getLogger(__name__)
-
 
 PRODUCER_BACKLOG = 4  # batches a producer task may have made that no actor has taken yet
 ACTOR_BACKLOG = 2  # batches queued at each consumer actor (one running, one waiting)
@@ -158,6 +156,21 @@ def _produce(processor_ref: list, item: Any):
     yield from _fetch(processor_ref[0]).process(item)
 
 
+def _stop(running: list, actors: list) -> None:
+    """Cancel what is still running (tasks, streaming producers) and kill the actors."""
+    import contextlib
+
+    import ray
+
+    # Not forced: a cancelled task unwinds (a decoder clears its poison mark: a cancel is no
+    # death), and what has not started is dropped from the queue.
+    for ref in running:
+        with contextlib.suppress(Exception):  # finished already: nothing to cancel
+            ray.cancel(ref)
+    for actor in actors:
+        ray.kill(actor)
+
+
 def _named(cls: type, label: str) -> type:
     """`cls` under the processor's label, which Ray shows for its actors (dashboard, ps)."""
     return type(label, (cls,), {"__qualname__": label, "__module__": __name__})
@@ -177,11 +190,17 @@ class RayExecutor:
     def gpus(self) -> int:
         return int(cluster_resources()["GPU"])
 
-    def _pool_size(self, res: Resources, n: int) -> int:
-        """Workers at once: never more than the items, the setting, or the cluster holds (an
-        actor that does not fit would wait forever)."""
+    def _pool_size(self, processor: Processor, n: int) -> int:
+        """Workers at once: never more than the items, the setting, or the cluster holds. A
+        worker the cluster cannot hold at all is an error now, not a task that waits forever."""
+        res = processor.resources
         fits_cpu = int(self.cpus() // res.cpus) if res.cpus else n
         fits_gpu = int(self.gpus() // res.gpus) if res.gpus else n
+        if not (fits_cpu and fits_gpu):
+            raise StageError(
+                f"{processor.label} asks for {res.cpus:g} CPUs and {res.gpus:g} GPUs per worker; "
+                f"the Ray cluster has {self.cpus()} CPUs and {self.gpus()} GPUs"
+            )
         return max(1, min(res.workers or n, n, fits_cpu, fits_gpu))
 
     def map(self, processor: Processor, items: list) -> Iterator[tuple[Any, Any, str]]:
@@ -190,23 +209,25 @@ class RayExecutor:
         Without `resources.actor`, each item is one Ray task; task workers are reused and set
         the processor up once each. With it, a pool of actors sets it up once per actor (a
         model or a GPU index). The processor goes to the object store once either way, and at
-        most `pool size` items are in flight."""
+        most `pool size` items are in flight. On an error, or when the caller stops early,
+        the items in flight are cancelled and the actors killed."""
         if not items:
             return
         import ray
 
         res = processor.resources
-        pool_size = self._pool_size(res, len(items))
+        pool_size = self._pool_size(processor, len(items))
         ref = [ray.put(processor)]
-        if res.actor:
-            actors = self._actors(processor, pool_size)
-            submit = [lambda i, item, a=a: a.process.remote(ref, i, item) for a in actors]
-        else:
-            task = self._task(_run_item, processor.label, res)
-            submit = [lambda i, item: task.remote(ref, i, item)] * pool_size
+        actors: list = []
+        pending: dict = {}  # result ref -> the slot that runs it
         try:
+            if res.actor:
+                actors = self._actors(processor, pool_size)
+                submit = [lambda i, item, a=a: a.process.remote(ref, i, item) for a in actors]
+            else:
+                task = self._task(_run_item, processor.label, res)
+                submit = [lambda i, item: task.remote(ref, i, item)] * pool_size
             queue = iter(enumerate(items))
-            pending: dict = {}  # result ref -> the slot that runs it
             free = list(range(pool_size))
             while True:
                 while free:
@@ -217,17 +238,16 @@ class RayExecutor:
                     pending[submit[slot](*nxt)] = slot
                 if not pending:
                     return
-                done, _ = ray.wait(list(pending), num_returns=1)
+                done, _ = ray.wait(list(pending), num_returns=1, fetch_local=False)
                 free.append(pending.pop(done[0]))
                 index, result, node = ray.get(done[0])
                 yield items[index], result, node
         finally:
-            if res.actor:
-                for actor in actors:
-                    ray.kill(actor)
+            _stop(list(pending), actors)
 
     def _actors(self, processor: Processor, n: int) -> list:
-        """n actors of `processor`, each restarted (and its item retried) `retries` times."""
+        """n actors of `processor`, each restarted (and its item retried) `retries` times;
+        returned once every one has started, so the CPUs and GPUs they hold are theirs."""
         import ray
 
         res = processor.resources
@@ -239,46 +259,55 @@ class RayExecutor:
             **({"memory": res.memory} if res.memory else {}),
             **_fault_env(),
         )(_named(_Worker, processor.label))
-        return [cls.remote() for _ in range(n)]
+        actors = [cls.remote() for _ in range(n)]
+        try:
+            ray.get([a.__ray_ready__.remote() for a in actors])
+        except BaseException:
+            _stop([], actors)
+            raise
+        return actors
 
     def stream(
-        self, producer: Processor, consumer: Processor, items: list, batch_size: int
+        self, producer: Processor, consumer: Processor, items: list
     ) -> Iterator[dict[str, Any]]:
         """Producer tasks, one per item, stream batches (decoded and preprocessed images) to a
         pool of consumer actors (a model each, on its GPU), whose small result columns are
-        yielded here row by row as they complete. Producers run on whatever CPUs the actors
-        leave; each holds at most a few unconsumed batches, and each actor at most two, so CPUs
-        decode while the models encode and memory stays bounded.
+        yielded here row by row as they complete. The actors start first, so producers run on
+        the CPUs they leave; each producer holds at most a few unconsumed batches and each
+        actor at most two, so CPUs decode while the models encode and memory stays bounded.
+        Each batch is processed as its producer made it.
 
         A producer whose worker dies is retried `producer.resources.retries` times (the
         batches it had already delivered are not delivered again), a consumer actor restarted
-        `consumer.resources.retries` times with its batch; then the stream fails. (`batch_size`
-        is the producers' own: each batch is processed as it was made.)"""
+        `consumer.resources.retries` times with its batch; then the stream fails, and what is
+        still running is cancelled."""
         if not items:
             return
         import ray
 
         made = producer.resources
-        consumer_ref = [ray.put(consumer)]
-        actors = self._actors(consumer, self._pool_size(consumer.resources, len(items)))
-        produce = ray.remote(
-            num_cpus=made.cpus,
-            max_retries=made.retries,
-            num_returns="streaming",
-            _generator_backpressure_num_objects=PRODUCER_BACKLOG,
-            name=producer.label,
-            **({"memory": made.memory} if made.memory else {}),
-            **_fault_env(),
-        )(_produce)
-        ref = [ray.put(producer)]
-        generators = [produce.remote(ref, item) for item in items]
-        slots = {i: 0 for i in range(len(actors))}  # batches in flight per actor
+        actors: list = []
+        generators: list = []
         pending: dict = {}  # result ref -> actor index
         try:
+            consumer_ref = [ray.put(consumer)]
+            actors = self._actors(consumer, self._pool_size(consumer, len(items)))
+            produce = ray.remote(
+                num_cpus=made.cpus,
+                max_retries=made.retries,
+                num_returns="streaming",
+                _generator_backpressure_num_objects=PRODUCER_BACKLOG,
+                name=producer.label,
+                **({"memory": made.memory} if made.memory else {}),
+                **_fault_env(),
+            )(_produce)
+            ref = [ray.put(producer)]
+            generators = [produce.remote(ref, item) for item in items]
+            slots = {i: 0 for i in range(len(actors))}  # batches in flight per actor
             while generators or pending:
                 free = [i for i, n in slots.items() if n < ACTOR_BACKLOG]
                 waitables = list(pending) + (generators if free else [])
-                ready, _ = ray.wait(waitables, num_returns=1)
+                ready, _ = ray.wait(waitables, num_returns=1, fetch_local=False)
                 got = ready[0]
                 if got in pending:
                     slots[pending.pop(got)] -= 1
@@ -296,14 +325,13 @@ class RayExecutor:
                 slots[actor] += 1
                 pending[actors[actor].process_batch.remote(consumer_ref, batch)] = actor
         finally:
-            for actor in actors:
-                ray.kill(actor)
+            _stop(list(pending) + generators, actors)
 
     def _task(self, fn: Callable[..., Any], label: str, res: Resources):
         """fn as a Ray remote function named after the processor, registered once per shape."""
         import ray
 
-        key = (fn, label, res)
+        key = (fn, label, res, tuple(sorted(_fault_env().items())))
         if key not in self._remote:
             options = {
                 "num_cpus": res.cpus,

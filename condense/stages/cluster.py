@@ -32,6 +32,7 @@ from condense.schema import (
     arrow_to_vectors,
 )
 from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
+from condense.stages.embed import EmbedStage
 from condense.stages.embed.ids import id_hash_file
 from condense.storage.files import atomic_write_npy
 from condense.storage.parts import iter_row_groups, part_path, part_rows, write_part
@@ -51,7 +52,7 @@ class ClusterConfig(StrictModel):
     spherical: bool = False  # re-normalise centroids after each iteration (cosine k-means)
     seed: int = 0  # seeds the training samples and faiss
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the Ray cluster has them
-    workers: int | None = None  # assignment actors; None: as many as the cluster's CPUs allow
+    workers: int | None = None  # assignment workers at once; None: as many as the cluster holds
     threads_per_worker: int = Field(1, ge=1)  # faiss/BLAS threads per assignment actor
     train_threads: int | None = None  # faiss training threads; None: the node's CPUs
 
@@ -242,7 +243,7 @@ class KMeansTrainer(Processor):
 class ClusterStage(Stage):
     name = "cluster"
     version = 2  # 2: training samples are windows of the id-hash ring
-    reads = {"embed": (SAMPLE_ID, IMG_EMB)}
+    reads = {EmbedStage.name: (SAMPLE_ID, IMG_EMB)}
     writes = tuple(CLUSTER_SCHEMA.names)
 
     def settings(self, config):
@@ -250,7 +251,7 @@ class ClusterStage(Stage):
 
     def compute(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config.cluster
-        embed_dir = ctx.run.stage_dir("embed")
+        embed_dir = ctx.run.stage_dir(EmbedStage.name)
         embed_mark = ctx.run.stage_mark("embed") or {}
         rows = int(embed_mark.get("rows_out", 0))
         if rows == 0:
@@ -305,7 +306,7 @@ class ClusterStage(Stage):
         size = min(cfg.sample_size, rows)
         trainer = KMeansTrainer(
             [item.source for item in items],
-            str(ctx.run.stage_dir("embed")),
+            str(ctx.run.stage_dir(EmbedStage.name)),
             rows,
             cfg.k,
             cfg.niter,

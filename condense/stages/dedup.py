@@ -47,7 +47,8 @@ from condense.schema import (
     arrow_to_vectors,
 )
 from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
-from condense.stages.cluster import CENTROIDS
+from condense.stages.cluster import CENTROIDS, ClusterStage
+from condense.stages.embed import EmbedStage
 from condense.storage.files import atomic_write_npy
 from condense.storage.parts import (
     discard_scratch,
@@ -210,8 +211,9 @@ class DedupWorker(Processor):
 
     @property
     def resources(self) -> Resources:
+        # On GPUs, actors: Ray starts a fresh process for every GPU task (max_calls=1).
         gpus = 1.0 if self.gpu else 0.0
-        return Resources(cpus=float(self.threads), gpus=gpus, workers=self.workers)
+        return Resources(cpus=float(self.threads), gpus=gpus, actor=self.gpu, workers=self.workers)
 
     def setup(self) -> None:
         if self.device == "auto":
@@ -248,6 +250,7 @@ class DedupWorker(Processor):
                 # No reference to the cluster's rows stays here: _dedup_cluster frees the vectors.
                 outputs.append(self._dedup_cluster(cluster, self.rows_of(cluster), work))
                 n_rows += len(outputs[-1])
+        self.tables.clear()  # the scratch is deleted after the stage: hold no map of it
         table = pa.concat_tables(outputs)
         path = write_part(table, self.out_dir, item.part)
         kept = {
@@ -330,8 +333,8 @@ class DedupStage(Stage):
     name = "dedup"
     version = 1
     reads = {
-        "embed": (SAMPLE_ID, CLIP_SCORE, IMG_EMB),
-        "cluster": (SAMPLE_ID, CLUSTER_ID, CENTROID_DIST, CENTROID_COS),
+        EmbedStage.name: (SAMPLE_ID, CLIP_SCORE, IMG_EMB),
+        ClusterStage.name: (SAMPLE_ID, CLUSTER_ID, CENTROID_DIST, CENTROID_COS),
     }
     writes = (
         SAMPLE_ID,
@@ -355,7 +358,7 @@ class DedupStage(Stage):
         out_dir = ctx.run.stage_dir(self.name)
         scatter_dir = out_dir / SCATTER_DIR
         scatter_dir.mkdir(parents=True, exist_ok=True)
-        cluster_dir = ctx.run.stage_dir("cluster")
+        cluster_dir = ctx.run.stage_dir(ClusterStage.name)
         rows = part_rows(cluster_dir)
         sources = list(rows)
         k = int(np.load(cluster_dir / CENTROIDS, mmap_mode="r").shape[0])
@@ -366,7 +369,11 @@ class DedupStage(Stage):
 
         t0 = time.perf_counter()
         scatter = ClusterScatter(
-            str(ctx.run.stage_dir("embed")), str(cluster_dir), str(scatter_dir), k, cfg.workers
+            str(ctx.run.stage_dir(EmbedStage.name)),
+            str(cluster_dir),
+            str(scatter_dir),
+            k,
+            cfg.workers,
         )
         write_parts(
             ctx,

@@ -54,7 +54,8 @@ from condense.schema import (
     URL,
 )
 from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
-from condense.stages.embed import image_root
+from condense.stages.embed import EmbedStage, image_root
+from condense.stages.sample import SampleStage
 from condense.storage.files import atomic_file, atomic_write_bytes, atomic_write_json
 from condense.storage.parts import part_files, part_name, part_path, write_part
 from condense.strict import StrictModel
@@ -98,8 +99,8 @@ class ExportPart(Processor):
 class ExportStage(Stage):
     name = "export"
     reads = {
-        "sample": (SAMPLE_ID, KEPT),
-        "embed": (SAMPLE_ID, URL, CAPTION, SOURCE),
+        SampleStage.name: (SAMPLE_ID, KEPT),
+        EmbedStage.name: (SAMPLE_ID, URL, CAPTION, SOURCE),
     }
     writes = (SAMPLE_ID, URL, CAPTION, SOURCE)
 
@@ -107,8 +108,8 @@ class ExportStage(Stage):
         return [config.export.fingerprint_dict()]
 
     def compute(self, ctx: StageContext) -> StageResult:
-        coreset = coreset_ids(ctx.run.stage_dir("sample"))
-        embed_dir = ctx.run.stage_dir("embed")
+        coreset = coreset_ids(ctx.run.stage_dir(SampleStage.name))
+        embed_dir = ctx.run.stage_dir(EmbedStage.name)
         out_dir = ctx.run.stage_dir(self.name)
         sources = [part_name(p) for p in part_files(embed_dir)]
         stats = write_parts(

@@ -12,18 +12,15 @@ def load_trained(model_dir: str | Path):
     the peft adapter and the vision tower's weights when it trained them."""
     from condense.strict import load_yaml
     from condense.train.config import TrainConfig
-    from condense.train.loop import load_projector
+    from condense.train.loop import PROJECTOR_FILE, load_projector
     from condense.train.run import build_model
 
     folder = Path(model_dir)
-    if (
-        not (folder / "config.yaml").is_file()
-        or not (folder / "mm_projector.safetensors").is_file()
-    ):
+    if not (folder / "config.yaml").is_file() or not (folder / PROJECTOR_FILE).is_file():
         raise InputError(f"{folder}: not a trained stage (config.yaml, mm_projector.safetensors)")
     cfg = load_yaml(folder / "config.yaml", TrainConfig)
     model, tokenizer = build_model(cfg)
-    load_projector(model, folder / "mm_projector.safetensors")
+    load_projector(model, folder / PROJECTOR_FILE)
     if (folder / "merged").is_dir():  # the adapter already folded in
         from condense.train.model import build_llm
 

@@ -38,6 +38,7 @@ from condense.train.parallel import OneProcess
 from condense.train.templates import IGNORE, IMAGE_TOKEN, encode
 
 CHECKPOINT = "checkpoint.pt"
+PROJECTOR_FILE = "mm_projector.safetensors"  # a stage's projector (Hugging Face's name)
 
 
 @dataclass
@@ -342,9 +343,7 @@ def train(
     trainable = prepare_model(model, cfg, parallel, log)
     full = cfg.global_batch // cfg.per_device_batch  # blocks (micro-batches) in a whole step
     total = max(1, math.ceil(n_samples / cfg.global_batch)) * cfg.epochs
-    warmup = max(1, round(cfg.warmup_ratio * total))
-    opt = torch.optim.AdamW(trainable.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, total, warmup))
+    opt, sched = make_optimizer(trainable, cfg, total)
     autocast = parallel.device.type == "cuda" and torch.cuda.is_bf16_supported()
     result = LoopResult(steps=0, trainable=trainable.count)
     skipped: Counter = Counter()
@@ -352,15 +351,8 @@ def train(
     dummy = _dummy_batch(tokenizer, image_size)
     mean, std = getattr(model.vision, "mean", None), getattr(model.vision, "std", None)
     prepare = partial(prepare_sample, cfg, tokenizer, image_size, mean, std, skipped)
-    state = {  # what a checkpoint saves and restores
-        "parallel": parallel,
-        "model": model,
-        "opt": opt,
-        "sched": sched,
-        "names": trainable.names,
-        "global_batch": cfg.global_batch,
-        "seed": cfg.seed,
-    }
+    state = {"parallel": parallel, "model": model, "opt": opt, "sched": sched}  # checkpointed
+    state.update(names=trainable.names, global_batch=cfg.global_batch, seed=cfg.seed)
     start = time.perf_counter()
     first_epoch, skip = (
         checkpointer.restore(state, result, skipped, log) if checkpointer else (0, 0)
@@ -377,18 +369,9 @@ def train(
         )
         skip = 0
         for batch, end, count in stream:
-            last = end is not None
-            micro_step(
-                trainable.module,
-                batch,
-                window,
-                parallel,
-                dummy,
-                autocast,
-                last,
-                parallel.world / full,
-            )
-            if not last:
+            last, weight = end is not None, parallel.world / full
+            micro_step(trainable.module, batch, window, parallel, dummy, autocast, last, weight)
+            if end is None:
                 continue
             if count < full:  # a short last step: the mean over the blocks it has
                 _scale_gradients(trainable.params, full / count)
@@ -405,8 +388,20 @@ def train(
         if stop():
             break
     progress.close()
-    result.seconds = time.perf_counter() - start
-    result.tokens_per_second = (result.tokens - first_tokens) / max(result.seconds, 1e-9)
+    return _finish(result, time.perf_counter() - start, first_tokens, skipped, parallel)
+
+
+def make_optimizer(trainable: Trainable, cfg: TrainConfig, total: int):
+    """AdamW over the trainable groups, with a cosine schedule after a linear warmup."""
+    warmup = max(1, round(cfg.warmup_ratio * total))
+    opt = torch.optim.AdamW(trainable.groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine(s, total, warmup))
+
+
+def _finish(result: LoopResult, seconds: float, first_tokens: int, skipped, parallel):
+    """The run's time and rate, and every worker's skipped samples summed."""
+    result.seconds = seconds
+    result.tokens_per_second = (result.tokens - first_tokens) / max(seconds, 1e-9)
     total_skipped = sum((Counter(c) for c in parallel.gather(dict(skipped))), Counter())
     result.skipped = {k: v for k, v in sorted(total_skipped.items()) if v}
     return result
@@ -585,7 +580,7 @@ def save_projector(model: BunnyModel, folder: Path) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "mm_projector.safetensors"
+    path = folder / PROJECTOR_FILE
     state = {
         f"projector.{k}": v.detach().cpu().contiguous()
         for k, v in model.projector.state_dict().items()

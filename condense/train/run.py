@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from condense.errors import CondenseError, ConfigError, InputError
-from condense.storage.files import atomic_write_json, read_json
+from condense.storage.files import atomic_write_bytes, atomic_write_json, read_json
 from condense.train.config import TrainConfig
 
 
@@ -51,7 +51,10 @@ def build_model(cfg: TrainConfig):
 
 def shard_files(cfg: TrainConfig, run_dir: Path) -> list[Path]:
     """The WebDataset shards stage 1 reads: data.shards, else RUN/export/shards."""
-    folder = Path(cfg.data.shards) if cfg.data.shards else run_dir / "export" / "shards"
+    from condense.stages.export import SHARDS_DIR, ExportStage
+
+    default = run_dir / ExportStage.name / SHARDS_DIR
+    folder = Path(cfg.data.shards) if cfg.data.shards else default
     shards = sorted(folder.glob("*.tar"))
     if not shards:
         raise InputError(
@@ -82,7 +85,9 @@ def stage_samples(cfg: TrainConfig, run_dir: Path, skipped: Counter):
 
 def projector_start(cfg: TrainConfig, run_dir: Path) -> Path:
     """Where stage 2's projector comes from: projector_from, else stage 1's output."""
-    return Path(cfg.projector_from or run_dir / "train" / "stage1" / "mm_projector.safetensors")
+    from condense.train.loop import PROJECTOR_FILE
+
+    return Path(cfg.projector_from or run_dir / "train" / "stage1" / PROJECTOR_FILE)
 
 
 def check_inputs(cfg: TrainConfig, run_dir: Path) -> None:
@@ -161,7 +166,7 @@ def train_on_ray(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool 
         raise
     _raise_worker_error(out)
     # The main worker wrote it (the run directory is on storage every node sees).
-    return json.loads((run_dir / "train" / cfg.stage / "trainer_state.json").read_text())
+    return json.loads((run_dir / "train" / cfg.stage / TRAINER_STATE).read_text())
 
 
 def _absolute_paths(settings: dict) -> dict:
@@ -215,6 +220,7 @@ def _ray_worker(config: dict) -> None:
         atomic_write_json(out / f"worker_error-{parallel.rank}.json", {"message": str(exc)})
 
 
+TRAINER_STATE = "trainer_state.json"  # a stage's counts and losses, in RUN/train/<stage>/
 WORKER_ERRORS = "worker_error-*.json"  # what each Ray Train worker stopped on, for the driver
 
 
@@ -317,8 +323,10 @@ def train_worker(cfg: TrainConfig, run_dir: Path, log, resume: bool, parallel) -
                 {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
                 str(out / "vision_tower.safetensors"),
             )
-    (out / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    atomic_write_json(out / TRAINER_STATE, state)
+    atomic_write_bytes(
+        out / "config.yaml", yaml.safe_dump(cfg.model_dump(), sort_keys=False).encode()
+    )
     first, last = (result.losses[0], result.losses[-1]) if result.losses else (0.0, 0.0)
     log(
         f"[train] {cfg.stage} done: {result.steps} steps, {result.samples:,} samples, loss "

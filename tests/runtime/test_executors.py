@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from condense.errors import InputError
 from condense.runtime.local import LocalExecutor
 from condense.runtime.processor import Processor, Resources, WorkItem, gather
 from condense.runtime.ray import RayExecutor
@@ -79,10 +80,10 @@ def test_tasks_and_actor_pool_give_the_same_results(executor):
 
 def test_stream_sees_every_produced_row_once(executor):
     items = [Number(part=str(i), n=n) for i, n in enumerate([0, 3, 9, 17])]
-    results = list(executor.stream(Producer(2), Counter(actor=True), items, batch_size=5))
+    results = list(executor.stream(Producer(2), Counter(actor=True), items))
     assert sum(int(r["rows"]) for r in results) == 29
     assert sum(int(r["total"]) for r in results) == 2 * sum(sum(range(n)) for n in [0, 3, 9, 17])
-    assert all(int(r["rows"]) <= 5 for r in results)
+    assert all(int(r["rows"]) <= 4 for r in results)  # each batch as its producer made it
     if isinstance(executor, RayExecutor):
         # Produced on CPU tasks, consumed in the actors: never fused into one process.
         assert not any(bool(r["same_process"]) for r in results)
@@ -108,6 +109,76 @@ def test_tasks_and_actors_carry_the_processor_label(ray_session):
     ex = RayExecutor()
     assert gather(ex, TaskName(), items) == ["ray::test:TaskName"]
     assert gather(ex, TaskName(actor=True), items)[0].startswith("ray::test:TaskName")
+
+
+@dataclass
+class Failing(Processor):
+    """Raises on item 3 (a bad file a worker meets)."""
+
+    stage = "test"
+    actor: bool = False
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=0.5, actor=self.actor, workers=2)
+
+    def process(self, item: Number):
+        if item.n == 3:
+            raise InputError(f"item {item.n} is bad")
+        return item.n
+
+
+@dataclass
+class FailingProducer(Producer):
+    """Yields one batch, then meets a bad file."""
+
+    def process(self, item: Number):
+        yield {"x": np.arange(4), "pid": np.full(4, os.getpid())}
+        raise InputError("producer met a bad file")
+
+
+def _idle(timeout: float = 30.0) -> bool:
+    """Whether every CPU of the session's Ray is free again (no task or actor left behind)."""
+    import time
+
+    import ray
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_an_error_in_a_worker_reaches_the_caller_and_nothing_is_left_running(executor):
+    from condense.cli import _find_condense_error
+
+    items = [Number(part=str(i), n=i) for i in range(8)]
+    for actor in (False, True):
+        with pytest.raises(Exception) as info:
+            gather(executor, Failing(actor=actor), items)
+        assert str(_find_condense_error(info.value)) == "item 3 is bad"
+    with pytest.raises(Exception) as info:
+        list(executor.stream(FailingProducer(1), Counter(actor=True), [Number(part="0", n=8)]))
+    assert str(_find_condense_error(info.value)) == "producer met a bad file"
+    if isinstance(executor, RayExecutor):
+        assert _idle(), "tasks or actors were left running"
+
+
+def test_a_worker_the_cluster_cannot_hold_is_an_error_at_once(ray_session):
+    from condense.errors import StageError
+
+    @dataclass
+    class Huge(Processor):
+        stage = "test"
+
+        @property
+        def resources(self) -> Resources:
+            return Resources(cpus=64)
+
+    with pytest.raises(StageError, match="test:Huge asks for 64 CPUs and 0 GPUs per worker"):
+        gather(RayExecutor(), Huge(), [Number(part="0", n=0)])
 
 
 def test_a_dashboard_beyond_this_machine_is_warned_about():

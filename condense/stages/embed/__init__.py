@@ -23,7 +23,7 @@ from condense.stages.embed.images import ENCODED, BatchEncoder, ShardDecoder, en
 from condense.stages.embed.store import EmbedPartWriter, ShardPartWriter, reset_scratch
 from condense.stages.progress import Progress
 from condense.storage.files import content_digest
-from condense.storage.parts import PARTS_DIR, part_files, part_name
+from condense.storage.parts import finished_part, part_files
 from condense.strict import StrictModel
 
 DOWNLOAD_DIR = "input/download"  # in RUN/: where input.kind urls puts img2dataset's shards
@@ -211,11 +211,9 @@ class EmbedStage(Stage):
     @staticmethod
     def _to_encode(items: list[Shard], out_dir: Path, scratch: Path) -> list[Shard]:
         """The shards neither written as parts nor fully encoded yet (their scratch reset)."""
-        written = {part_name(p) for p in part_files(out_dir)}
-        recorded = {p.stem for p in (out_dir / PARTS_DIR).glob("*.json")}
         todo = []
         for item in items:
-            if item.part in recorded and item.part in written:
+            if finished_part(out_dir, item.part) is not None:
                 continue
             if encoded_count(scratch / item.part) is None:
                 reset_scratch(scratch / item.part)
@@ -250,7 +248,7 @@ class EmbedStage(Stage):
         dim = 0
         progress = Progress(self.name, 0, 0, "images", ctx.progress, ctx.log)
         try:
-            for result in ctx.executor.stream(decoder, encoder, todo, model.batch_size):
+            for result in ctx.executor.stream(decoder, encoder, todo):
                 progress.update(int(result["rows"]), parts=0)
                 dim = int(result["dim"])
         finally:

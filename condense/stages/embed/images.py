@@ -144,8 +144,7 @@ def decode_shard(
     item: Shard, model: ModelConfig, id_field: str | None, scratch: str, limits: ShardLimits
 ) -> Iterator[dict[str, np.ndarray]]:
     """The shard's batches (see ShardDecoder)."""
-    from condense.cores.images import decode_rgb
-    from condense.cores.text import id_problem, storable_url
+    from condense.cores.text import storable_url
 
     # A checkpoint replaces the tag in the encoder, so the tag's normalisation does not apply.
     transform = _transform(model.name, None if model.checkpoint else model.pretrained)
@@ -174,57 +173,70 @@ def decode_shard(
         return out
 
     guard = PoisonGuard(Path(scratch) / item.part / INFLIGHT, item.source, limits)
-    with open_shard(item.path, limits) as f:
-        for number, sample in enumerate(read_samples(f, limits, item.path)):
-            reason = drop_reason(sample)
-            sample_id = None
-            if reason is None:
-                sample_id = sample_id_of(sample.key, sample.meta, id_field)
-                reason = id_problem(sample_id)
-            image = None
-            if reason is None and guard.is_poison(number, sample.key):
-                reason = "poison_sample"
-            if reason is None:
-                guard.enter(number)
-                kill_if("decode_kill", sample.key)
-                kill_once("decode_kill_once", sample.key)
-                image, reason = decode_rgb(sample.image, limits.max_pixels, limits.max_aspect_ratio)
-                if image is not None:
-                    pixels = transform(image)
-                guard.leave()
-            if reason is not None:
-                dropped[reason] += 1
-                continue
-            if id_field:  # keys are distinct within a shard (a repeated key is split_sample)
-                if sample_id in seen:
-                    raise InputError(
-                        f"shard {item.source}: sample_id {sample_id!r} (input.id_column "
-                        f"{id_field!r}) occurs twice, in samples {seen[sample_id]!r} and "
-                        f"{sample.key!r}"
-                    )
-                seen[sample_id] = sample.key
-            url = storable_url(sample.meta.get("url"))
-            if url is None and sample.meta.get("url") is not None:
-                nulled["url"] += 1
-            rows["sample_id"].append(sample_id)
-            rows["caption"].append(sample.caption)
-            rows["url"].append(url)
-            rows["pixels"].append(pixels)
-            kept += 1
-            if len(rows["pixels"]) == batch_size:
-                yield batch()
-    if rows["pixels"]:
-        yield batch()
-    guard.close()
+    try:
+        with open_shard(item.path, limits) as f:
+            for number, sample in enumerate(read_samples(f, limits, item.path)):
+                sample_id, pixels, reason = _decode_sample(
+                    sample, number, guard, transform, id_field, limits
+                )
+                if reason is not None:
+                    dropped[reason] += 1
+                    continue
+                if id_field:  # keys are distinct within a shard (a repeated key is split_sample)
+                    if sample_id in seen:
+                        raise InputError(
+                            f"shard {item.source}: sample_id {sample_id!r} (input.id_column "
+                            f"{id_field!r}) occurs twice, in samples {seen[sample_id]!r} and "
+                            f"{sample.key!r}"
+                        )
+                    seen[sample_id] = sample.key
+                url = storable_url(sample.meta.get("url"))
+                if url is None and sample.meta.get("url") is not None:
+                    nulled["url"] += 1
+                rows["sample_id"].append(sample_id)
+                rows["caption"].append(sample.caption)
+                rows["url"].append(url)
+                rows["pixels"].append(pixels)
+                kept += 1
+                if len(rows["pixels"]) == batch_size:
+                    yield batch()
+        if rows["pixels"]:
+            yield batch()
+    finally:  # reached unless the process died: whatever stopped the decode, it was no death
+        guard.leave()
+        guard.close()
     atomic_write_json(
         Path(scratch) / item.part / DECODED,
         {"rows": kept, "dropped": dict(dropped), "nulled": dict(nulled)},
     )
 
 
+def _decode_sample(sample, number: int, guard: PoisonGuard, transform, id_field, limits):
+    """(sample_id, pixels, None) of a usable sample, else (.., .., its drop reason). The
+    decode itself runs under the poison guard's mark."""
+    from condense.cores.images import decode_rgb
+    from condense.cores.text import id_problem
+
+    reason = drop_reason(sample)
+    sample_id = pixels = None
+    if reason is None:
+        sample_id = sample_id_of(sample.key, sample.meta, id_field)
+        reason = id_problem(sample_id)
+    if reason is None and guard.is_poison(number, sample.key):
+        reason = "poison_sample"
+    if reason is None:
+        guard.enter(number)
+        kill_if("decode_kill", sample.key)
+        kill_once("decode_kill_once", sample.key)
+        image, reason = decode_rgb(sample.image, limits.max_pixels, limits.max_aspect_ratio)
+        if image is not None:
+            pixels = transform(image)
+        guard.leave()
+    return sample_id, pixels, reason
+
+
 def texts(values: np.ndarray):
-    """A string column from a batch column: Ray Data hands a column of all-missing strings
-    back as floats (NaN), so anything but a string is missing."""
+    """A string column from a batch column: anything but a string is missing."""
     import pyarrow as pa
 
     return pa.array([v if isinstance(v, str) else None for v in values.tolist()], pa.string())

@@ -65,16 +65,14 @@ class ShardPartWriter(Processor):
     out_dir: str  # embed/
 
     def process(self, item: Shard) -> dict:
-        import shutil
-
         start = time.perf_counter()
         folder = Path(self.scratch) / item.part
         found = encoded_rows(folder, item.source, self.dim)
         if found is None:
             raise InputError(f"embed: shard {item.source} was not completely encoded")
         raw, dropped, nulled = found
+        # The scratch stays until the stage ends: a retried writer reads it again.
         stats = store_rows(raw, item.part, self.dtype, self.out_dir, dropped)
-        shutil.rmtree(folder, ignore_errors=True)
         return {**stats, "nulled": nulled, "seconds": time.perf_counter() - start}
 
 
