@@ -24,9 +24,12 @@ def _find_condense_error(exc: BaseException) -> CondenseError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        cause = getattr(e, "cause", None)
         if isinstance(e, CondenseError):
-            return e
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+            # Ray's copy of a worker's error also carries the worker's traceback in its text:
+            # the original (`cause`) is the one line the user reads.
+            return cause if isinstance(cause, CondenseError) else e
+        stack += [cause, e.__cause__, e.__context__]
         stack += list(getattr(e, "worker_failures", {}).values())  # Ray Train's workers
     return None
 
