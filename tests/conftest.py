@@ -28,6 +28,8 @@ def ray_session(tmp_path_factory):
     # A Ray Train worker killed by a test leaves the others in a collective: Ray Train waits
     # this long (30 s by default) for their process group to shut down before restarting.
     os.environ["TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"] = "2"
+    if ray.is_initialized():  # a test that ran Ray without this fixture started its own
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield ray
     ray.shutdown()

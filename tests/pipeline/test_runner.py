@@ -144,7 +144,7 @@ def test_resume_with_other_settings_starts_over(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_output(corpus, tmp_path, venv_env):
+def test_killed_run_resumes_to_the_same_output(ray_session, corpus, tmp_path, venv_env):
     overrides = ["embed.rows_per_part=60", "cluster.k=6", "ray.num_cpus=2", "ray.progress=false"]
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"input": {"kind": "embeddings", "path": str(corpus)}}))
