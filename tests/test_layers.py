@@ -111,3 +111,17 @@ def test_the_checker_sees_an_upward_import(tmp_path):
     assert (2, "condense.pipeline") in found
     assert (3, "condense.stages") in found
     assert floor("condense.pipeline.runner") > floor("condense.cores.x")
+
+
+FORMATS = ("pyarrow.parquet", "pyarrow.ipc")  # the run directory's file formats: storage's own
+
+
+def test_stages_and_the_pipeline_read_and_write_through_storage():
+    wrong = [
+        f"{path.relative_to(REPO)}:{line}: {module} imports {target}"
+        for module, path in modules().items()
+        if module.startswith(("condense.stages", "condense.pipeline"))
+        for line, target in imports(path, module)
+        if target in FORMATS
+    ]
+    assert not wrong, "file formats outside storage/:\n" + "\n".join(wrong)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from condense.errors import CondenseError
 from condense.schema import GROUP_ID, KEPT, SAMPLE_ID, SOURCE
+from condense.storage.parts import read_table
 from condense.storage.rundir import CONFIG, RunDir
 
 
@@ -93,7 +94,6 @@ def planted_truth(run_dir: str | Path) -> Path | None:
 
 def dedup_quality(run_dir: str | Path) -> dict | None:
     """Precision and recall of dedup against the planted truth (None without truth or dedup)."""
-    import pyarrow.parquet as pq
 
     from condense.storage.parts import part_files
     from condense.synth import dedup_quality as measure
@@ -103,8 +103,8 @@ def dedup_quality(run_dir: str | Path) -> dict | None:
     parts = part_files(run.stage_dir("dedup"))
     if truth is None or run.stage_mark("dedup") is None or not parts:
         return None
-    dedup = pq.read_table(run.stage_dir("dedup"), columns=[SAMPLE_ID, KEPT])
-    return measure(pq.read_table(truth, columns=[SAMPLE_ID, GROUP_ID]), dedup)
+    dedup = read_table(run.stage_dir("dedup"), columns=[SAMPLE_ID, KEPT])
+    return measure(read_table(truth, columns=[SAMPLE_ID, GROUP_ID]), dedup)
 
 
 def format_quality(q: dict) -> str:
@@ -120,7 +120,6 @@ def sample_images(run_dir: str | Path, sample_ids: list[str]) -> dict[str, bytes
     (embed/ says which shard holds each); {} for runs on precomputed embeddings."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     from condense.config import load_config
     from condense.readers import IMAGE_KINDS
@@ -132,7 +131,7 @@ def sample_images(run_dir: str | Path, sample_ids: list[str]) -> dict[str, bytes
     config = load_config(run.root / CONFIG)
     if config.input.kind not in IMAGE_KINDS or not sample_ids:
         return {}
-    rows = pq.read_table(run.stage_dir("embed"), columns=[SAMPLE_ID, SOURCE])
+    rows = read_table(run.stage_dir("embed"), columns=[SAMPLE_ID, SOURCE])
     rows = rows.filter(pc.is_in(rows.column(SAMPLE_ID), pa.array(sample_ids, pa.string())))
     wanted: dict[str, set[str]] = {}
     for sample_id, source in zip(

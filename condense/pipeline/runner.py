@@ -14,8 +14,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from condense.config import PipelineConfig
 from condense.errors import CondenseError, StageError
 from condense.runtime import open_executor
@@ -27,7 +25,7 @@ from condense.stages.embed import EmbedStage
 from condense.stages.export import ExportStage
 from condense.stages.sample import SampleStage
 from condense.storage.files import atomic_write_bytes
-from condense.storage.parts import part_files
+from condense.storage.parts import part_files, read_schema
 from condense.storage.rundir import CONFIG, RunDir, RunLock, claim, manifest_entry
 from condense.strict import fingerprint
 
@@ -159,7 +157,7 @@ def compute_stage(ctx: StageContext, stage: Stage, fp: str, resume: bool) -> Non
         )
     check_chain(run, stage, result.rows_in)
     parts = part_files(run.stage_dir(stage.name))
-    schema = {f.name: str(f.type) for f in pq.read_schema(parts[0])} if parts else {}
+    schema = {f.name: str(f.type) for f in read_schema(parts[0])} if parts else {}
     declared = list(stage.columns(ctx.config))
     if parts and list(schema) != declared:
         raise StageError(f"stage {stage.name} wrote columns {list(schema)}, declared {declared}")

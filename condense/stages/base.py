@@ -11,13 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import pyarrow.parquet as pq
-
 from condense.errors import StageError
 from condense.faults import pause_while
 from condense.runtime.processor import Executor, Processor, WorkItem
 from condense.stages.progress import Progress
-from condense.storage.parts import commit_part, finished_part, part_files
+from condense.storage.parts import commit_part, finished_part, part_files, read_schema
 from condense.storage.rundir import RunDir
 
 
@@ -77,7 +75,7 @@ def check_columns(run: RunDir, stage: Stage) -> None:
         parts = part_files(run.stage_dir(upstream))
         if not parts:
             continue  # an empty upstream is handled by the stage itself
-        names = set(pq.read_schema(parts[0]).names)
+        names = set(read_schema(parts[0]).names)
         missing = [c for c in columns if c not in names]
         if missing:
             raise StageError(

@@ -17,7 +17,6 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from condense.cores.hashing import hash_ids, smallest_hash_order
@@ -35,7 +34,14 @@ from condense.stages.base import SourcePart, Stage, StageContext, StageResult, w
 from condense.stages.embed import EmbedStage
 from condense.stages.embed.ids import id_hash_file
 from condense.storage.files import atomic_write_npy
-from condense.storage.parts import iter_row_groups, part_path, part_rows, write_part
+from condense.storage.parts import (
+    iter_row_groups,
+    part_path,
+    part_rows,
+    read_array,
+    read_rows,
+    write_part,
+)
 from condense.strict import StrictModel
 
 CENTROIDS = "centroids.npy"  # in cluster/: the trained centroids (dedup reads k from them)
@@ -77,21 +83,6 @@ def _window_rows(sorted_hashes: np.ndarray, start: int, width: int) -> np.ndarra
         return np.arange(lo, hi)
     hi = int(np.searchsorted(sorted_hashes, np.uint64(end - RING), side="left"))
     return np.concatenate([np.arange(lo, n), np.arange(0, hi)])
-
-
-def _read_rows(path: str, rows: np.ndarray, columns: list[str]) -> pa.Table:
-    """The given rows (sorted) of a Parquet file, reading only the row groups that hold them."""
-    f = pq.ParquetFile(path)
-    sizes = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
-    if not len(groups):
-        return f.schema_arrow.empty_table().select(columns)
-    table = f.read_row_groups(groups.tolist(), columns=columns, use_threads=False)
-    read_starts = np.concatenate([[0], np.cumsum([sizes[g] for g in groups])])
-    group_of = np.searchsorted(groups, np.searchsorted(starts, rows, side="right") - 1)
-    positions = read_starts[group_of] + (rows - starts[groups[group_of]])
-    return table.take(pa.array(positions))
 
 
 @dataclass
@@ -272,7 +263,7 @@ class ClusterStage(Stage):
 
         t0 = time.perf_counter()
         if ctx.resumed and centroids_path.exists():
-            centroids = np.load(centroids_path)
+            centroids = read_array(centroids_path)
             ctx.log(f"[cluster] resuming with the trained centroids in {centroids_path}")
             rounds = []
         else:
@@ -367,9 +358,9 @@ def draw_sample(parts: list[str], embed_dir: Path, rows: int, size: int, seed: i
 
 def _window_of_part(embed_dir: Path, part: str, start: int, width: int):
     """Ring keys, ids and stored vectors of one part's rows inside [start, start + width)."""
-    hashes = np.load(id_hash_file(embed_dir, part), mmap_mode="r")["hash"]
+    hashes = read_array(id_hash_file(embed_dir, part), mmap=True)["hash"]
     picked = _window_rows(hashes, start, width)
-    table = _read_rows(str(part_path(embed_dir, part)), picked, [SAMPLE_ID, IMG_EMB])
+    table = read_rows(part_path(embed_dir, part), picked, [SAMPLE_ID, IMG_EMB])
     vectors = arrow_to_vectors(table.column(IMG_EMB))
     return (
         ring_offset(np.asarray(hashes[picked]), start),

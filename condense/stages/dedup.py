@@ -54,7 +54,9 @@ from condense.storage.parts import (
     discard_scratch,
     part_path,
     part_rows,
+    read_array,
     read_scratch,
+    read_table,
     write_part,
     write_scratch,
 )
@@ -62,6 +64,11 @@ from condense.strict import StrictModel
 
 SCATTER_DIR = "_by_cluster"
 SCATTER_SLICE = 65_536  # rows per record batch of a scatter file
+
+
+def scatter_files(folder: Path | str, source: str) -> tuple[Path, Path]:
+    """One embed part's scatter file (its rows sorted by cluster) and its cluster offsets."""
+    return Path(folder) / f"{source}.arrow", Path(folder) / f"{source}.offsets.npy"
 
 
 class DedupConfig(StrictModel):
@@ -141,14 +148,12 @@ class ClusterScatter(Processor):
         return Resources(cpus=1.0, workers=self.workers)
 
     def process(self, item: SourcePart) -> dict:
-        import pyarrow.parquet as pq
-
         start = time.perf_counter()
         name = item.source
-        embed = pq.read_table(
+        embed = read_table(
             part_path(self.embed_dir, name), columns=[SAMPLE_ID, CLIP_SCORE, IMG_EMB]
         )
-        cluster = pq.read_table(part_path(self.cluster_dir, name))
+        cluster = read_table(part_path(self.cluster_dir, name))
         if not embed.column(SAMPLE_ID).equals(cluster.column(SAMPLE_ID)):
             raise StageError(
                 f"dedup: cluster/part-{name}.parquet does not hold embed/part-{name}.parquet's "
@@ -167,14 +172,13 @@ class ClusterScatter(Processor):
             }
         )
         offsets = np.searchsorted(cluster_id[order], np.arange(self.k + 1)).astype(np.int64)
-        path = Path(self.out_dir) / f"{name}.arrow"
+        path, offsets_path = scatter_files(self.out_dir, name)
         # Sorted copies are taken a slice at a time: memory stays at one part plus one slice.
         slices = (
             table.take(pa.array(order[start : start + SCATTER_SLICE]))
             for start in range(0, len(order), SCATTER_SLICE)
         )
         write_scratch(path, slices, table.schema)
-        offsets_path = Path(self.out_dir) / f"{name}.offsets.npy"
         atomic_write_npy(offsets_path, offsets)
         return {
             "part": item.part,
@@ -222,12 +226,12 @@ class DedupWorker(Processor):
             raise StageError("dedup.device is cuda but this worker has no torch with CUDA")
         # Memory-mapped: a task reads only its clusters' entries of each part's offsets.
         folder = Path(self.scatter_dir)
-        self.offsets = [np.load(folder / f"{n}.offsets.npy", mmap_mode="r") for n in self.sources]
+        self.offsets = [read_array(scatter_files(folder, n)[1], mmap=True) for n in self.sources]
         self.tables: dict[int, pa.Table] = {}  # scatter files opened so far (memory-mapped)
 
     def table(self, i: int) -> pa.Table:
         if i not in self.tables:  # only the slices a task reads are ever paged in
-            self.tables[i] = read_scratch(Path(self.scatter_dir) / f"{self.sources[i]}.arrow")
+            self.tables[i] = read_scratch(scatter_files(self.scatter_dir, self.sources[i])[0])
         return self.tables[i]
 
     def rows_of(self, cluster: int) -> pa.Table:
@@ -317,7 +321,7 @@ class SizeCounter(Processor):
     stage = "dedup"
 
     def process(self, item: OffsetFiles) -> np.ndarray:
-        return sum(np.diff(np.load(path)) for path in item.paths)
+        return sum(np.diff(read_array(path)) for path in item.paths)
 
 
 def _torch_cuda() -> bool:
@@ -361,7 +365,7 @@ class DedupStage(Stage):
         cluster_dir = ctx.run.stage_dir(ClusterStage.name)
         rows = part_rows(cluster_dir)
         sources = list(rows)
-        k = int(np.load(cluster_dir / CENTROIDS, mmap_mode="r").shape[0])
+        k = int(read_array(cluster_dir / CENTROIDS, mmap=True).shape[0])
         gpus = ctx.executor.gpus()
         if cfg.device == "cuda" and gpus == 0:
             raise StageError("dedup.device is cuda but the Ray cluster has no GPUs")
@@ -380,7 +384,7 @@ class DedupStage(Stage):
             scatter,
             [SourcePart(part=f"scatter-{s}", source=s, rows=rows[s]) for s in sources],
         )
-        paths = [str(scatter_dir / f"{s}.offsets.npy") for s in sources]
+        paths = [str(scatter_files(scatter_dir, s)[1]) for s in sources]
         groups = [
             OffsetFiles(part=f"sizes-{i}", paths=paths[i : i + 64])
             for i in range(0, len(paths), 64)

@@ -34,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from condense.cores.names import safe_names
@@ -57,7 +56,14 @@ from condense.stages.base import SourcePart, Stage, StageContext, StageResult, w
 from condense.stages.embed import EmbedStage, image_root
 from condense.stages.sample import SampleStage
 from condense.storage.files import atomic_file, atomic_write_bytes, atomic_write_json
-from condense.storage.parts import part_files, part_name, part_path, write_part
+from condense.storage.parts import (
+    part_files,
+    part_name,
+    part_path,
+    read_table,
+    write_part,
+    write_table,
+)
 from condense.strict import StrictModel
 
 KEYS_DIR = "keys"
@@ -82,7 +88,7 @@ class ExportPart(Processor):
 
     def process(self, item: SourcePart) -> dict:
         start = time.perf_counter()
-        table = pq.read_table(
+        table = read_table(
             part_path(self.embed_dir, item.source),
             columns=[SAMPLE_ID, URL, CAPTION, SOURCE],
         )
@@ -154,7 +160,7 @@ def coreset_ids(sample_dir: Path) -> pa.Array:
     parts = part_files(sample_dir)
     if not parts:
         return pa.array([], pa.string())
-    table = pq.read_table(parts, columns=[SAMPLE_ID, KEPT])
+    table = read_table(parts, columns=[SAMPLE_ID, KEPT])
     return table.filter(table.column(KEPT)).column(SAMPLE_ID).combine_chunks()
 
 
@@ -164,7 +170,7 @@ def exported_rows(out_dir: Path) -> pa.Table:
     columns = [SOURCE, SAMPLE_ID, URL, CAPTION]
     if not parts:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return pq.read_table(parts, columns=columns)
+    return read_table(parts, columns=columns)
 
 
 def write_key_lists(out_dir: Path, table: pa.Table) -> int:
@@ -270,8 +276,7 @@ class ShardCopier(Processor):
             ],
             schema=SHARD_INDEX_SCHEMA,
         )
-        with atomic_file(shard.with_suffix(".parquet")) as f:
-            pq.write_table(index, f)
+        write_table(index, shard.with_suffix(".parquet"))
         seconds = time.perf_counter() - start
         atomic_write_json(
             out_dir / f"{item.shard}_stats.json",
@@ -314,7 +319,7 @@ def write_coreset_json(shards_dir: Path, shards: list[str], path: Path) -> None:
         f.write(b"[")
         first = True
         for shard in shards:
-            index = pq.read_table(shards_dir / f"{shard}.parquet")
+            index = read_table(shards_dir / f"{shard}.parquet")
             for key, sample_id, caption, ext in zip(
                 index.column(KEY).to_pylist(),
                 index.column(SAMPLE_ID).to_pylist(),

@@ -24,7 +24,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from condense.cores.select import (
     Boundary,
@@ -49,6 +48,7 @@ from condense.storage.parts import (
     part_name,
     part_path,
     read_scratch,
+    read_table,
     write_part,
     write_scratch,
 )
@@ -64,10 +64,10 @@ def survivors(run_dir: str, part: str, stage: str, columns: list[str]) -> pa.Tab
     `stage` kept (checking at each step that the stage's part lists the same sample_ids)."""
     run = RunDir(run_dir)
     wanted = list(dict.fromkeys([SAMPLE_ID, *columns]))
-    table = pq.read_table(part_path(run.stage_dir("dedup"), part), columns=wanted)
+    table = read_table(part_path(run.stage_dir("dedup"), part), columns=wanted)
     for upstream in SELECTION_CHAIN[: SELECTION_CHAIN.index(stage)]:
         path = part_path(run.stage_dir(upstream), part)
-        flags = pq.read_table(path, columns=[SAMPLE_ID, KEPT])
+        flags = read_table(path, columns=[SAMPLE_ID, KEPT])
         if not flags.column(SAMPLE_ID).equals(table.column(SAMPLE_ID)):
             raise StageError(f"{path} does not list the rows that entered {upstream}")
         table = table.filter(flags.column(KEPT))

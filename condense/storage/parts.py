@@ -13,6 +13,7 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -138,3 +139,51 @@ def commit_part(folder: Path, stats: dict) -> dict:
     stats = {**stats, "files": file_sizes(folder, stats.get("files", []))}
     record_part(folder, stats["part"], stats)
     return stats
+
+
+def read_table(path: Path | str | list, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file (a part, a shard index), a list of them, or a stage folder's parts."""
+    return pq.read_table(path, columns=columns)
+
+
+def write_table(table: pa.Table, path: Path | str) -> None:
+    """A Parquet file that is not a part (a shard's index), written atomically."""
+    with atomic_file(Path(path)) as f:
+        pq.write_table(table, f)
+
+
+def read_schema(path: Path | str) -> pa.Schema:
+    """The schema of a Parquet file (its footer only)."""
+    return pq.read_schema(path)
+
+
+def read_rows(path: Path | str, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """The given rows (sorted) of a Parquet file, reading only the row groups that hold them."""
+    f = pq.ParquetFile(path)
+    sizes = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
+    if not len(groups):
+        return f.schema_arrow.empty_table().select(columns)
+    table = f.read_row_groups(groups.tolist(), columns=columns, use_threads=False)
+    read_starts = np.concatenate([[0], np.cumsum([sizes[g] for g in groups])])
+    group_of = np.searchsorted(groups, np.searchsorted(starts, rows, side="right") - 1)
+    positions = read_starts[group_of] + (rows - starts[groups[group_of]])
+    return table.take(pa.array(positions))
+
+
+def read_array(path: Path | str, mmap: bool = False) -> np.ndarray:
+    """A `.npy` file a stage wrote (memory-mapped on request); nothing is unpickled."""
+    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def scratch_schema(path: Path | str) -> pa.Schema:
+    """The schema of a scratch file (its footer only)."""
+    with pa.ipc.open_file(path) as reader:
+        return reader.schema
+
+
+def scratch_rows(path: Path | str) -> int:
+    """Rows a scratch file holds, from its record batches' headers (no column is read)."""
+    with pa.ipc.open_file(path) as reader:
+        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))

@@ -177,8 +177,15 @@ def test_a_worker_the_cluster_cannot_hold_is_an_error_at_once(ray_session):
         def resources(self) -> Resources:
             return Resources(cpus=64)
 
-    with pytest.raises(StageError, match="test:Huge asks for 64 CPUs and 0 GPUs per worker"):
-        gather(RayExecutor(), Huge(), [Number(part="0", n=0)])
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)  # a task that cannot be placed would wait forever
+    try:
+        future = pool.submit(gather, RayExecutor(), Huge(), [Number(part="0", n=0)])
+        with pytest.raises(StageError, match="test:Huge asks for 64 CPUs and 0 GPUs per worker"):
+            future.result(timeout=30)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def test_a_dashboard_beyond_this_machine_is_warned_about():

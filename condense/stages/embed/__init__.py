@@ -23,7 +23,7 @@ from condense.stages.embed.images import ENCODED, BatchEncoder, ShardDecoder, en
 from condense.stages.embed.store import EmbedPartWriter, ShardPartWriter, reset_scratch
 from condense.stages.progress import Progress
 from condense.storage.files import content_digest
-from condense.storage.parts import finished_part, part_files
+from condense.storage.parts import finished_part, part_files, read_schema, scratch_schema
 from condense.strict import StrictModel
 
 DOWNLOAD_DIR = "input/download"  # in RUN/: where input.kind urls puts img2dataset's shards
@@ -259,13 +259,10 @@ class EmbedStage(Stage):
     def _encoded_dim(scratch: Path, out_dir: Path) -> int:
         """The embedding dimension of what an interrupted run already encoded or wrote (0 if
         nothing): parts of shards without a usable sample are written with it."""
-        import pyarrow.ipc
-        import pyarrow.parquet as pq
-
         for path in sorted(scratch.glob("*/*.arrow")):
-            return pyarrow.ipc.open_file(path).schema.field(IMG).type.list_size
+            return scratch_schema(path).field(IMG).type.list_size
         for path in part_files(out_dir):
-            return pq.read_schema(path).field(IMG_EMB).type.list_size
+            return read_schema(path).field(IMG_EMB).type.list_size
         return 0
 
     def _download(self, ctx: StageContext) -> dict[str, int]:

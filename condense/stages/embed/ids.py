@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from condense.cores.hashing import repeated
 from condense.errors import InputError
 from condense.runtime.processor import Processor, WorkItem
 from condense.schema import SAMPLE_ID, SOURCE
 from condense.storage.files import atomic_write_npy
-from condense.storage.parts import part_path
+from condense.storage.parts import part_path, read_array, read_table
 
 IDS_DIR = "_ids"  # in embed/: each part's sorted id hashes (cluster's training samples read them)
 ID_HASH_SEED = 0x5EED
@@ -66,7 +65,7 @@ class RepeatFinder(Processor):
         lo, hi = np.uint64(item.lo), item.hi
         chunks, owners = [], []
         for index, path in enumerate(self.id_files):
-            records = np.load(path, mmap_mode="r")
+            records = read_array(path, mmap=True)
             hashes = records["hash"]
             start = np.searchsorted(hashes, lo, side="left")
             stop = (
@@ -117,7 +116,7 @@ def check_unique_ids(
     for _hash, owner, part_row, source_row in candidates:
         if owner not in tables:
             path = part_path(folder, parts[owner])
-            tables[owner] = pq.read_table(path, columns=[SAMPLE_ID, SOURCE]).to_pydict()
+            tables[owner] = read_table(path, columns=[SAMPLE_ID, SOURCE]).to_pydict()
         sid = tables[owner][SAMPLE_ID][part_row]
         by_id.setdefault(sid, []).append((tables[owner][SOURCE][part_row], source_row))
     dupes = sorted((sid, places) for sid, places in by_id.items() if len(places) > 1)

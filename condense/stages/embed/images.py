@@ -42,7 +42,7 @@ from condense.schema import (
 )
 from condense.stages.embed.clip import ModelConfig
 from condense.storage.files import atomic_write_json, read_json
-from condense.storage.parts import read_scratch, write_scratch
+from condense.storage.parts import read_scratch, scratch_rows, write_scratch
 
 DECODE_MEMORY = 1 << 30  # bytes reserved per decode task: it imports torch (~0.6 GiB)
 ENCODED = "_encoded"  # in embed/: each shard's embeddings, until its part is written
@@ -95,15 +95,10 @@ class PoisonGuard:
 def encoded_count(folder: Path) -> int | None:
     """Rows a shard's scratch folder holds, or None unless the shard was decoded and every
     decoded row encoded (read from file footers: no vectors are loaded)."""
-    import pyarrow.ipc
-
     decoded = read_json(folder / DECODED)
     if decoded is None:
         return None
-    rows = 0
-    for path in folder.glob("*.arrow"):
-        with pyarrow.ipc.open_file(path) as reader:
-            rows += sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    rows = sum(scratch_rows(path) for path in folder.glob("*.arrow"))
     return rows if rows == decoded["rows"] else None
 
 
