@@ -18,6 +18,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
+from threadpoolctl import threadpool_limits
 
 from condense.cores.hashing import hash_ids, smallest_hash_order
 from condense.cores.kmeans import assign, train_kmeans
@@ -122,10 +123,11 @@ class Assigner(Processor):
         # Row group by row group, the next one read while this one is assigned; zero-copy views.
         ids, results = [], []
         path = part_path(self.embed_dir, item.source)
-        for group in iter_row_groups(path, [SAMPLE_ID, IMG_EMB]):
-            vectors = to_unit_float32(arrow_to_vectors(group.column(IMG_EMB)))
-            results.append(assign(vectors, self.centroids, device=self.device))
-            ids.append(group.column(SAMPLE_ID))
+        with threadpool_limits(self.threads):  # BLAS threads of the CPU search
+            for group in iter_row_groups(path, [SAMPLE_ID, IMG_EMB]):
+                vectors = to_unit_float32(arrow_to_vectors(group.column(IMG_EMB)))
+                results.append(assign(vectors, self.centroids, device=self.device))
+                ids.append(group.column(SAMPLE_ID))
         n = sum(len(r.cluster_id) for r in results)
         out = pa.Table.from_arrays(
             [

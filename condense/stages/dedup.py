@@ -1,15 +1,20 @@
 """Stage `dedup`: exact SemDeDup-style graph dedup inside every cluster (DESIGN.md 2).
 
-Two phases, both on Ray workers, neither gathering data on the driver:
+Three steps, on Ray workers, none gathering rows on the driver:
 
-1. **Scatter.** Each embed part is joined with its cluster part (checked row by row on
-   `sample_id`), sorted by `cluster_id` and written to `dedup/_by_cluster/<part>.arrow` (Arrow
-   IPC, uncompressed, memory-mappable) with the row offset of every cluster. One file per part,
-   whatever k is.
-2. **Components.** Clusters are packed into tasks of about `rows_per_task` rows, a big cluster
-   alone in its task, and the tasks with the most similarity work start first. A task
-   memory-maps its clusters' slices from every scatter file, runs the exact component search
-   (`cores.components`, several thresholds in one pass) and the keep rule, and writes one part.
+1. **Plan.** Workers count the rows of every cluster from cluster/'s `cluster_id` columns; the
+   driver adds those k-vectors and packs the clusters into tasks of about `rows_per_task` rows
+   (a big cluster alone in its task, the tasks with the most similarity work first). The plan
+   is kept in `dedup/_plan.json`.
+2. **Scatter.** Consecutive embed parts of about `scatter_rows` rows in all are joined with
+   their cluster parts (checked row by row on `sample_id`), sorted by (task, cluster) and
+   written to one scatter file `dedup/_by_cluster/<first part>.arrow` (Arrow IPC, uncompressed)
+   whose record batches never straddle two tasks; its footer lists each task's first batch.
+   A file's index is 8 x (tasks + 1) bytes, whatever k is.
+3. **Components.** A task reads its own record batches from each scatter file that holds any
+   (memory-mapped), orders them by (cluster, sample_id), runs the exact component search
+   (`cores.components`, several thresholds in one pass) and the keep rule per cluster, and
+   writes one part.
 
 Writes dedup/part-*.parquet with one row per input row: sample_id, cluster_id, component_id,
 component_size, kept, max_sim, clip_score, centroid_cos, and `kept_<t>` for every extra
@@ -18,6 +23,8 @@ threshold. The scatter folder is removed once the stage is complete.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,29 +53,34 @@ from condense.schema import (
     SAMPLE_ID,
     arrow_to_vectors,
 )
-from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
+from condense.stages.base import Stage, StageContext, StageResult, write_parts
 from condense.stages.cluster import CENTROIDS, ClusterStage
 from condense.stages.embed import EmbedStage
-from condense.storage.files import atomic_write_npy
+from condense.storage.files import atomic_write_json, read_json
 from condense.storage.parts import (
+    discard_parts,
     discard_scratch,
     part_path,
     part_rows,
     read_array,
     read_scratch,
     read_table,
+    scratch_schema,
     write_part,
     write_scratch,
 )
 from condense.strict import StrictModel
 
 SCATTER_DIR = "_by_cluster"
-SCATTER_SLICE = 65_536  # rows per record batch of a scatter file
+SIZE_ROWS = 5_000_000  # cluster rows counted per task (int32 ids: 20 MB)
+SCATTER_SLICE = 65_536  # rows per record batch of a scatter file, at most
+PLAN = "_plan.json"  # in dedup/: how the clusters were packed into tasks
+TASK_BATCHES = b"condense.task_batches"  # scatter file metadata: each task's first batch
 
 
-def scatter_files(folder: Path | str, source: str) -> tuple[Path, Path]:
-    """One embed part's scatter file (its rows sorted by cluster) and its cluster offsets."""
-    return Path(folder) / f"{source}.arrow", Path(folder) / f"{source}.offsets.npy"
+def scatter_file(folder: Path | str, source: str) -> Path:
+    """The scatter file whose first embed part is `source`."""
+    return Path(folder) / f"{source}.arrow"
 
 
 class DedupConfig(StrictModel):
@@ -80,11 +92,14 @@ class DedupConfig(StrictModel):
     seed: int = 0  # seeds the `random` keep rule
     tile: int = Field(2048, ge=1)  # rows per similarity tile (memory: tile^2 floats)
     rows_per_task: int = Field(250_000, ge=1)  # clusters are packed into tasks of ~this many rows
+    scatter_rows: int = Field(1_000_000, ge=1)  # embed rows per scatter file (a worker holds them)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the Ray cluster has them
     workers: int | None = None  # parallel tasks; None: as many as the cluster's CPUs allow
     threads_per_worker: int = Field(1, ge=1)  # BLAS threads per worker
 
-    runtime_fields = frozenset({"tile", "rows_per_task", "device", "workers", "threads_per_worker"})
+    runtime_fields = frozenset(
+        {"tile", "rows_per_task", "scatter_rows", "device", "workers", "threads_per_worker"}
+    )
 
     @field_validator("thresholds")
     @classmethod
@@ -132,24 +147,110 @@ def plan_tasks(sizes: np.ndarray, rows_per_task: int) -> list[list[int]]:
     return [tasks[i] for i in sorted(range(len(tasks)), key=lambda i: (-work[i], i))]
 
 
+@dataclass(frozen=True, kw_only=True)
+class PartGroup(WorkItem):
+    """Consecutive parts of an upstream stage, handled by one worker."""
+
+    sources: list[str]
+
+
+def group_parts(rows: dict[str, int], group_rows: int, prefix: str) -> list[PartGroup]:
+    """Consecutive parts (in order) cut into groups of about `group_rows` rows each."""
+    groups: list[PartGroup] = []
+    current: list[str] = []
+    total = 0
+    for name, n in rows.items():
+        current.append(name)
+        total += n
+        if total >= group_rows:
+            groups.append(PartGroup(part=f"{prefix}{current[0]}", sources=current, rows=total))
+            current, total = [], 0
+    if current:
+        groups.append(PartGroup(part=f"{prefix}{current[0]}", sources=current, rows=total))
+    return groups
+
+
+@dataclass
+class ClusterSizes(Processor):
+    """Rows per cluster in some cluster parts (on a worker: the driver only adds k-vectors)."""
+
+    stage = "dedup"
+    cluster_dir: str
+    k: int
+
+    def process(self, item: PartGroup) -> np.ndarray:
+        sizes = np.zeros(self.k, np.int64)
+        for name in item.sources:
+            ids = read_table(part_path(self.cluster_dir, name), columns=[CLUSTER_ID])
+            sizes += np.bincount(
+                _cluster_ids(ids.column(CLUSTER_ID), self.k, name), minlength=self.k
+            )
+        return sizes
+
+
+def _cluster_ids(column: pa.ChunkedArray, k: int, part: str) -> np.ndarray:
+    ids = column.to_numpy()
+    if len(ids) and (ids.min() < 0 or ids.max() >= k):
+        raise StageError(
+            f"dedup: cluster/part-{part}.parquet holds cluster ids outside [0, {k}); "
+            "rerun the cluster stage"
+        )
+    return ids
+
+
 @dataclass
 class ClusterScatter(Processor):
-    """Joins one embed part with its cluster part and writes it sorted by cluster."""
+    """Joins some embed parts with their cluster parts and writes them sorted by (task, cluster)
+    into one scatter file, each task's rows in record batches of their own."""
 
     stage = "dedup"
     embed_dir: str
     cluster_dir: str
     out_dir: str  # dedup/_by_cluster
-    k: int
+    task_of: np.ndarray  # the task of every cluster (int32, -1: empty cluster)
+    tasks: int
     workers: int | None = None  # dedup.workers
 
     @property
     def resources(self) -> Resources:
         return Resources(cpus=1.0, workers=self.workers)
 
-    def process(self, item: SourcePart) -> dict:
+    def process(self, item: PartGroup) -> dict:
         start = time.perf_counter()
-        name = item.source
+        tables = [self._joined(name) for name in item.sources]
+        table = pa.concat_tables(tables)
+        k = len(self.task_of)
+        cluster_id = (
+            np.concatenate(
+                [
+                    _cluster_ids(t.column(CLUSTER_ID), k, n)
+                    for t, n in zip(tables, item.sources, strict=True)
+                ]
+            )
+            if tables
+            else np.zeros(0, np.int32)
+        )
+        task = self.task_of[cluster_id]
+        order = np.lexsort((cluster_id, task))  # by task, then cluster (stable: input order)
+        bounds = np.searchsorted(task[order], np.arange(self.tasks + 1))
+        batches, first = [], [0]
+        for t in range(self.tasks):  # record batches of one task each, SCATTER_SLICE rows at most
+            for lo in range(int(bounds[t]), int(bounds[t + 1]), SCATTER_SLICE):
+                batches.append((lo, min(int(bounds[t + 1]), lo + SCATTER_SLICE)))
+            first.append(len(batches))
+        schema = table.schema.with_metadata({TASK_BATCHES: json.dumps(first).encode()})
+        # Sorted copies are taken a batch at a time: memory stays at the group plus one batch.
+        slices = (table.take(pa.array(order[lo:hi])) for lo, hi in batches)
+        path = scatter_file(self.out_dir, item.sources[0])
+        write_scratch(path, slices, schema)
+        return {
+            "part": item.part,
+            "files": [str(path)],
+            "rows_in": len(table),
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _joined(self, name: str) -> pa.Table:
         embed = read_table(
             part_path(self.embed_dir, name), columns=[SAMPLE_ID, CLIP_SCORE, IMG_EMB]
         )
@@ -159,9 +260,7 @@ class ClusterScatter(Processor):
                 f"dedup: cluster/part-{name}.parquet does not hold embed/part-{name}.parquet's "
                 "sample_ids in the same order; rerun the cluster stage"
             )
-        cluster_id = cluster.column(CLUSTER_ID).to_numpy()
-        order = np.argsort(cluster_id, kind="stable")
-        table = pa.table(
+        return pa.table(
             {
                 SAMPLE_ID: embed.column(SAMPLE_ID),
                 CLUSTER_ID: cluster.column(CLUSTER_ID),
@@ -171,27 +270,13 @@ class ClusterScatter(Processor):
                 IMG_EMB: embed.column(IMG_EMB),
             }
         )
-        offsets = np.searchsorted(cluster_id[order], np.arange(self.k + 1)).astype(np.int64)
-        path, offsets_path = scatter_files(self.out_dir, name)
-        # Sorted copies are taken a slice at a time: memory stays at one part plus one slice.
-        slices = (
-            table.take(pa.array(order[start : start + SCATTER_SLICE]))
-            for start in range(0, len(order), SCATTER_SLICE)
-        )
-        write_scratch(path, slices, table.schema)
-        atomic_write_npy(offsets_path, offsets)
-        return {
-            "part": item.part,
-            "files": [str(path), str(offsets_path)],
-            "rows_in": len(table),
-            "seconds": time.perf_counter() - start,
-        }
 
 
 @dataclass(frozen=True, kw_only=True)
 class ClusterGroup(WorkItem):
     """Clusters deduplicated by one worker into one part."""
 
+    task: int  # its index in the plan (the scatter files' task index)
     clusters: list[int]
     largest: int  # rows of its largest cluster
 
@@ -201,8 +286,7 @@ class DedupWorker(Processor):
     """Finds the components of a task's clusters and writes one dedup part."""
 
     stage = "dedup"
-    scatter_dir: str
-    sources: list[str]  # the scatter files' names (embed's parts)
+    scatter_paths: list[str]  # the scatter files
     out_dir: str
     thresholds: list[float]  # the pipeline's threshold first
     keep: str  # the keep rule
@@ -224,37 +308,46 @@ class DedupWorker(Processor):
             self.device = "cuda" if _torch_cuda() else "cpu"
         elif self.device == "cuda" and not _torch_cuda():
             raise StageError("dedup.device is cuda but this worker has no torch with CUDA")
-        # Memory-mapped: a task reads only its clusters' entries of each part's offsets.
-        folder = Path(self.scatter_dir)
-        self.offsets = [read_array(scatter_files(folder, n)[1], mmap=True) for n in self.sources]
-        self.tables: dict[int, pa.Table] = {}  # scatter files opened so far (memory-mapped)
-
-    def table(self, i: int) -> pa.Table:
-        if i not in self.tables:  # only the slices a task reads are ever paged in
-            self.tables[i] = read_scratch(scatter_files(self.scatter_dir, self.sources[i])[0])
-        return self.tables[i]
-
-    def rows_of(self, cluster: int) -> pa.Table:
-        """A cluster's rows from every scatter file, in sample_id order."""
-        pieces = [
-            self.table(i).slice(int(o[cluster]), int(o[cluster + 1] - o[cluster]))
-            for i, o in enumerate(self.offsets)
-            if o[cluster + 1] > o[cluster]
+        # Each file's task index (its footer's metadata: 8 x (tasks + 1) bytes), read once per
+        # worker; the rows themselves are mapped per task, and only from files that hold some.
+        self.first_batch = [
+            np.asarray(json.loads(scratch_schema(p).metadata[TASK_BATCHES]), np.int64)
+            for p in self.scatter_paths
         ]
-        table = pa.concat_tables(pieces)
-        return table.take(pc.sort_indices(table, sort_keys=[(SAMPLE_ID, "ascending")]))
+
+    def task_rows(self, task: int) -> tuple[pa.Table, int]:
+        """The task's rows from every scatter file, and how many files held some."""
+        pieces = [
+            read_scratch(path, int(first[task]), int(first[task + 1]))
+            for path, first in zip(self.scatter_paths, self.first_batch, strict=True)
+            if first[task + 1] > first[task]
+        ]
+        return pa.concat_tables(pieces), len(pieces)
 
     def process(self, item: ClusterGroup) -> dict:
         from threadpoolctl import threadpool_limits
 
         start = time.perf_counter()
-        outputs, n_rows, work = [], 0, {"tiles_computed": 0, "tiles_total": 0, "entries": 0}
+        rows, files = self.task_rows(item.task)
+        # One sorted copy of the task, by (cluster, sample_id), read out of the mapped batches;
+        # each cluster is then a zero-copy slice of it.
+        order = pc.sort_indices(
+            rows, sort_keys=[(CLUSTER_ID, "ascending"), (SAMPLE_ID, "ascending")]
+        )
+        rows = rows.take(order).combine_chunks()  # no map of the scratch is held past here
+        bounds = np.searchsorted(rows.column(CLUSTER_ID).to_numpy(), item.clusters)
+        sizes = np.searchsorted(rows.column(CLUSTER_ID).to_numpy(), item.clusters, "right") - bounds
+        outputs, work = [], {"tiles_computed": 0, "tiles_total": 0, "entries": 0}
         with threadpool_limits(self.threads):  # BLAS threads for this task only
-            for cluster in item.clusters:
-                # No reference to the cluster's rows stays here: _dedup_cluster frees the vectors.
-                outputs.append(self._dedup_cluster(cluster, self.rows_of(cluster), work))
-                n_rows += len(outputs[-1])
-        self.tables.clear()  # the scratch is deleted after the stage: hold no map of it
+            for cluster, lo, n in zip(item.clusters, bounds.tolist(), sizes.tolist(), strict=True):
+                outputs.append(self._dedup_cluster(cluster, rows.slice(lo, n), work))
+        n_rows = sum(len(t) for t in outputs)
+        if n_rows != len(rows):
+            raise StageError(
+                f"dedup: task {item.part} read {len(rows):,} rows from the scatter files but its "
+                f"clusters hold {n_rows:,}; the scatter files are stale: rerun without --resume"
+            )
+        del rows
         table = pa.concat_tables(outputs)
         path = write_part(table, self.out_dir, item.part)
         kept = {
@@ -268,6 +361,7 @@ class DedupWorker(Processor):
             "kept": kept,
             "clusters": len(item.clusters),
             "largest_cluster": item.largest,
+            "scatter_files_read": files,
             "seconds": time.perf_counter() - start,
             **work,
         }
@@ -307,23 +401,6 @@ class DedupWorker(Processor):
         return pa.table(columns)
 
 
-@dataclass(frozen=True, kw_only=True)
-class OffsetFiles(WorkItem):
-    """Some scatter files' cluster offsets, summed by one worker."""
-
-    paths: list[str]
-
-
-@dataclass
-class SizeCounter(Processor):
-    """Rows per cluster over some scatter files (on a worker: the driver only adds k-vectors)."""
-
-    stage = "dedup"
-
-    def process(self, item: OffsetFiles) -> np.ndarray:
-        return sum(np.diff(read_array(path)) for path in item.paths)
-
-
 def _torch_cuda() -> bool:
     try:
         import torch
@@ -361,10 +438,8 @@ class DedupStage(Stage):
         cfg = ctx.config.dedup
         out_dir = ctx.run.stage_dir(self.name)
         scatter_dir = out_dir / SCATTER_DIR
-        scatter_dir.mkdir(parents=True, exist_ok=True)
         cluster_dir = ctx.run.stage_dir(ClusterStage.name)
         rows = part_rows(cluster_dir)
-        sources = list(rows)
         k = int(read_array(cluster_dir / CENTROIDS, mmap=True).shape[0])
         gpus = ctx.executor.gpus()
         if cfg.device == "cuda" and gpus == 0:
@@ -372,41 +447,53 @@ class DedupStage(Stage):
         use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
 
         t0 = time.perf_counter()
+        counted = group_parts(rows, SIZE_ROWS, prefix="sizes-")
+        sizes = sum(
+            gather(ctx.executor, ClusterSizes(str(cluster_dir), k), counted), np.zeros(k, np.int64)
+        )
+        tasks = plan_tasks(sizes, cfg.rows_per_task)
+        plan = {
+            "k": k,
+            "rows_per_task": cfg.rows_per_task,
+            "scatter_rows": cfg.scatter_rows,
+            "tasks": len(tasks),
+            "sizes_sha256": hashlib.sha256(sizes.tobytes()).hexdigest(),
+        }
+        if ctx.resumed and read_json(out_dir / PLAN) != plan:
+            # Kept parts were cut by another plan (rows_per_task or scatter_rows changed).
+            ctx.log("[dedup] the task plan changed since the interrupted run: starting over")
+            discard_parts(out_dir)
+            discard_scratch(out_dir, SCATTER_DIR, prefix="scatter-")
+        atomic_write_json(out_dir / PLAN, plan)
+        task_of = np.full(k, -1, np.int32)
+        for t, clusters in enumerate(tasks):
+            task_of[clusters] = t
         scatter = ClusterScatter(
             str(ctx.run.stage_dir(EmbedStage.name)),
             str(cluster_dir),
             str(scatter_dir),
-            k,
+            task_of,
+            len(tasks),
             cfg.workers,
         )
-        write_parts(
-            ctx,
-            scatter,
-            [SourcePart(part=f"scatter-{s}", source=s, rows=rows[s]) for s in sources],
-        )
-        paths = [str(scatter_files(scatter_dir, s)[1]) for s in sources]
-        groups = [
-            OffsetFiles(part=f"sizes-{i}", paths=paths[i : i + 64])
-            for i in range(0, len(paths), 64)
-        ]
-        sizes = sum(gather(ctx.executor, SizeCounter(), groups))
+        groups = group_parts(rows, cfg.scatter_rows, prefix="scatter-")
+        write_parts(ctx, scatter, groups)
         scatter_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        tasks = plan_tasks(np.asarray(sizes), cfg.rows_per_task)
         width = max(5, len(str(len(tasks))))
         items = [
             ClusterGroup(
                 part=f"{i:0{width}d}",
+                task=i,
                 clusters=clusters,
-                rows=int(sum(sizes[c] for c in clusters)),
-                largest=int(max(sizes[c] for c in clusters)),
+                rows=int(sizes[clusters].sum()),
+                largest=int(sizes[clusters].max()),
             )
             for i, clusters in enumerate(tasks)
         ]
         worker = DedupWorker(
-            str(scatter_dir),
-            sources,
+            [str(scatter_file(scatter_dir, g.sources[0])) for g in groups],
             str(out_dir),
             cfg.all_thresholds(),
             cfg.keep,
@@ -426,8 +513,13 @@ class DedupStage(Stage):
             "threshold": cfg.threshold,
             "kept_at": kept,
             "clusters": int(np.count_nonzero(sizes)),
-            "largest_cluster": int(np.max(sizes)) if len(sources) else 0,
+            "largest_cluster": int(sizes.max(initial=0)),
             "tasks": len(items),
+            "scatter": {
+                "files": len(groups),
+                "index_bytes": 8 * (len(tasks) + 1) * len(groups),
+                "max_files_per_task": max((s["scatter_files_read"] for s in stats), default=0),
+            },
             "tiles_computed": sum(s["tiles_computed"] for s in stats),
             "tiles_total": sum(s["tiles_total"] for s in stats),
             "similarity_entries": sum(s["entries"] for s in stats),

@@ -84,9 +84,14 @@ def write_scratch(path: Path, tables: Iterator[pa.Table] | list[pa.Table], schem
             writer.write_table(table)
 
 
-def read_scratch(path: Path | str) -> pa.Table:
-    """A scratch file, memory-mapped (zero-copy)."""
-    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+def read_scratch(path: Path | str, first: int = 0, stop: int | None = None) -> pa.Table:
+    """A scratch file's record batches `first` to `stop` (default: all), memory-mapped
+    (zero-copy: only the pages of those batches are ever read)."""
+    reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    stop = reader.num_record_batches if stop is None else stop
+    return pa.Table.from_batches(
+        [reader.get_batch(i) for i in range(first, stop)], schema=reader.schema
+    )
 
 
 def iter_row_groups(path: str | Path, columns: list[str]) -> Iterator[pa.Table]:
@@ -123,6 +128,14 @@ def discard_scratch(folder: Path, scratch: str, prefix: str) -> None:
     for record in (Path(folder) / PARTS_DIR).glob(f"{prefix}*.json"):
         record.unlink()
     shutil.rmtree(Path(folder) / scratch, ignore_errors=True)
+
+
+def discard_parts(folder: Path) -> None:
+    """Remove a stage's part files and every part record, records first (see discard_scratch)."""
+    for record in (Path(folder) / PARTS_DIR).glob("*.json"):
+        record.unlink()
+    for path in part_files(folder):
+        path.unlink()
 
 
 def finished_part(folder: Path, part: str) -> dict | None:

@@ -4,10 +4,13 @@ task packing or tile size."""
 
 import networkx as nx
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from condense.cores.hashing import hash_ids
+from condense.errors import StageError
 from condense.schema import (
     CENTROID_COS,
     CENTROID_DIST,
@@ -178,15 +181,15 @@ def test_edge_cases_by_hand(tmp_path, rows):
                 assert (got > 0.9) == (best > 0.9) and (got < 0.8) == (best < 0.8)
 
 
-def test_same_output_at_any_parts_workers_packing_or_tile(ray_session, tmp_path, rows):
+def test_same_output_at_any_parts_workers_packing_scatter_or_tile(ray_session, tmp_path, rows):
     from condense.runtime.ray import RayExecutor
 
     outputs = []
     for i, (parts, settings) in enumerate(
         [
             (1, {"workers": 1, "tile": 2048, "rows_per_task": 10**6}),
-            (3, {"workers": 2, "tile": 5, "rows_per_task": 1}),
-            (5, {"workers": 2, "tile": 64, "rows_per_task": 100}),
+            (3, {"workers": 2, "tile": 5, "rows_per_task": 1, "scatter_rows": 1}),
+            (5, {"workers": 2, "tile": 64, "rows_per_task": 100, "scatter_rows": 150}),
         ]
     ):
         write_embed_and_cluster(tmp_path / str(i), rows, K, parts=parts, seed=i)
@@ -211,9 +214,9 @@ def test_plan_tasks_packs_big_clusters_first():
     assert all(sum(sizes[c] for c in t[:-1]) < 50 for t in tasks)
 
 
-def test_resume_redoes_only_missing_parts(tmp_path):
-    """A run killed after the scatter files were removed, with one output part lost: --resume
-    scatters again (the records went with the files), redoes that part alone, same output."""
+def interrupted_dedup(tmp_path):
+    """A dedup stage run to the end, then made to look interrupted before its mark: returns
+    its config, run directory, output and part files."""
     import json
 
     from condense.pipeline.runner import run_pipeline
@@ -223,17 +226,51 @@ def test_resume_redoes_only_missing_parts(tmp_path):
     cfg = make_config(tmp_path / "in", cluster={"k": 6}, dedup={"rows_per_task": 400})
     run = tmp_path / "run"
     run_pipeline(cfg, run, until="dedup", log=lambda _: None, progress=False)
-    before = read_stage(run, "dedup")
     folder = run / "dedup"
     fingerprint = json.loads((folder / "_stage.json").read_text())["config_hash"]
-    parts = sorted(folder.glob("part-*.parquet"))
-    assert len(parts) > 2
+    before = read_stage(run, "dedup")
     (folder / "_stage.json").unlink()
     (folder / "_progress.json").write_text(json.dumps({"fingerprint": fingerprint}))
+    return cfg, run, before, sorted(folder.glob("part-*.parquet"))
+
+
+def test_resume_redoes_only_missing_parts(tmp_path):
+    """A run killed after the scatter files were removed, with one output part lost: --resume
+    scatters again (the records went with the files), redoes that part alone, same output."""
+    from condense.pipeline.runner import run_pipeline
+
+    cfg, run, before, parts = interrupted_dedup(tmp_path)
+    assert len(parts) > 2
     lost = parts[1].stem.removeprefix("part-")
     parts[1].unlink()
-    (folder / "_parts" / f"{lost}.json").unlink()
+    (run / "dedup" / "_parts" / f"{lost}.json").unlink()
     log = []
     run_pipeline(cfg, run, until="dedup", resume=True, log=log.append, progress=False)
     assert any(f"resuming: {len(parts) - 1} of {len(parts)} parts" in line for line in log)
     assert read_stage(run, "dedup").equals(before)
+
+
+def test_resume_with_another_packing_starts_over(tmp_path):
+    """rows_per_task is a runtime setting: a resumed run may pack the clusters otherwise. The
+    kept parts and scatter files were cut by the old plan, so they are dropped, not mixed in."""
+    from condense.pipeline.runner import run_pipeline
+
+    _, run, before, parts = interrupted_dedup(tmp_path)
+    repacked = make_config(tmp_path / "in", cluster={"k": 6}, dedup={"rows_per_task": 10**6})
+    log = []
+    run_pipeline(repacked, run, until="dedup", resume=True, log=log.append, progress=False)
+    assert any("task plan changed" in line for line in log)
+    assert len(list((run / "dedup").glob("part-*.parquet"))) == 1 < len(parts)
+    after = read_stage(run, "dedup")
+    assert after.sort_by(SAMPLE_ID).equals(before.sort_by(SAMPLE_ID))
+
+
+def test_cluster_ids_outside_k_are_an_error_naming_the_part(tmp_path, rows):
+    write_embed_and_cluster(tmp_path, rows, K, parts=2)
+    path = tmp_path / "cluster" / "part-00001.parquet"
+    table = pq.read_table(path)
+    ids = table.column(CLUSTER_ID).to_numpy().copy()
+    ids[0] = K
+    pq.write_table(table.set_column(1, CLUSTER_ID, pa.array(ids, pa.int32())), path)
+    with pytest.raises(StageError, match=r"part-00001.parquet holds cluster ids outside"):
+        run_stage(tmp_path, DedupStage(), dedup_config())
