@@ -64,7 +64,7 @@ def scale_config(
         {
             "input": {"kind": "embeddings", "path": str(corpus)},
             "embed": {"rows_per_part": -(-rows // parts)},
-            "cluster": {"k": k, "niter": niter, "sample_size": max(rows // 4, 4 * k)},
+            "cluster": {"k": k, "niter": niter, "sample_size": min(rows, 4 * k)},
             "dedup": {"thresholds": [0.8, 0.86, 0.9], **dedup},
             "sample": {"n": max(1, rows // 20)},
             "ray": {"progress": False},
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--parts", type=int, default=2000)
     parser.add_argument("--k", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--niter", type=int, default=4)
+    parser.add_argument("--niter", type=int, default=2)
     parser.add_argument("--executor", default="ray", choices=["ray", "local"])
     parser.add_argument("--work", type=Path, default=None, help="folder (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
