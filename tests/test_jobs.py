@@ -103,14 +103,18 @@ def ray_head(head_env):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def job_submit(address, env, *command):
+def job_submit(address, env, *command, options=()):
     """`ray job submit` of `python *command` with the repo as the working dir (again while the
     head's job agent is still starting: the job server answers before it is up)."""
+    return submit_entrypoint(address, env, ["python", *command], options)
+
+
+def submit_entrypoint(address, env, entrypoint, options=()):
     deadline = time.time() + 120
     while True:
         done = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--", "python"]
-            + list(command),
+            ["ray", "job", "submit", "--address", address, "--working-dir", ".", *options, "--"]
+            + list(entrypoint),
             cwd=REPO,
             env=env,
             capture_output=True,
@@ -151,6 +155,31 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, head_env, tmp_path):
     assert submit.returncode != 0
     assert "a relative run directory would be written into the job's temporary copy" in (
         submit.stdout + submit.stderr
+    )
+
+
+@pytest.mark.slow
+def test_the_deploy_examples_entrypoint_runs_on_a_head(ray_head, head_env, tmp_path):
+    """The entrypoint of deploy/ (RayJob, cluster launcher, Slurm), as they submit it: one
+    string, its config and run directory from the job's environment variables."""
+    from tests.test_deploy import ENTRYPOINT
+
+    config = tmp_path / "small.yaml"
+    config.write_text(
+        "input: {kind: synth, synth: {n: 2000, dim: 32}}\n"
+        "embed: {rows_per_part: 500}\ncluster: {k: 4}\nsample: {n: 100}\n"
+    )
+    run_dir = tmp_path / "run"
+    env_vars = {"CONDENSE_CONFIG": str(config), "CONDENSE_RUN_DIR": str(run_dir)}
+    submit = submit_entrypoint(
+        ray_head,
+        head_env,
+        [ENTRYPOINT],
+        options=["--runtime-env-json", json.dumps({"env_vars": env_vars})],
+    )
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert (
+        json.loads((run_dir / "manifest.json").read_text())["stages"]["export"]["rows_out"] == 100
     )
 
 
