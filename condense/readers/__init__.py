@@ -95,11 +95,11 @@ class Reader(Protocol):
 
 def open_reader(cfg: InputConfig) -> Reader:
     """Pick the reader for `cfg` and validate the input's layout (synth input: call `resolve_input` first)."""
-    from pathlib import Path
+    from condense.storage.fs import location
 
     if cfg.kind not in ("embeddings", "synth"):  # image inputs are embedded by stages/embed
         raise InputError(f"input.kind {cfg.kind} holds images, not embeddings")
-    root = Path(cfg.path)
+    root = location(cfg.path)
     if not root.exists():
         raise InputError(f"input folder {root} does not exist")
     if not root.is_dir():
@@ -181,9 +181,9 @@ def _strings(column, name: str, path: str) -> list[str | None]:
 
 def read_parquet_rows(path: str, start: int, stop: int):
     """Rows [start, stop) of a Parquet file, reading only the row groups that overlap them."""
-    import pyarrow.parquet as pq
+    from condense.storage.parts import parquet_file
 
-    f = pq.ParquetFile(path)
+    f = parquet_file(path)
     groups, offset, first = [], 0, None
     for g in range(f.metadata.num_row_groups):
         n = f.metadata.row_group(g).num_rows
@@ -198,22 +198,32 @@ def read_parquet_rows(path: str, start: int, stop: int):
 
 
 def resolve_input(cfg: InputConfig, run_root, log=print) -> InputConfig:
-    """For `kind: synth`, generate the corpus into RUN/input/ (once) and read it from there."""
-    import json
-    import shutil
-    from pathlib import Path
+    """For `kind: synth`, generate the corpus into RUN/input/ (once) and read it from there
+    (in an object store: generated locally, then uploaded, its synth.json last)."""
+    import tempfile
+
+    from condense.storage.files import read_json
+    from condense.storage.fs import is_url, location, put_tree, remove_tree
 
     if cfg.kind != "synth":
         return cfg
     from condense.synth import generate
 
-    folder = Path(run_root) / "input"
-    meta = folder / "synth.json"
+    folder = location(run_root) / "input"
+    meta = read_json(folder / "synth.json")
     wanted = cfg.synth.model_dump()
-    if not (meta.exists() and json.loads(meta.read_text()).get("config") == wanted):
-        shutil.rmtree(folder, ignore_errors=True)
+    if not (isinstance(meta, dict) and meta.get("config") == wanted):
+        remove_tree(folder)
         log(f"[embed] generating {cfg.synth.n:,} synthetic rows ({cfg.synth.dim}-d) in {folder}")
-        generate(folder, cfg.synth)
+        if is_url(folder):
+            with tempfile.TemporaryDirectory() as tmp:
+                generate(tmp, cfg.synth)
+                summary = (location(tmp) / "synth.json").read_bytes()
+                (location(tmp) / "synth.json").unlink()
+                put_tree(tmp, folder)
+                (folder / "synth.json").write_bytes(summary)
+        else:
+            generate(folder, cfg.synth)
     return cfg.model_copy(
         update={"path": str(folder), "format": "clip_retrieval", "id_column": "key"}
     )

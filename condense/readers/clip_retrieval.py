@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from condense.errors import InputError
 from condense.readers import (
@@ -20,6 +19,8 @@ from condense.readers import (
     plan_items,
     read_parquet_rows,
 )
+from condense.storage.fs import file_size, is_url, location, relative
+from condense.storage.parts import parquet_file
 
 _NUMBERED = re.compile(r"^(img_emb|text_emb|metadata)_(\d+)\.(npy|parquet)$")
 
@@ -28,7 +29,7 @@ def _numbered(folder: Path, stem: str, ext: str) -> dict[int, Path]:
     """File number -> file; two names for one number (img_emb_1 and img_emb_01) are an error,
     since rows are paired across the three folders by that number."""
     found: dict[int, Path] = {}
-    for path in sorted(folder.iterdir()):
+    for path in sorted(folder.iterdir(), key=str):
         m = _NUMBERED.match(path.name)
         if m and m.group(1) == stem and m.group(3) == ext:
             number = int(m.group(2))
@@ -44,22 +45,30 @@ def _numbered(folder: Path, stem: str, ext: str) -> dict[int, Path]:
 NPY_DTYPES = (np.dtype("<f2"), np.dtype("<f4"))  # what condense memory-maps as embeddings
 
 
+def _npy_header(f) -> tuple[tuple[int, ...], np.dtype, int]:
+    from numpy.lib import format as npy
+
+    version = npy.read_magic(f)
+    if version == (1, 0):
+        shape, _fortran, dtype = npy.read_array_header_1_0(f)
+    else:
+        shape, _fortran, dtype = npy.read_array_header_2_0(f)
+    return shape, dtype, f.tell()
+
+
 def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype from a .npy header alone; anything but a complete little-endian float16
     or float32 array (a zip, an object or big-endian array, a truncated file) is an error
     naming the file. Nothing is ever unpickled."""
-    from numpy.lib import format as npy
-
+    path = location(path)
     try:
-        with open(path, "rb") as f:
-            version = npy.read_magic(f)
-            if version == (1, 0):
-                shape, _fortran, dtype = npy.read_array_header_1_0(f)
-            else:
-                shape, _fortran, dtype = npy.read_array_header_2_0(f)
-            offset = f.tell()
+        with path.open("rb") as f:
+            shape, dtype, offset = _npy_header(f)
     except Exception as exc:  # noqa: BLE001 - any unreadable header gets the same message
-        head = path.read_bytes()[:4] if path.is_file() else b""
+        head = b""
+        if path.is_file():
+            with path.open("rb") as f:
+                head = f.read(4)
         what = "a zip archive (.npz), not a .npy file" if head == b"PK\x03\x04" else str(exc)
         raise InputError(f"{path}: not a readable .npy file ({what})") from exc
     if dtype.hasobject:
@@ -69,11 +78,23 @@ def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     if dtype not in NPY_DTYPES:
         raise InputError(f"{path}: expected float16 or float32, got {dtype}")
     expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if path.stat().st_size < expected:
-        raise InputError(
-            f"{path}: truncated ({path.stat().st_size:,} bytes, its header needs {expected:,})"
-        )
+    size = file_size(path)
+    if size < expected:
+        raise InputError(f"{path}: truncated ({size:,} bytes, its header needs {expected:,})")
     return shape, dtype
+
+
+def npy_rows(path: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a 2-d .npy file: memory-mapped on a local disk, one byte-range
+    read in an object store."""
+    if not is_url(path):
+        return np.asarray(np.load(path, mmap_mode="r")[start:stop])
+    with location(path).open("rb") as f:
+        shape, dtype, offset = _npy_header(f)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        f.seek(offset + start * row_bytes)
+        data = f.read((stop - start) * row_bytes)
+    return np.frombuffer(data, dtype=dtype).reshape((stop - start, *shape[1:]))
 
 
 class ClipRetrievalReader:
@@ -81,7 +102,7 @@ class ClipRetrievalReader:
 
     def __init__(self, cfg: InputConfig):
         self.cfg = cfg
-        self.root = Path(cfg.path)
+        self.root = location(cfg.path)
         self.id_column = cfg.id_column or "key"
         folders = {name: self.root / name for name in ("img_emb", "text_emb", "metadata")}
         for name, folder in folders.items():
@@ -108,7 +129,7 @@ class ClipRetrievalReader:
                 if len(shape) != 2:
                     raise InputError(f"{path}: expected a 2-d array (rows, dim), got shape {shape}")
             try:
-                meta = pq.ParquetFile(metas[n])
+                meta = parquet_file(metas[n])
             except Exception as exc:  # noqa: BLE001
                 raise InputError(f"{metas[n]}: not a readable Parquet file ({exc})") from exc
             rows = {imgs[n]: img_shape[0], txts[n]: txt_shape[0], metas[n]: meta.metadata.num_rows}
@@ -146,14 +167,14 @@ class ClipRetrievalReader:
 
     def read(self, item: InputSlice) -> RawRows:
         start, stop = item.start, item.stop
-        img = np.asarray(np.load(item.img, mmap_mode="r")[start:stop])
-        txt = np.asarray(np.load(item.txt, mmap_mode="r")[start:stop])
+        img = npy_rows(item.img, start, stop)
+        txt = npy_rows(item.txt, start, stop)
         meta = read_parquet_rows(item.path, start, stop)
         return RawRows(
             sample_id=id_strings(meta, self.id_column, item.path),
             caption=optional_strings(meta, self.cfg.caption_column, item.path),
             url=optional_strings(meta, self.cfg.url_column, item.path),
-            source=str(Path(item.path).relative_to(self.root)),
+            source=relative(item.path, self.root),
             img=img,
             txt=txt,
             first_row=start,

@@ -35,6 +35,7 @@ from condense.stages.base import SourcePart, Stage, StageContext, StageResult, w
 from condense.stages.embed import EmbedStage
 from condense.stages.embed.ids import id_hash_file
 from condense.storage.files import atomic_write_npy
+from condense.storage.fs import location
 from condense.storage.parts import (
     iter_row_groups,
     part_path,
@@ -209,7 +210,7 @@ class KMeansTrainer(Processor):
 
     def process(self, item: TrainRound) -> tuple[np.ndarray, float]:
         started = time.perf_counter()
-        sample = draw_sample(self.parts, Path(self.embed_dir), self.rows, item.size, item.seed)
+        sample = draw_sample(self.parts, location(self.embed_dir), self.rows, item.size, item.seed)
         sample_seconds = time.perf_counter() - started
         if len(sample) < self.k:
             raise StageError(

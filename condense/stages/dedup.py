@@ -57,6 +57,7 @@ from condense.stages.base import Stage, StageContext, StageResult, write_parts
 from condense.stages.cluster import CENTROIDS, ClusterStage
 from condense.stages.embed import EmbedStage
 from condense.storage.files import atomic_write_json, read_json
+from condense.storage.fs import location
 from condense.storage.parts import (
     discard_parts,
     discard_scratch,
@@ -80,7 +81,7 @@ TASK_BATCHES = b"condense.task_batches"  # scatter file metadata: each task's fi
 
 def scatter_file(folder: Path | str, source: str) -> Path:
     """The scatter file whose first embed part is `source`."""
-    return Path(folder) / f"{source}.arrow"
+    return location(folder) / f"{source}.arrow"
 
 
 class DedupConfig(StrictModel):

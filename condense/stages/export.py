@@ -56,6 +56,7 @@ from condense.stages.base import SourcePart, Stage, StageContext, StageResult, w
 from condense.stages.embed import EmbedStage, image_root
 from condense.stages.sample import SampleStage
 from condense.storage.files import atomic_file, atomic_write_bytes, atomic_write_json
+from condense.storage.fs import location
 from condense.storage.parts import (
     part_files,
     part_name,
@@ -239,7 +240,7 @@ class ShardCopier(Processor):
         for row, (source, sample_id) in enumerate(zip(sources, ids, strict=True)):
             wanted.setdefault(source, {})[sample_id] = row
         order, image_ext, written = [], [], 0
-        out_dir = Path(self.out_dir)
+        out_dir = location(self.out_dir)
         shard = out_dir / item.shard
         keys = table.column(KEY).to_pylist()
         with atomic_file(shard.with_suffix(".tar")) as f, tarfile.open(fileobj=f, mode="w|") as tar:

@@ -1,9 +1,12 @@
 """Files that are never seen half-written, and what a record of them says.
 
-Every file condense writes goes through `atomic_file` (a temporary file beside the target,
-fsynced, then renamed over it), so a reader sees the old file or the whole new one. Records
-list files with their sizes (`file_sizes`), and a record is trusted only while they are intact.
-Today these are local paths; an object store plugs in here (issue 13), below every stage.
+Every file condense writes goes through `atomic_file`, so a reader sees the old file or the
+whole new one: on a local disk a temporary file beside the target, fsynced, then renamed over
+it; in an object store (no rename there) a local temporary file uploaded under the final name
+once it is complete (an object appears whole when its upload completes, or not at all).
+Completion marks are `create_once`: a create-only write (`If-None-Match: *` on S3, O_EXCL
+locally). Records list files with their sizes (`file_sizes`), and a record is trusted only
+while they are intact.
 """
 
 from __future__ import annotations
@@ -16,11 +19,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from condense.storage.fs import file_size, filesystem, is_url, location, sizes_under
+
 
 @contextmanager
 def atomic_file(path: Path) -> Iterator[BinaryIO]:
     """Open a temporary file next to `path` for writing; on success it replaces `path`
-    (fsynced first), so readers see either the old file or the whole new one."""
+    (fsynced first), so readers see either the old file or the whole new one. In an object
+    store the temporary file is local and uploaded under `path` on success."""
+    if is_url(path):
+        with tempfile.NamedTemporaryFile(prefix=".condense-", suffix=".tmp") as tmp:
+            yield tmp
+            tmp.flush()
+            fs, inner = filesystem(path)
+            fs.put_file(tmp.name, inner)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -37,14 +50,60 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically (see `atomic_file`)."""
+    if is_url(path):  # one upload of bytes already in memory
+        fs, inner = filesystem(path)
+        fs.pipe_file(inner, data)
+        return
     with atomic_file(path) as f:
         f.write(data)
 
 
+def create_once(path: Path, data: bytes) -> bool:
+    """Create `path` holding `data` unless it exists; returns whether this call created it.
+    Object stores: one create-only PUT (`If-None-Match: *`), so of two writers exactly one wins.
+    Locally: O_EXCL on a temporary name's hard link, so the file appears whole or not at all."""
+    if is_url(path):
+        fs, inner = filesystem(path)
+        try:
+            with fs.open(inner, "xb") as f:
+                f.write(data)
+        except (FileExistsError, OSError) as exc:
+            if isinstance(exc, FileExistsError) or fs.exists(inner):
+                return False
+            raise
+        return True
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # fails when `path` exists: the create-only step
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: O_EXCL on the name itself
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+
+
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(
-        path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
-    )
+    atomic_write_bytes(path, json_bytes(obj))
 
 
 def atomic_write_npy(path: Path, array) -> None:
@@ -61,7 +120,7 @@ def atomic_write_npy(path: Path, array) -> None:
 def read_json(path: Path) -> Any | None:
     """A JSON file's value; None when it is missing, truncated or not JSON."""
     try:
-        return json.loads(Path(path).read_bytes())
+        return json.loads(location(path).read_bytes())
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError):
@@ -70,7 +129,18 @@ def read_json(path: Path) -> Any | None:
 
 def file_sizes(folder: Path, paths: list[str]) -> dict[str, int]:
     """{path relative to `folder`: size} of files a part or a stage wrote (their paths as the
-    workers gave them: absolute, or relative to the same working directory as `folder`)."""
+    workers gave them: absolute, or relative to the same working directory as `folder`; URLs
+    in an object store)."""
+    if is_url(folder):
+        fs, base = filesystem(folder)
+        base = base.rstrip("/") + "/"
+        out = {}
+        for path in paths:
+            inner = filesystem(path)[1]
+            if not inner.startswith(base):
+                raise ValueError(f"{path} is not inside {folder}")
+            out[inner[len(base) :]] = int(fs.info(inner)["size"])
+        return out
     base = Path(folder).resolve()
     out = {}
     for path in paths:
@@ -79,13 +149,19 @@ def file_sizes(folder: Path, paths: list[str]) -> dict[str, int]:
     return out
 
 
+FEW_FILES = 8  # up to this many files are checked one by one, more by one listing
+
+
 def files_intact(folder: Path, files: Any) -> bool:
     """Whether every recorded file is there with its recorded size."""
     if not isinstance(files, dict):
         return False
+    if is_url(folder) and len(files) > FEW_FILES:  # one listing, not a request per file
+        found = sizes_under(folder)
+        return all(found.get(name) == size for name, size in files.items())
     for name, size in files.items():
         try:
-            if (Path(folder) / name).stat().st_size != size:
+            if file_size(location(folder) / name) != size:
                 return False
         except OSError:
             return False

@@ -1,10 +1,12 @@
 """Part files: how every stage stores its output, and the records that commit it.
 
-A stage's output is a set of `part-*.parquet` files. Each part is written atomically and then
-recorded in `_parts/<part>.json` with its counts and its files' sizes; a part is finished only
-while its record is there and its files are intact, so an interrupted stage resumed with
-`--resume` keeps the recorded parts and does only the rest. Stages also keep scratch files
-(uncompressed Arrow IPC, memory-mapped) while they work, removed when they finish.
+A stage's output is a set of `part-*.parquet` files. Each part is written atomically (in an
+object store: under its final name, no rename) and then recorded in `_parts/<part>.json` with
+its counts and its files' sizes; a part is finished only while its record is there and its
+files are intact, so an interrupted stage resumed with `--resume` keeps the recorded parts and
+does only the rest. Stages also keep scratch files (uncompressed Arrow IPC: memory-mapped on a
+local disk, read by byte ranges from a store) while they work, removed when they finish.
+Every path here may be local or a URL (`storage/fs.py`).
 """
 
 from __future__ import annotations
@@ -25,23 +27,40 @@ from condense.storage.files import (
     files_intact,
     read_json,
 )
+from condense.storage.fs import arrow_filesystem, is_url, location, open_random_access, remove_tree
 
 PARTS_DIR = "_parts"  # in a stage folder: one record per finished part
 
 
 def part_path(folder: Path, part: str) -> Path:
     """Where a stage keeps one part."""
-    return Path(folder) / f"part-{part}.parquet"
+    return location(folder) / f"part-{part}.parquet"
 
 
 def part_name(path: Path) -> str:
     """The part a part file holds (`part-00003.parquet` -> `00003`)."""
-    return Path(path).stem.removeprefix("part-")
+    return location(path).stem.removeprefix("part-")
 
 
 def part_files(folder: Path) -> list[Path]:
     """The stage's part files in a stable order."""
-    return sorted(Path(folder).glob("part-*.parquet"))
+    folder = location(folder)
+    if is_url(folder) and not folder.exists():
+        return []
+    return sorted(folder.glob("part-*.parquet"), key=str)
+
+
+def _source(path):
+    """What pyarrow opens for `path`: the local path, or a file of the store's filesystem."""
+    if not is_url(path):
+        return str(location(path))
+    fs, inner = arrow_filesystem(path)
+    return fs.open_input_file(inner)
+
+
+def parquet_file(path) -> pq.ParquetFile:
+    """A Parquet file opened for footer and row-group reads (by byte ranges in a store)."""
+    return pq.ParquetFile(_source(path))
 
 
 def write_part(table: pa.Table, folder: Path, part: str, row_group_rows: int | None = None) -> Path:
@@ -63,17 +82,14 @@ def write_part(table: pa.Table, folder: Path, part: str, row_group_rows: int | N
         use_dictionary=[name for name, codec in compression.items() if codec == "zstd"],
         row_group_size=row_group_rows,
     )
-    path = Path(folder) / f"part-{part}.parquet"
+    path = part_path(folder, part)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
 def part_rows(folder: Path) -> dict[str, int]:
     """Row count of each part file (from the Parquet footers), by part name."""
-    return {
-        p.stem.removeprefix("part-"): pq.ParquetFile(p).metadata.num_rows
-        for p in part_files(folder)
-    }
+    return {part_name(p): parquet_file(p).metadata.num_rows for p in part_files(folder)}
 
 
 def write_scratch(path: Path, tables: Iterator[pa.Table] | list[pa.Table], schema: pa.Schema):
@@ -87,7 +103,7 @@ def write_scratch(path: Path, tables: Iterator[pa.Table] | list[pa.Table], schem
 def read_scratch(path: Path | str, first: int = 0, stop: int | None = None) -> pa.Table:
     """A scratch file's record batches `first` to `stop` (default: all), memory-mapped
     (zero-copy: only the pages of those batches are ever read)."""
-    reader = pa.ipc.open_file(pa.memory_map(str(path)))
+    reader = pa.ipc.open_file(open_random_access(path))
     stop = reader.num_record_batches if stop is None else stop
     return pa.Table.from_batches(
         [reader.get_batch(i) for i in range(first, stop)], schema=reader.schema
@@ -99,7 +115,7 @@ def iter_row_groups(path: str | Path, columns: list[str]) -> Iterator[pa.Table]:
     the current (Arrow and numpy release the GIL, so disk and CPU overlap in one worker)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    f = pq.ParquetFile(path)
+    f = parquet_file(path)
     n = f.metadata.num_row_groups
 
     def read(g: int) -> pa.Table:
@@ -116,23 +132,28 @@ def iter_row_groups(path: str | Path, columns: list[str]) -> Iterator[pa.Table]:
 
 def record_part(folder: Path, part: str, stats: dict) -> None:
     """Mark a part as finished: written after its Parquet file, so a record means a whole part."""
-    atomic_write_json(Path(folder) / PARTS_DIR / f"{part}.json", stats)
+    atomic_write_json(location(folder) / PARTS_DIR / f"{part}.json", stats)
 
 
 def discard_scratch(folder: Path, scratch: str, prefix: str) -> None:
     """Remove a stage's scratch folder and the records of the parts that wrote it, records
     first: a run killed in between redoes those parts on resume instead of trusting files that
     are gone."""
-    import shutil
-
-    for record in (Path(folder) / PARTS_DIR).glob(f"{prefix}*.json"):
+    for record in _records(folder, f"{prefix}*.json"):
         record.unlink()
-    shutil.rmtree(Path(folder) / scratch, ignore_errors=True)
+    remove_tree(location(folder) / scratch)
+
+
+def _records(folder: Path, pattern: str) -> list:
+    records = location(folder) / PARTS_DIR
+    if is_url(records) and not records.exists():
+        return []
+    return sorted(records.glob(pattern), key=str)
 
 
 def discard_parts(folder: Path) -> None:
     """Remove a stage's part files and every part record, records first (see discard_scratch)."""
-    for record in (Path(folder) / PARTS_DIR).glob("*.json"):
+    for record in _records(folder, "*.json"):
         record.unlink()
     for path in part_files(folder):
         path.unlink()
@@ -141,7 +162,7 @@ def discard_parts(folder: Path) -> None:
 def finished_part(folder: Path, part: str) -> dict | None:
     """A part's record, or None unless the part is finished: its record is there and valid,
     and every file it lists is there with its recorded size."""
-    stats = read_json(Path(folder) / PARTS_DIR / f"{part}.json")
+    stats = read_json(location(folder) / PARTS_DIR / f"{part}.json")
     if isinstance(stats, dict) and files_intact(folder, stats.get("files")):
         return stats
     return None
@@ -156,23 +177,34 @@ def commit_part(folder: Path, stats: dict) -> dict:
 
 def read_table(path: Path | str | list, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file (a part, a shard index), a list of them, or a stage folder's parts."""
-    return pq.read_table(path, columns=columns)
+    paths = path if isinstance(path, list) else [path]
+    if not any(is_url(p) for p in paths):
+        return pq.read_table(path, columns=columns)
+    if len(paths) == 1 and location(paths[0]).suffix != ".parquet":  # a stage folder
+        paths = part_files(paths[0])
+    fs, _ = arrow_filesystem(paths[0])
+    inner = [arrow_filesystem(p)[1] for p in paths]
+    return pq.read_table(
+        inner if isinstance(path, list) or len(inner) > 1 else inner[0],
+        columns=columns,
+        filesystem=fs,
+    )
 
 
 def write_table(table: pa.Table, path: Path | str) -> None:
     """A Parquet file that is not a part (a shard's index), written atomically."""
-    with atomic_file(Path(path)) as f:
+    with atomic_file(path) as f:
         pq.write_table(table, f)
 
 
 def read_schema(path: Path | str) -> pa.Schema:
     """The schema of a Parquet file (its footer only)."""
-    return pq.read_schema(path)
+    return pq.read_schema(_source(path))
 
 
 def read_rows(path: Path | str, rows: np.ndarray, columns: list[str]) -> pa.Table:
     """The given rows (sorted) of a Parquet file, reading only the row groups that hold them."""
-    f = pq.ParquetFile(path)
+    f = parquet_file(path)
     sizes = [f.metadata.row_group(g).num_rows for g in range(f.metadata.num_row_groups)]
     starts = np.concatenate([[0], np.cumsum(sizes)])
     groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
@@ -186,17 +218,20 @@ def read_rows(path: Path | str, rows: np.ndarray, columns: list[str]) -> pa.Tabl
 
 
 def read_array(path: Path | str, mmap: bool = False) -> np.ndarray:
-    """A `.npy` file a stage wrote (memory-mapped on request); nothing is unpickled."""
+    """A `.npy` file a stage wrote (memory-mapped on request, on a local disk); nothing is
+    unpickled."""
+    if is_url(path):
+        return np.load(io.BytesIO(location(path).read_bytes()), allow_pickle=False)
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
 def scratch_schema(path: Path | str) -> pa.Schema:
     """The schema of a scratch file (its footer only)."""
-    with pa.ipc.open_file(path) as reader:
+    with pa.ipc.open_file(open_random_access(path)) as reader:
         return reader.schema
 
 
 def scratch_rows(path: Path | str) -> int:
     """Rows a scratch file holds, from its record batches' headers (no column is read)."""
-    with pa.ipc.open_file(path) as reader:
+    with pa.ipc.open_file(open_random_access(path)) as reader:
         return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))

@@ -9,18 +9,31 @@ when it is damaged.
 condense deletes only what it created: a non-empty folder that is not a condense run is refused
 before anything in it is touched (`claim`), and one driver at a time holds a run directory
 (`RunLock`).
+
+RUN may be a URL in an object store (`storage/fs.py`). There the completion mark is created
+with a create-only write (never renamed into place), and the lock is a create-only object
+that its driver keeps fresh (a heartbeat): a lock whose driver is gone is taken over at once on
+the same host, and once it is older than LOCK_STALE seconds from anywhere else.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from condense.storage.files import atomic_write_json, files_intact, read_json
+from condense.errors import CondenseError
+from condense.storage.files import (
+    atomic_write_json,
+    create_once,
+    files_intact,
+    json_bytes,
+    read_json,
+)
+from condense.storage.fs import is_url, location, remove_tree, sizes_under
 
 STAGE_MARK = "_stage.json"
 PROGRESS_MARK = "_progress.json"
@@ -32,14 +45,11 @@ MARKS = (STAGE_MARK, PROGRESS_MARK)  # not listed among a stage's files
 
 def stage_files(folder: Path) -> dict[str, int]:
     """Every file a finished stage holds (its marks and temporary files aside), with sizes."""
-    folder = Path(folder)
-    out = {}
-    for dirpath, _dirs, names in os.walk(folder):
-        for name in names:
-            path = Path(dirpath) / name
-            if name.startswith(".") or (path.parent == folder and name in MARKS):
-                continue
-            out[str(path.relative_to(folder))] = path.stat().st_size
+    out = {
+        name: size
+        for name, size in sizes_under(folder).items()
+        if not name.rsplit("/", 1)[-1].startswith(".") and name not in MARKS
+    }
     return dict(sorted(out.items()))
 
 
@@ -59,7 +69,7 @@ class RunDir:
     """Paths and marks of one run."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = location(root)
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
@@ -73,7 +83,14 @@ class RunDir:
         return mark
 
     def write_stage_mark(self, stage: str, record: dict) -> None:
-        atomic_write_json(self.stage_dir(stage) / STAGE_MARK, record)
+        path = self.stage_dir(stage) / STAGE_MARK
+        if not is_url(path):
+            atomic_write_json(path, record)
+        elif not create_once(path, json_bytes(record)):  # the stage was started without it
+            raise CondenseError(
+                f"{path} appeared while this driver ran the stage: another driver is writing "
+                "this run directory"
+            )
 
     def progress_mark(self, stage: str) -> dict | None:
         return read_json(self.stage_dir(stage) / PROGRESS_MARK)
@@ -97,7 +114,7 @@ class RunDir:
         return keep
 
     def clear_stage(self, stage: str) -> None:
-        shutil.rmtree(self.stage_dir(stage), ignore_errors=True)
+        remove_tree(self.stage_dir(stage))
 
     def finish_stage(self, stage: str, record: dict) -> None:
         """Write the completion mark last, listing the stage's files, then drop the progress mark."""
@@ -111,7 +128,7 @@ class RunDir:
             return manifest
         stages = {}
         if self.root.is_dir():
-            for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for folder in sorted((p for p in self.root.iterdir() if p.is_dir()), key=str):
                 mark = self.stage_mark(folder.name)
                 if mark is not None:
                     stages[folder.name] = manifest_entry(mark)
@@ -129,7 +146,7 @@ class RunDir:
 
 def is_run(root: Path) -> bool:
     """Whether `root` holds a condense run: its manifest, its lock, or a stage's marks."""
-    root = Path(root)
+    root = location(root)
     manifest = read_json(root / MANIFEST)
     if isinstance(manifest, dict) and "stages" in manifest:
         return True
@@ -145,24 +162,30 @@ def claim(root: str | Path, inputs: tuple[str | None, ...] = ()) -> Path:
     be read back as input). A new run gets its manifest at once, which marks it as condense's."""
     from condense.errors import ConfigError
 
-    if "://" in str(root):
-        raise ConfigError(
-            f"run directory {root}: a run directory is a local path (or a shared mount such as "
-            "NFS), not a URL"
-        )
-    root = Path(root)
-    here = root.resolve()
+    root = location(root)
     for source in inputs:
-        if not source or "://" in source:
+        if not source or is_url(source) != is_url(root):
             continue
-        source_path = Path(source).resolve()
-        if here == source_path or source_path in here.parents:
+        if is_url(root):
+            inside = (str(root).rstrip("/") + "/").startswith(str(source).rstrip("/") + "/")
+        else:
+            here, source_path = root.resolve(), Path(source).resolve()
+            inside = here == source_path or source_path in here.parents
+        if inside:
             raise ConfigError(
                 f"run directory {root} is inside the input {source}: choose a --run-dir outside it"
             )
-    if root.exists() and not root.is_dir():
+    try:
+        exists, folder = root.exists(), root.is_dir()
+    except Exception as exc:  # no credentials, no such bucket, no network
+        raise ConfigError(
+            f"run directory {root}: cannot reach it ({type(exc).__name__}: {exc}); object "
+            "stores take their credentials and endpoint from the environment "
+            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)"
+        ) from None
+    if exists and not folder:
         raise ConfigError(f"run directory {root} is a file")
-    if root.is_dir() and any(root.iterdir()) and not is_run(root):
+    if folder and any(root.iterdir()) and not is_run(root):
         raise ConfigError(
             f"run directory {root} is not empty and is not a condense run (no {MANIFEST}): "
             "condense refuses it rather than delete what it did not create; choose a new "
@@ -172,7 +195,24 @@ def claim(root: str | Path, inputs: tuple[str | None, ...] = ()) -> Path:
     if not isinstance(read_json(root / MANIFEST), dict):
         manifest = RunDir(root).manifest()  # rebuilt from the marks if it was damaged
         atomic_write_json(root / MANIFEST, manifest)
-    return here  # absolute: workers get paths that do not depend on their working directory
+    # Absolute: workers get paths that do not depend on their working directory.
+    return root if is_url(root) else root.resolve()
+
+
+def _gone_here(holder: dict) -> bool:
+    """Whether a lock's holder was a process of this host that no longer runs."""
+    import socket
+
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _alive_here(holder: dict) -> bool:
@@ -191,28 +231,49 @@ def _alive_here(holder: dict) -> bool:
     return True
 
 
+LOCK_HEARTBEAT = 10.0  # seconds between a store lock's refreshes
+LOCK_STALE = 60.0  # a store lock not refreshed for this long is its dead driver's
+
+
 class RunLock:
     """One driver per run directory: `RUN/_lock.json`, locked with `flock` for as long as the
     driver runs and naming it (host, pid, command, start). The kernel drops the lock when its
     holder dies however it dies, so a lock left by a killed driver is stale by definition: the
     next driver takes it over and says whose it was. A second live driver is refused with a
-    message naming the holder."""
+    message naming the holder.
+
+    In an object store the lock is an object created with a create-only write, refreshed every
+    LOCK_HEARTBEAT seconds and deleted on release. A lock whose holder is a dead process of this
+    host, or that was not refreshed for LOCK_STALE seconds, is taken over."""
 
     def __init__(self, root: str | Path, log=print):
-        self.path = Path(root) / LOCK
+        self.path = location(root) / LOCK
         self.log = log
         self.fd: int | None = None
+        self.token: str | None = None  # a store lock's holder id
+        self.stop = threading.Event()
+        self.beat: threading.Thread | None = None
 
     def holder(self) -> dict | None:
         value = read_json(self.path)
         return value if isinstance(value, dict) and value else None
 
-    def acquire(self) -> None:
-        import fcntl
+    def _record(self) -> dict:
         import socket
         import sys
 
-        from condense.errors import CondenseError
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "command": " ".join(sys.argv)[:500],
+            "started": time.time(),
+        }
+
+    def acquire(self) -> None:
+        if is_url(self.path):
+            self._acquire_object()
+            return
+        import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -238,20 +299,53 @@ class RunLock:
                 f"[run] taking over the lock of host {previous.get('host')} pid "
                 f"{previous.get('pid')}, which is gone (it was stopped or killed)"
             )
-        record = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "command": " ".join(sys.argv)[:500],
-            "started": time.time(),
-        }
+        record = self._record()
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record, indent=2) + "\n").encode(), 0)
         os.fsync(fd)
         self.fd = fd
 
-    def _in_use(self, h: dict):
-        from condense.errors import CondenseError
+    def _acquire_object(self) -> None:
+        import uuid
 
+        self.token = uuid.uuid4().hex
+        record = {**self._record(), "token": self.token, "heartbeat": time.time()}
+        for _attempt in range(3):
+            if create_once(self.path, json_bytes(record)):
+                break
+            previous = self.holder()
+            if previous is None:  # released (or unreadable) in between: try again
+                self.path.unlink(missing_ok=True)
+                continue
+            age = time.time() - float(previous.get("heartbeat", previous.get("started", 0)))
+            if _alive_here(previous) or (not _gone_here(previous) and age < LOCK_STALE):
+                raise self._in_use(previous)
+            self.log(
+                f"[run] taking over the lock of host {previous.get('host')} pid "
+                f"{previous.get('pid')}, which is gone (not refreshed for {age:.0f} s)"
+            )
+            self.path.unlink(missing_ok=True)
+        else:
+            raise CondenseError(f"{self.path}: could not create the run lock")
+        self.stop.clear()
+        self.beat = threading.Thread(target=self._heartbeat, args=(record,), daemon=True)
+        self.beat.start()
+
+    def _heartbeat(self, record: dict) -> None:
+        """Refresh the lock while this driver runs; stop if another driver took it over."""
+        from condense.storage.files import atomic_write_json
+
+        while not self.stop.wait(LOCK_HEARTBEAT):
+            try:
+                current = self.holder()
+                if not current or current.get("token") != self.token:
+                    self.log(f"[run] lost the lock {self.path} to another driver")
+                    return
+                atomic_write_json(self.path, {**record, "heartbeat": time.time()})
+            except Exception as exc:  # a store hiccup: the next beat tries again
+                self.log(f"[run] could not refresh the lock {self.path}: {exc}")
+
+    def _in_use(self, h: dict):
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("started", 0)))
         return CondenseError(
             f"run directory {self.path.parent} is in use by host {h.get('host', '?')} pid "
@@ -260,7 +354,17 @@ class RunLock:
         )
 
     def release(self) -> None:
-        """Empty the lock file (a clean exit leaves no stale holder), then unlock it."""
+        """Empty the lock file (a clean exit leaves no stale holder), then unlock it. A store
+        lock is deleted, if it is still this driver's."""
+        if self.token is not None:
+            self.stop.set()
+            if self.beat is not None:
+                self.beat.join()
+            current = self.holder()
+            if current and current.get("token") == self.token:
+                self.path.unlink(missing_ok=True)
+            self.token = None
+            return
         if self.fd is None:
             return
         import fcntl
@@ -286,7 +390,7 @@ def check_job_run_dir(run_dir: str | None) -> None:
     from condense.errors import ConfigError
 
     env = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
-    if not env:
+    if not env or is_url(run_dir):
         return
     try:
         working_dir = json.loads(env).get("runtime_env", {}).get("working_dir")

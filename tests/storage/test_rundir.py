@@ -153,8 +153,6 @@ def test_a_live_holder_on_this_host_is_refused_even_where_locks_are_not_shared(t
         other.wait()
     with RunLock(tmp_path / "run", log=lambda _: None):  # gone now: taken over
         pass
-    with pytest.raises(ConfigError, match="a run directory is a local path"):
-        claim("s3://bucket/run")
 
 
 def test_a_relative_run_directory_means_the_same_to_every_worker(small, tmp_path, monkeypatch):
@@ -166,3 +164,18 @@ def test_a_relative_run_directory_means_the_same_to_every_worker(small, tmp_path
     mark = RunDir(tmp_path / "runs" / "rel").stage_mark("embed")
     assert mark is not None and mark["rows_out"] == 1200
     assert sorted(mark["files"])[0].startswith("_ids/")  # recorded relative to the stage
+
+
+def test_a_store_without_credentials_is_one_clear_error(monkeypatch):
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # clients made earlier hold the test server's keys
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(ConfigError, match=r"run directory s3://bucket/run: cannot reach it"):
+        claim("s3://bucket/run")
+    s3fs.S3FileSystem.clear_instance_cache()

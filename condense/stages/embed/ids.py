@@ -19,6 +19,7 @@ from condense.errors import InputError
 from condense.runtime.processor import Processor, WorkItem
 from condense.schema import SAMPLE_ID, SOURCE
 from condense.storage.files import atomic_write_npy
+from condense.storage.fs import location
 from condense.storage.parts import part_path, read_array, read_table
 
 IDS_DIR = "_ids"  # in embed/: each part's sorted id hashes (cluster's training samples read them)
@@ -42,7 +43,7 @@ def write_id_hashes(folder: Path, part: str, hashes: np.ndarray, source_rows: np
 
 def id_hash_file(folder: Path, part: str) -> Path:
     """Where embed keeps a part's sorted id hashes."""
-    return Path(folder) / IDS_DIR / f"{part}.npy"
+    return location(folder) / IDS_DIR / f"{part}.npy"
 
 
 @dataclass(frozen=True, kw_only=True)

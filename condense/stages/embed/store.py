@@ -28,6 +28,7 @@ from condense.runtime.processor import Processor, Resources
 from condense.schema import embed_schema, vectors_to_arrow
 from condense.stages.embed.ids import ID_HASH_SEED, write_id_hashes
 from condense.stages.embed.images import INFLIGHT, encoded_rows
+from condense.storage.fs import location
 from condense.storage.parts import write_part
 
 EMBED_ROW_GROUP = 8192  # rows per Parquet row group: the unit a partial read (a sample) fetches
@@ -114,7 +115,7 @@ def store_rows(raw, part: str, dtype: str, out_dir: str, dropped_before: dict[st
         ],
         schema=embed_schema(raw.img.shape[1], dtype),
     )
-    ids_path = write_id_hashes(Path(out_dir), part, hashes[order], raw.first_row + idx)
+    ids_path = write_id_hashes(location(out_dir), part, hashes[order], raw.first_row + idx)
     path = write_part(table, out_dir, part, row_group_rows=EMBED_ROW_GROUP)
     return {
         "part": part,
