@@ -52,10 +52,13 @@ def stage_tables(root) -> dict:
     return {s: read_table(part_files(location(root) / s)) for s in STAGES}
 
 
-def test_the_pipeline_on_s3_writes_what_it_writes_locally(s3_prefix, tmp_path):
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_the_pipeline_on_s3_writes_what_it_writes_locally(executor, s3_prefix, tmp_path, request):
+    if executor == "ray":
+        request.getfixturevalue("ray_session")  # workers reach the store from the environment
     config = small_config()
     expected = run_pipeline(config, tmp_path / "run", log=quiet_log, progress=False)
-    manifest = run_pipeline(config, s3_prefix, log=quiet_log, progress=False)
+    manifest = run_pipeline(config, s3_prefix, executor=executor, log=quiet_log, progress=False)
     for stage in STAGES:
         for key in ("rows_in", "rows_out", "dropped", "config_hash"):
             assert manifest["stages"][stage][key] == expected["stages"][stage][key], (stage, key)
@@ -83,3 +86,76 @@ def test_a_second_driver_is_refused_on_s3(s3_prefix):
         with pytest.raises(CondenseError, match="is in use by host"):
             run_pipeline(small_config(), s3_prefix, log=quiet_log, progress=False)
     run_pipeline(small_config(), s3_prefix, until="embed", log=quiet_log, progress=False)
+
+
+def test_a_killed_driver_resumes_on_s3_to_the_same_output(s3_prefix, tmp_path, venv_env):
+    """A real driver (`condense run --executor local`) held mid-stage by a failpoint, a second
+    driver refused while it lives, then killed: --resume takes its lock over, keeps its parts
+    and writes what an uninterrupted run writes."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "input": {"kind": "synth", "synth": {"n": 3000, "dim": 32, "rows_per_file": 1000}},
+                "embed": {"rows_per_part": 100},
+                "cluster": {"k": 6},
+                "ray": {"progress": False},
+            }
+        )
+    )
+    spec = tmp_path / "failpoints"
+    spec.write_text("driver_pause:embed:5")  # the driver holds after 5 embed parts
+    command = [sys.executable, "-m", "condense.cli", "run", str(config), "--run-dir", s3_prefix]
+    driver = subprocess.Popen(
+        [*command, "--executor", "local"],
+        cwd=REPO,
+        env={**venv_env, "CONDENSE_FAILPOINTS_FILE": str(spec)},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    records = location(s3_prefix) / "embed" / "_parts"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(sizes_under(records)) < 5:
+            assert driver.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.1)
+        second = subprocess.run(
+            [*command, "--executor", "local"],
+            cwd=REPO,
+            env=venv_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2, second.stderr
+        assert f"is in use by host {socket.gethostname()} pid {driver.pid}" in second.stderr
+        os.killpg(driver.pid, signal.SIGKILL)
+    finally:
+        driver.wait(timeout=60)
+    assert len(sizes_under(records)) == 5
+    assert read_json(location(s3_prefix) / "embed" / "_stage.json") is None
+
+    from condense.config import load_config
+
+    cfg = load_config(config, ["executor=local"])
+    log = []
+    run_pipeline(cfg, s3_prefix, resume=True, until="cluster", log=log.append, progress=False)
+    assert f"[run] taking over the lock of host {socket.gethostname()} pid {driver.pid}" in log[0]
+    assert any("[embed] resuming: 5 of 30 parts already written" in line for line in log)
+    run_pipeline(cfg, tmp_path / "reference", until="cluster", log=quiet_log, progress=False)
+    for stage in ("embed", "cluster"):
+        assert read_table(part_files(location(s3_prefix) / stage)).equals(
+            read_table(part_files(tmp_path / "reference" / stage))
+        ), stage
