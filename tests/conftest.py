@@ -201,7 +201,9 @@ def s3_prefix(s3_server, request):
     """A fresh s3:// prefix in the test server's bucket for one test."""
     import uuid
 
-    return f"{s3_server}/{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+    yield f"{s3_server}/{request.node.name[:40]}-{uuid.uuid4().hex[:8]}"
+    stray = Path.cwd() / "s3:"  # a URL taken for a local path somewhere
+    assert not stray.exists(), f"{stray} was written: a URL was treated as a local path"
 
 
 @pytest.fixture(scope="session")

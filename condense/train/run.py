@@ -50,12 +50,14 @@ def build_model(cfg: TrainConfig):
 
 
 def shard_files(cfg: TrainConfig, run_dir: Path) -> list[Path]:
-    """The WebDataset shards stage 1 reads: data.shards, else RUN/export/shards."""
+    """The WebDataset shards stage 1 reads: data.shards (a folder, or a URL such as
+    s3://bucket/run/export/shards: the shards stream from the store), else RUN/export/shards."""
     from condense.stages.export import SHARDS_DIR, ExportStage
+    from condense.storage.fs import location
 
     default = run_dir / ExportStage.name / SHARDS_DIR
-    folder = Path(cfg.data.shards) if cfg.data.shards else default
-    shards = sorted(folder.glob("*.tar"))
+    folder = location(cfg.data.shards) if cfg.data.shards else default
+    shards = sorted(folder.glob("*.tar"), key=str) if folder.exists() else []
     if not shards:
         raise InputError(
             f"{folder}: no WebDataset shards; run the pipeline (its export stage) first, "
@@ -74,7 +76,7 @@ def stage_samples(cfg: TrainConfig, run_dir: Path, skipped: Counter):
     shards = shard_files(cfg, run_dir)
     stats = [
         json.loads(p.read_text()).get("count", 0) for p in shards[0].parent.glob("*_stats.json")
-    ]
+    ]  # img2dataset's counts: no shard is read twice to count it
     total = (
         sum(stats)
         if len(stats) == len(shards)
@@ -116,8 +118,15 @@ def train_stage(cfg: TrainConfig, run_dir: str | Path, log=print, resume: bool =
 
     One worker runs here, in plain PyTorch. `workers` > 1 runs a Ray Train TorchTrainer (DDP,
     or FSDP with `strategy: fsdp`) on the Ray cluster this process joins."""
+    from condense.storage.fs import is_url
     from condense.storage.rundir import RunLock
 
+    if is_url(run_dir):
+        raise ConfigError(
+            f"--run-dir {run_dir}: the trainer writes checkpoints and weights to a local or "
+            "shared folder; keep the coreset in the store and point at it with "
+            "--set data.shards=<run>/export/shards and a local --run-dir"
+        )
     check_inputs(cfg, Path(run_dir))
     with RunLock(run_dir, log):  # one driver per run directory, the pipeline's or a trainer's
         if cfg.workers > 1:

@@ -159,3 +159,72 @@ def test_a_killed_driver_resumes_on_s3_to_the_same_output(s3_prefix, tmp_path, v
         assert read_table(part_files(location(s3_prefix) / stage)).equals(
             read_table(part_files(tmp_path / "reference" / stage))
         ), stage
+
+
+def image_config(shards: str):
+    from tests.readers.test_bad_sample_mixes import LIMITS
+    from tests.stages.test_embed_images import TINY
+
+    return make_config(
+        shards,
+        input={"kind": "webdataset", "limits": LIMITS},
+        embed={"model": {"name": TINY, "batch_size": 4}},
+        cluster={"k": 3, "sample_size": 1000},
+        dedup={"threshold": 1.0},  # a random-weight model: keep every row through the funnel
+        clip_band={"lo": 0.0, "hi": 1.0},
+        centroid_band={"lo": 0.0, "hi": 1.0},
+        sample={"n": 12},
+        export={"shard_size": 5},
+    )
+
+
+def test_images_from_s3_to_a_coreset_on_s3(s3_prefix, tmp_path):
+    """WebDataset shards in the store, the run directory in the store: the image embed streams
+    the tars, export copies the coreset's samples into tars in the store, and `webdataset`
+    reads them back from there; all of it as a local run over the same shards writes it."""
+    import sys
+
+    import webdataset as wds
+
+    from condense.storage.fs import put_tree
+    from tests.stages.test_embed_images import sample, write_shard
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(3):
+        samples = [sample(f"{s}{i:04d}", 10 * s + i) for i in range(10)]
+        samples.append(sample(f"{s}9999", 99, jpg=b"not an image"))  # one bad sample a shard
+        write_shard(shards / f"{s:05d}.tar", samples)
+    put_tree(shards, f"{s3_prefix}/shards")
+    run = f"{s3_prefix}/run"
+    expected = run_pipeline(image_config(str(shards)), tmp_path / "run", log=quiet_log)
+    manifest = run_pipeline(image_config(f"{s3_prefix}/shards"), run, log=quiet_log)
+    for stage in STAGES:
+        for key in ("rows_in", "rows_out", "dropped"):
+            assert manifest["stages"][stage][key] == expected["stages"][stage][key], (stage, key)
+    assert manifest["stages"]["embed"]["dropped"] == {"corrupt_image": 3}
+    local, remote = stage_tables(tmp_path / "run"), stage_tables(run)
+    assert remote["embed"].drop_columns(["source"]).equals(local["embed"].drop_columns(["source"]))
+    for stage in STAGES[1:]:
+        assert remote[stage].equals(local[stage]), stage
+    tars = sorted(n for n in sizes_under(f"{run}/export/shards") if n.endswith(".tar"))
+    assert tars == ["00000.tar", "00001.tar", "00002.tar"]
+    # webdataset reads the store's shards as its users do: through a pipe.
+    read = (
+        "import fsspec,sys; sys.stdout.buffer.write(fsspec.open(sys.argv[1], 'rb').open().read())"
+    )
+    urls = [f'pipe:{sys.executable} -c "{read}" {run}/export/shards/{t}' for t in tars]
+    got = sorted(s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False))
+    kept = remote["sample"].filter(remote["sample"].column("kept")).column("sample_id")
+    assert got == sorted(kept.to_pylist()) and len(got) == 12
+    # Stage 1 training streams those shards from the store.
+    from condense.cli import main
+    from tests.conftest import REPO
+
+    tiny = str(REPO / "configs" / "train" / "stage1-tiny.yaml")
+    shards = ["--set", f"data.shards={run}/export/shards", "--set", "global_batch=4"]
+    assert main(["train", "stage1", tiny, "--run-dir", str(tmp_path / "train"), *shards]) == 0
+    state = read_json(tmp_path / "train" / "train" / "stage1" / "trainer_state.json")
+    assert state["samples"] == 12 and state["steps"] == 3
+    # Its outputs (checkpoints, weights) go to a local or shared folder, said at once.
+    assert main(["train", "stage1", tiny, "--run-dir", run, *shards]) == 2

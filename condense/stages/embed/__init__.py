@@ -169,7 +169,7 @@ class EmbedStage(Stage):
         2. one task per shard writes its part from there, as for precomputed embeddings.
 
         A resumed run keeps written parts and shards already fully encoded."""
-        import shutil
+        from condense.storage.fs import remove_tree
 
         cfg = ctx.config
         downloaded: dict[str, int] = {}
@@ -184,7 +184,7 @@ class EmbedStage(Stage):
             dim = self._encode(ctx, todo, scratch) or dim
         writer = ShardPartWriter(str(scratch), dim, cfg.embed.dtype, str(out_dir))
         stats = write_parts(ctx, writer, items)
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
         rows_out = sum(s["rows_out"] for s in stats)
         if rows_out == 0:
             raise InputError(f"{cfg.input.path}: no usable sample in any shard")
@@ -259,7 +259,7 @@ class EmbedStage(Stage):
     def _encoded_dim(scratch: Path, out_dir: Path) -> int:
         """The embedding dimension of what an interrupted run already encoded or wrote (0 if
         nothing): parts of shards without a usable sample are written with it."""
-        for path in sorted(scratch.glob("*/*.arrow")):
+        for path in sorted(scratch.glob("*/*.arrow"), key=str):
             return scratch_schema(path).field(IMG).type.list_size
         for path in part_files(out_dir):
             return read_schema(path).field(IMG_EMB).type.list_size

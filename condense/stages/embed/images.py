@@ -42,6 +42,7 @@ from condense.schema import (
 )
 from condense.stages.embed.clip import ModelConfig
 from condense.storage.files import atomic_write_json, read_json
+from condense.storage.fs import is_url, location
 from condense.storage.parts import read_scratch, scratch_rows, write_scratch
 
 DECODE_MEMORY = 1 << 30  # bytes reserved per decode task: it imports torch (~0.6 GiB)
@@ -50,6 +51,20 @@ ENCODED = "_encoded"  # in embed/: each shard's embeddings, until its part is wr
 
 DECODED = "decoded.json"  # in a shard's scratch folder: written once the shard is decoded
 INFLIGHT = "inflight.bin"  # in a shard's scratch folder: the sample being decoded, and deaths
+
+
+def guard_path(scratch: str, part: str) -> Path:
+    """Where a shard's poison guard keeps its mark: beside the shard's scratch on a local run
+    directory; on this node's local disk when the run directory is in an object store (two
+    8-byte writes per sample are no work for a store). There a retry on another node does not
+    see the deaths counted on this one: each node counts its own."""
+    if not is_url(scratch):
+        return Path(scratch) / part / INFLIGHT
+    import hashlib
+    import tempfile
+
+    run = hashlib.sha256(str(scratch).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "condense-guard" / run / part / INFLIGHT
 
 
 class PoisonGuard:
@@ -167,7 +182,7 @@ def decode_shard(
         chunks += 1
         return out
 
-    guard = PoisonGuard(Path(scratch) / item.part / INFLIGHT, item.source, limits)
+    guard = PoisonGuard(guard_path(scratch, item.part), item.source, limits)
     try:
         with open_shard(item.path, limits) as f:
             for number, sample in enumerate(read_samples(f, limits, item.path)):
@@ -201,7 +216,7 @@ def decode_shard(
         guard.leave()
         guard.close()
     atomic_write_json(
-        Path(scratch) / item.part / DECODED,
+        location(scratch) / item.part / DECODED,
         {"rows": kept, "dropped": dict(dropped), "nulled": dict(nulled)},
     )
 
@@ -306,7 +321,9 @@ class BatchEncoder(Processor):
                 }
             )
             first = int(batch[ROW][rows].min())
-            write_scratch(Path(self.scratch) / part / f"{first:09d}.arrow", [table], table.schema)
+            write_scratch(
+                location(self.scratch) / part / f"{first:09d}.arrow", [table], table.schema
+            )
             parts.append(part)
             counts.append(len(rows))
             dim = img.shape[1]

@@ -67,7 +67,7 @@ class ShardPartWriter(Processor):
 
     def process(self, item: Shard) -> dict:
         start = time.perf_counter()
-        folder = Path(self.scratch) / item.part
+        folder = location(self.scratch) / item.part
         found = encoded_rows(folder, item.source, self.dim)
         if found is None:
             raise InputError(f"embed: shard {item.source} was not completely encoded")
