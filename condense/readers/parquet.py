@@ -26,6 +26,8 @@ from condense.schema import (
     TXT_EMB,
     arrow_to_vectors,
 )
+from condense.storage.fs import location, relative
+from condense.storage.parts import parquet_file
 
 
 def _list_dim(path: Path, pf: pq.ParquetFile, column: str) -> int:
@@ -58,9 +60,11 @@ class ParquetEmbeddingReader:
 
     def __init__(self, cfg: InputConfig):
         self.cfg = cfg
-        self.root = Path(cfg.path)
+        self.root = location(cfg.path)
         self.id_column = cfg.id_column or SAMPLE_ID
-        paths = sorted(p for p in self.root.rglob("*.parquet") if not p.name.startswith((".", "_")))
+        paths = sorted(
+            (p for p in self.root.rglob("*.parquet") if not p.name.startswith((".", "_"))), key=str
+        )
         if not paths:
             raise InputError(
                 f"{self.root}: no .parquet files (and no img_emb/ folder for the clip-retrieval layout)"
@@ -70,7 +74,7 @@ class ParquetEmbeddingReader:
         self.total_rows = 0
         for path in paths:
             try:
-                pf = pq.ParquetFile(path)
+                pf = parquet_file(path)
             except Exception as exc:  # noqa: BLE001
                 raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
             names = pf.schema_arrow.names
@@ -106,7 +110,7 @@ class ParquetEmbeddingReader:
             sample_id=id_strings(table, self.id_column, path),
             caption=optional_strings(table, self.cfg.caption_column, path),
             url=optional_strings(table, self.cfg.url_column, path),
-            source=str(Path(path).relative_to(self.root)),
+            source=relative(path, self.root),
             img=img,
             txt=txt,
             first_row=item.start,

@@ -6,6 +6,8 @@ differ: the output, resume, the one-driver rule and every bad-input rule."""
 
 from __future__ import annotations
 
+import re
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -228,3 +230,77 @@ def test_images_from_s3_to_a_coreset_on_s3(s3_prefix, tmp_path):
     assert state["samples"] == 12 and state["steps"] == 3
     # Its outputs (checkpoints, weights) go to a local or shared folder, said at once.
     assert main(["train", "stage1", tiny, "--run-dir", run, *shards]) == 2
+
+
+def read_all(path: str):
+    from condense.readers import InputConfig, open_reader
+
+    reader = open_reader(InputConfig(path=path))
+    return reader.dim, [reader.read(item) for item in reader.plan(rows_per_part=4)]
+
+
+def test_both_embedding_layouts_read_the_same_rows_from_s3(s3_prefix, tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from condense.schema import vectors_to_arrow
+    from condense.storage.fs import put_tree
+    from tests.conftest import random_unit, write_clip_retrieval
+    from tests.readers.test_readers import _files
+
+    rng = np.random.default_rng(3)
+    write_clip_retrieval(tmp_path / "clip", _files(rng, [7, 5]))
+    img, txt = random_unit(rng, 9, 4), random_unit(rng, 9, 4)
+    (tmp_path / "pq" / "sub").mkdir(parents=True)
+    table = pa.table(
+        {"sample_id": [f"p{i}" for i in range(9)], "img_emb": vectors_to_arrow(img)}
+    ).append_column("txt_emb", vectors_to_arrow(txt))
+    pq.write_table(table, tmp_path / "pq" / "sub" / "a.parquet", row_group_size=3)
+    for layout in ("clip", "pq"):
+        put_tree(tmp_path / layout, f"{s3_prefix}/{layout}")
+        (dim, local), (dim_s3, remote) = (
+            read_all(str(tmp_path / layout)),
+            read_all(f"{s3_prefix}/{layout}"),
+        )
+        assert dim == dim_s3 and len(local) == len(remote) > 2
+        for a, b in zip(local, remote, strict=True):
+            assert (a.sample_id, a.caption, a.url, a.source) == (
+                b.sample_id,
+                b.caption,
+                b.url,
+                b.source,
+            )
+            assert np.array_equal(a.img, b.img) and np.array_equal(a.txt, b.txt)
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ("zip", r"a zip archive \(\.npz\)"),
+        ("big-endian", "big-endian >f4"),
+        ("truncated", "truncated"),
+    ],
+)
+def test_bad_npy_files_in_s3_are_named(s3_prefix, tmp_path, payload, message):
+    import numpy as np
+
+    from condense.errors import InputError
+    from condense.readers import InputConfig, open_reader
+    from condense.storage.fs import put_tree
+    from tests.conftest import write_clip_retrieval
+    from tests.readers.test_readers import _files
+
+    write_clip_retrieval(tmp_path, _files(np.random.default_rng(0), [3]))
+    path = tmp_path / "img_emb" / "img_emb_0.npy"
+    good = np.load(path)
+    if payload == "zip":
+        with open(path, "wb") as f:
+            np.savez(f, a=good)
+    elif payload == "big-endian":
+        np.save(path, good.astype(">f4"))
+    else:
+        path.write_bytes(path.read_bytes()[:-10])
+    put_tree(tmp_path, s3_prefix)
+    where = re.escape(f"{s3_prefix}/img_emb/img_emb_0.npy")
+    with pytest.raises(InputError, match=rf"^{where}: .*{message}"):
+        open_reader(InputConfig(path=s3_prefix))
