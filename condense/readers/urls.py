@@ -14,20 +14,20 @@ import contextlib
 import ipaddress
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import ClassVar, Literal
 
-import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
 from condense.errors import InputError
 from condense.readers.download_guard.sitecustomize import REFUSED
 from condense.readers.shards import ShardLimits
-from condense.storage.files import atomic_write_json, read_json
+from condense.storage.files import atomic_write_json, content_digest, read_json
+from condense.storage.fs import filesystem, is_url, location, remove_tree
+from condense.storage.parts import read_table
 from condense.strict import StrictModel
 
 GUARD_DIR = Path(__file__).with_name("download_guard")  # put on img2dataset's PYTHONPATH
@@ -125,14 +125,24 @@ def download_command(
 def run_download(input_cfg, out: str) -> dict:
     """Download input.path into `out` unless a finished download with the same settings is there.
     Returns the totals img2dataset reported: count, successes, failed_to_download, ..."""
-    out_dir = Path(out)
-    source = Path(input_cfg.path)
+    out_dir = location(out)
+    source = location(input_cfg.path)
     if not source.is_file():
         raise InputError(f"input.path {source} is not a Parquet file of urls")
+    if is_url(source):  # the store's content hash stands for the file's version
+        fs, inner = filesystem(source)
+        info = fs.info(inner)
+        version = {
+            "size": int(info["size"]),
+            "digest": content_digest(fs, inner, info["size"], info),
+        }
+        source_name = str(source)
+    else:
+        version = {"size": source.stat().st_size, "mtime": source.stat().st_mtime_ns}
+        source_name = str(source.resolve())
     wanted = {
-        "input": str(source.resolve()),
-        "size": source.stat().st_size,
-        "mtime": source.stat().st_mtime_ns,
+        "input": source_name,
+        **version,
         "download": input_cfg.download.fingerprint_dict(),
         "limits": [input_cfg.limits.max_pixels, input_cfg.limits.max_aspect_ratio],
         "columns": [input_cfg.url_column, input_cfg.caption_column, input_cfg.id_column],
@@ -141,7 +151,7 @@ def run_download(input_cfg, out: str) -> dict:
     if done is not None and done.get("settings") == wanted:
         return done["totals"]
     if out_dir.exists() and read_json(out_dir.parent / STARTED) != wanted:
-        shutil.rmtree(out_dir)  # a different download was here: start afresh
+        remove_tree(out_dir)  # a different download was here: start afresh
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir.parent / DONE).unlink(missing_ok=True)
     atomic_write_json(out_dir.parent / STARTED, wanted)
@@ -158,7 +168,7 @@ def run_download(input_cfg, out: str) -> dict:
     }
     extra = [input_cfg.id_column] if input_cfg.id_column else []
     cmd = download_command(
-        str(source.resolve()),
+        source_name,
         out_dir,
         input_cfg.download,
         input_cfg.url_column,
@@ -203,13 +213,13 @@ def download_totals(out_dir: Path) -> dict:
     """Sum of img2dataset's per-shard `_stats.json` counts, with the urls the guard refused
     (`refused`, read from the shards' .parquet status files) taken out of failed_to_download."""
     totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
-    for path in sorted(out_dir.glob("*_stats.json")):
+    for path in sorted(out_dir.glob("*_stats.json"), key=str):
         stats = json.loads(path.read_text())
         for key in totals:
             totals[key] += int(stats.get(key, 0))
     refused = 0
-    for path in sorted(out_dir.glob("*.parquet")):
-        table = pq.read_table(path, columns=["status", "error_message"])
+    for path in sorted(out_dir.glob("*.parquet"), key=str):
+        table = read_table(str(path), columns=["status", "error_message"])
         messages = table.column("error_message").to_pylist()
         refused += sum(1 for m in messages if m and m.startswith(REFUSED_PREFIXES))
     totals["failed_to_download"] -= refused

@@ -18,6 +18,7 @@ from condense.storage.fs import location, sizes_under
 from condense.storage.parts import part_files, read_table
 from condense.storage.rundir import RunLock
 from tests.conftest import make_config, quiet_log
+from tests.readers.test_urls import server  # noqa: F401 (a fixture)
 
 STAGES = ("embed", "cluster", "dedup", "clip_band", "centroid_band", "sample", "export")
 
@@ -304,3 +305,47 @@ def test_bad_npy_files_in_s3_are_named(s3_prefix, tmp_path, payload, message):
     where = re.escape(f"{s3_prefix}/img_emb/img_emb_0.npy")
     with pytest.raises(InputError, match=rf"^{where}: .*{message}"):
         open_reader(InputConfig(path=s3_prefix))
+
+
+@pytest.mark.slow
+def test_urls_downloaded_into_a_run_on_s3(s3_prefix, tmp_path, server):  # noqa: F811
+    """input.kind urls with the url list and the run directory in the store: img2dataset
+    writes its shards there (the guard refusing what it refuses), and the run goes on."""
+    from condense.storage.fs import put_tree
+    from tests.readers.test_urls import sample_id, url_list
+    from tests.stages.test_embed_images import TINY
+
+    (tmp_path / "in").mkdir()
+    kinds = url_list(tmp_path / "in" / "urls.parquet", server, tmp_path / "secret.jpg")
+    put_tree(tmp_path / "in", f"{s3_prefix}/in")
+    download = {
+        "timeout": 3,
+        "thread_count": 8,
+        "number_sample_per_shard": 10,
+        "allow_networks": ["127.0.0.1/32"],
+        "max_response_bytes": 1 << 20,
+        "max_response_seconds": 4.0,
+        "max_seconds": 50.0,
+    }
+    cfg = make_config(
+        f"{s3_prefix}/in/urls.parquet",
+        input={"kind": "urls", "id_column": "sample_id", "download": download},
+        embed={"model": {"name": TINY, "batch_size": 8}},
+        cluster={"k": 2, "sample_size": 1000},
+        dedup={"threshold": 0.9999},
+        clip_band={"lo": 0.0, "hi": 1.0},
+        centroid_band={"lo": 0.0, "hi": 1.0},
+        sample={"n": 1000},
+    )
+    run = f"{s3_prefix}/run"
+    manifest = run_pipeline(cfg, run, log=quiet_log, progress=False)
+    mark = read_json(location(run) / "embed" / "_stage.json")
+    assert mark["rows_in"] == len(kinds) == 36 and mark["rows_out"] == 24
+    assert mark["dropped"] == {"download_failed": 5, "download_refused": 5, "resize_failed": 2}
+    downloaded = sizes_under(f"{run}/input/download")
+    assert len([n for n in downloaded if n.endswith(".tar")]) == 4
+    assert sorted(
+        read_table(part_files(location(run) / "embed")).column("sample_id").to_pylist()
+    ) == sorted(sample_id(i) for i in range(24))
+    assert manifest["stages"]["export"]["rows_out"] == 24
+    assert len([n for n in sizes_under(f"{run}/export/shards") if n.endswith(".tar")]) >= 1

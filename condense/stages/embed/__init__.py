@@ -23,6 +23,7 @@ from condense.stages.embed.images import ENCODED, BatchEncoder, ShardDecoder, en
 from condense.stages.embed.store import EmbedPartWriter, ShardPartWriter, reset_scratch
 from condense.stages.progress import Progress
 from condense.storage.files import content_digest
+from condense.storage.fs import location
 from condense.storage.parts import finished_part, part_files, read_schema, scratch_schema
 from condense.strict import StrictModel
 
@@ -93,7 +94,7 @@ def model_files(model: ModelConfig) -> list[tuple]:
 def image_root(config, run_root) -> str:
     """Where the run's source shards are: input.path, or RUN/input/download for urls."""
     if config.input.kind == "urls":
-        return str(Path(run_root) / DOWNLOAD_DIR)
+        return str(location(run_root) / DOWNLOAD_DIR)
     return config.input.path
 
 
