@@ -52,10 +52,22 @@ format: $(STAMP) ## ruff format and autofix
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: bench-cluster bench-dedup bench-select bench-embed bench-train bench-bad-inputs ## every benchmark (~65 min on 2 cores)
+bench: bench-cluster bench-assign bench-dedup bench-select bench-embed bench-train bench-bad-inputs bench-store bench-scale ## every benchmark (~2 h on 2 cores)
 
 bench-cluster: $(STAMP) ## cluster stage vs bare faiss on 1M x 768 rows (~10 min)
 	$(BIN)/python bench/bench_cluster.py
+
+bench-assign: $(STAMP) ## the cluster stage's CPU assignment vs faiss's flat search (~1 min)
+	$(BIN)/python bench/bench_assign.py
+
+bench-store: $(STAMP) ## the funnel with RUN on a local disk vs in SeaweedFS S3 on 127.0.0.1 (~5 min)
+	$(BIN)/python bench/bench_store.py
+
+bench-scale: $(STAMP) ## a LAION-shaped run: 10M rows, 2,000 parts, k=100,000 (~45 min)
+	$(BIN)/python bench/bench_scale.py --json bench/scale-figures.json
+
+capacity: $(STAMP) ## the capacity plan of docs/scale.md, from the measured figures
+	$(BIN)/python bench/capacity.py
 
 bench-dedup: $(STAMP) ## dedup core vs SemDeDup / Bunny BFS / networkx, then the stage vs Ray Data groupby (~20 min)
 	$(BIN)/python bench/bench_dedup.py
@@ -76,4 +88,4 @@ bench-bad-inputs: $(STAMP) ## decode with every bad-input check vs without, and 
 clean: ## remove runs, caches and the venv
 	rm -rf runs .pytest_cache .ruff_cache $(VENV)
 
-.PHONY: help install demo demo-train test test-slow test-all lint format bench bench-cluster bench-dedup bench-select bench-embed bench-train bench-bad-inputs clean
+.PHONY: help install demo demo-train test test-slow test-all lint format bench bench-cluster bench-assign bench-dedup bench-select bench-embed bench-train bench-bad-inputs bench-store bench-scale capacity clean

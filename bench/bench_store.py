@@ -21,14 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.conftest import S3_ENV, S3_PORTS  # noqa: E402 (sets the store's environment first)
-from tests.s3server import SeaweedFS  # noqa: E402
-
 from condense.config import config_from_dict  # noqa: E402
 from condense.pipeline.runner import run_pipeline  # noqa: E402
 from condense.storage.fs import location, put_tree  # noqa: E402
 from condense.storage.parts import part_files, read_table  # noqa: E402
 from condense.synth import SynthConfig, generate  # noqa: E402
+from tests.conftest import S3_ENV, S3_PORTS  # noqa: E402 (sets the store's environment first)
+from tests.s3server import SeaweedFS  # noqa: E402
 
 STAGES = ("embed", "cluster", "dedup", "clip_band", "centroid_band", "sample", "export")
 

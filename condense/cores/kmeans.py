@@ -14,6 +14,7 @@ import numpy as np
 # Rows whose two best float32 squared distances are closer than this are re-ranked in float64:
 # float32 matrix-product error on unit vectors is ~1e-6, so this is a wide safety margin.
 _AMBIGUITY = 1e-4
+FAISS_MIN_DIM = 64  # CPU candidate search: faiss from this dimension on, BLAS tiles below
 
 
 def train_kmeans(
@@ -89,9 +90,10 @@ def assign(
     c64 = c.astype(np.float64)
     c_sq = np.einsum("ij,ij->i", c64, c64)
     # Chunks of at most 4,096 rows and ~64 MiB of scores: memory stays flat whatever k is. At a
-    # small dimension the passes over the scores cost more than the products, so chunks shrink
-    # with it (4 rows per dimension, at least 16) to keep the scores in cache.
-    step = chunk_rows or max(16, min(4096, 4 * x.shape[1], (1 << 24) // max(k, 1)))
+    # small dimension (BLAS scores, see _two_nearest) the passes over the scores cost more than
+    # the products, so chunks shrink with it (4 rows per dimension) to keep them in cache.
+    small = 4 * x.shape[1] if x.shape[1] < FAISS_MIN_DIM else 4096
+    step = chunk_rows or max(16, min(4096, small, (1 << 24) // max(k, 1)))
     ids = np.empty(n, dtype=np.int64)
     dist = np.empty(n, dtype=np.float64)
     cos = np.empty(n, dtype=np.float64)
@@ -152,8 +154,19 @@ def _two_nearest(
         vals, ids = vals.cpu().numpy(), ids.cpu().numpy()
         gap = 2 * (vals[:, -1] - vals[:, 0]) if len(c) > 1 else np.full(len(x), np.inf)
         return ids[:, 0].astype(np.int64), gap
-    # BLAS scores and a two-pass minimum: on CPUs this beats faiss's flat search (whose top-k
-    # heap costs more than the dot products at small d), and exactness comes from the re-rank.
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    if faiss is not None and x.shape[1] >= FAISS_MIN_DIM:
+        # faiss's fused BLAS + top-k is the fastest CPU search; exactness comes from the re-rank.
+        index = faiss.IndexFlatL2(c.shape[1])
+        index.add(c)
+        dist, ids = index.search(x, min(2, len(c)))
+        gap = dist[:, -1] - dist[:, 0] if len(c) > 1 else np.full(len(x), np.inf)
+        return ids[:, 0].astype(np.int64), gap
+    # Below FAISS_MIN_DIM dimensions faiss's top-k heap costs more than the products: BLAS
+    # scores and a two-pass minimum are faster (bench/bench_assign.py).
     half = x @ c.T
     np.subtract(0.5 * c_sq.astype(np.float32)[None, :], half, out=half)
     best = np.argmin(half, axis=1)
