@@ -15,7 +15,7 @@ from condense.errors import StageError
 from condense.faults import pause_while
 from condense.runtime.processor import Executor, Processor, WorkItem
 from condense.stages.progress import Progress
-from condense.storage.parts import commit_part, finished_part, part_files, read_schema
+from condense.storage.parts import commit_part, finished_parts, part_files, read_schema
 from condense.storage.rundir import RunDir
 
 
@@ -91,11 +91,7 @@ def write_parts(ctx: StageContext, processor: Processor, items: list, unit: str 
     (at least `part`, `files` and `rows_in`). The part is committed here, after its files
     exist, so a record always means a whole part."""
     folder = ctx.run.stage_dir(processor.stage)
-    done = {}
-    for item in items:
-        stats = finished_part(folder, item.part)
-        if stats is not None:
-            done[item.part] = stats
+    done = finished_parts(folder, [item.part for item in items])
     todo = [item for item in items if item.part not in done]
     if done:
         ctx.log(f"[{processor.stage}] resuming: {len(done)} of {len(items)} parts already written")

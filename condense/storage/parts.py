@@ -27,7 +27,14 @@ from condense.storage.files import (
     files_intact,
     read_json,
 )
-from condense.storage.fs import arrow_filesystem, is_url, location, open_random_access, remove_tree
+from condense.storage.fs import (
+    arrow_filesystem,
+    is_url,
+    location,
+    open_random_access,
+    remove_tree,
+    sizes_under,
+)
 
 PARTS_DIR = "_parts"  # in a stage folder: one record per finished part
 
@@ -89,7 +96,23 @@ def write_part(table: pa.Table, folder: Path, part: str, row_group_rows: int | N
 
 def part_rows(folder: Path) -> dict[str, int]:
     """Row count of each part file (from the Parquet footers), by part name."""
-    return {part_name(p): parquet_file(p).metadata.num_rows for p in part_files(folder)}
+    paths = part_files(folder)
+    counts = _each(lambda p: parquet_file(p).metadata.num_rows, paths, remote=is_url(folder))
+    return {part_name(p): n for p, n in zip(paths, counts, strict=True)}
+
+
+STORE_THREADS = 16  # requests in flight when the driver reads many small objects of a store
+
+
+def _each(fn, items: list, remote: bool) -> list:
+    """fn over items, in order; in an object store with requests in flight at once (each is a
+    round trip), locally one after the other."""
+    if not remote or len(items) < 2:
+        return [fn(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=STORE_THREADS) as pool:
+        return list(pool.map(fn, items))
 
 
 def write_scratch(path: Path, tables: Iterator[pa.Table] | list[pa.Table], schema: pa.Schema):
@@ -157,6 +180,15 @@ def discard_parts(folder: Path) -> None:
         record.unlink()
     for path in part_files(folder):
         path.unlink()
+
+
+def finished_parts(folder: Path, parts: list[str]) -> dict[str, dict]:
+    """{part: record} of the given parts that are finished (see finished_part), from one
+    listing of the records: a stage starting afresh reads nothing more."""
+    present = {name.removesuffix(".json") for name in sizes_under(location(folder) / PARTS_DIR)}
+    wanted = [p for p in parts if p in present]
+    records = _each(lambda p: finished_part(folder, p), wanted, remote=is_url(folder))
+    return {p: r for p, r in zip(wanted, records, strict=True) if r is not None}
 
 
 def finished_part(folder: Path, part: str) -> dict | None:

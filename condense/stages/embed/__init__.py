@@ -24,7 +24,7 @@ from condense.stages.embed.store import EmbedPartWriter, ShardPartWriter, reset_
 from condense.stages.progress import Progress
 from condense.storage.files import content_digest
 from condense.storage.fs import location
-from condense.storage.parts import finished_part, part_files, read_schema, scratch_schema
+from condense.storage.parts import finished_parts, part_files, read_schema, scratch_schema
 from condense.strict import StrictModel
 
 DOWNLOAD_DIR = "input/download"  # in RUN/: where input.kind urls puts img2dataset's shards
@@ -213,8 +213,9 @@ class EmbedStage(Stage):
     def _to_encode(items: list[Shard], out_dir: Path, scratch: Path) -> list[Shard]:
         """The shards neither written as parts nor fully encoded yet (their scratch reset)."""
         todo = []
+        finished = finished_parts(out_dir, [item.part for item in items])
         for item in items:
-            if finished_part(out_dir, item.part) is not None:
+            if item.part in finished:
                 continue
             if encoded_count(scratch / item.part) is None:
                 reset_scratch(scratch / item.part)
