@@ -6,6 +6,7 @@ from pathlib import Path
 
 from condense.errors import CondenseError
 from condense.schema import GROUP_ID, KEPT, SAMPLE_ID, SOURCE
+from condense.storage.fs import location
 from condense.storage.parts import read_table
 from condense.storage.rundir import CONFIG, RunDir
 
@@ -88,7 +89,7 @@ def planted_truth(run_dir: str | Path) -> Path | None:
     if config.exists():
         path = (yaml.safe_load(config.read_text()) or {}).get("input", {}).get("path")
         if path:
-            candidates.append(Path(path) / "truth.parquet")
+            candidates.append(location(path) / "truth.parquet")
     return next((c for c in candidates if c.exists()), None)
 
 

@@ -80,6 +80,11 @@ def test_the_pipeline_on_s3_writes_what_it_writes_locally(executor, s3_prefix, t
     assert sum("skipped" in line for line in log) == len(STAGES)
     first = str(part_files(location(s3_prefix) / "export")[0])
     assert first.startswith("s3://") and pq.read_table(first).num_rows > 0
+    if executor == "local":  # the report reads the run (and the planted truth) from the store
+        from condense.pipeline.report import dedup_quality, funnel
+
+        assert [row["stage"] for row in funnel(s3_prefix)] == list(STAGES)
+        assert dedup_quality(s3_prefix) == dedup_quality(tmp_path / "run") is not None
 
 
 def test_a_second_driver_is_refused_on_s3(s3_prefix):
