@@ -4,7 +4,9 @@
         python jobs/condense.py configs/demo.yaml --run-dir /shared/runs/demo
 
 Under `ray job submit` RAY_ADDRESS is set and the job joins that cluster. The run directory
-must be on storage every node sees (NFS, a shared disk) when the cluster has several nodes.
+must be on storage every node sees when the cluster has several nodes: a shared disk (NFS) or
+an object store (s3://bucket/runs/x, credentials from each node's environment). deploy/ runs
+it as `python jobs/condense.py "$CONDENSE_CONFIG" --run-dir "$CONDENSE_RUN_DIR"`.
 """
 
 from __future__ import annotations
