@@ -77,30 +77,66 @@ class Assignment:
     centroid_cos: np.ndarray  # float32, x.c / (||x|| ||c||)
 
 
+@dataclass(frozen=True)
+class Centroids:
+    """Centroids made ready for many `assign` calls: float32 and float64 copies, squared norms,
+    and the CPU faiss index when one is used (built once, not per call: at k = 100,000 and
+    d = 768 each build copies 300 MB)."""
+
+    c: np.ndarray  # float32 (k, d)
+    c64: np.ndarray  # float64 (k, d), for the re-rank of near ties
+    c_sq: np.ndarray  # float64 squared norms
+    index: object | None  # faiss.IndexFlatL2 over c (CPU search at FAISS_MIN_DIM and above)
+
+
+def prepare_centroids(centroids: np.ndarray) -> Centroids:
+    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    c64 = c.astype(np.float64)
+    index = None
+    if c.shape[1] >= FAISS_MIN_DIM:
+        try:
+            import faiss
+
+            index = faiss.IndexFlatL2(c.shape[1])
+            index.add(c)
+        except ImportError:
+            pass
+    return Centroids(c, c64, np.einsum("ij,ij->i", c64, c64), index)
+
+
 def assign(
-    x: np.ndarray, centroids: np.ndarray, *, device: str = "cpu", chunk_rows: int | None = None
+    x: np.ndarray,
+    centroids: np.ndarray | Centroids,
+    *,
+    device: str = "cpu",
+    chunk_rows: int | None = None,
 ) -> Assignment:
     """Assign each row of x to its nearest centroid (squared Euclidean distance, ties to the lower id)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    c = np.ascontiguousarray(centroids, dtype=np.float32)
+    prepared = centroids if isinstance(centroids, Centroids) else prepare_centroids(centroids)
+    c, c_sq = prepared.c, prepared.c_sq
     n = len(x)
     k = len(c)
     if x.shape[1] != c.shape[1]:
         raise ValueError(f"rows have dimension {x.shape[1]}, centroids {c.shape[1]}")
-    c64 = c.astype(np.float64)
-    c_sq = np.einsum("ij,ij->i", c64, c64)
-    # Chunks of at most 4,096 rows and ~64 MiB of scores: memory stays flat whatever k is. At a
-    # small dimension (BLAS scores, see _two_nearest) the passes over the scores cost more than
-    # the products, so chunks shrink with it (4 rows per dimension) to keep them in cache.
-    small = 4 * x.shape[1] if x.shape[1] < FAISS_MIN_DIM else 4096
-    step = chunk_rows or max(16, min(4096, small, (1 << 24) // max(k, 1)))
+    # faiss bounds its own memory (it scores blocks of 4,096 x 1,024) and is fastest on large
+    # queries: chunks of 4,096 rows. The BLAS search below FAISS_MIN_DIM holds a chunk's scores:
+    # at most 2^24 of them (64 MiB) and 4 rows per dimension, so they stay in cache (at a small
+    # dimension the passes over the scores cost more than the products).
+    scores = max(16, min(4096, (1 << 24) // max(k, 1)))  # rows whose scores fit in 64 MiB
+    if device.startswith("cuda"):
+        step = chunk_rows or scores
+    elif prepared.index is not None:
+        step = chunk_rows or 4096
+    else:
+        step = chunk_rows or min(scores, 4 * x.shape[1])
     ids = np.empty(n, dtype=np.int64)
     dist = np.empty(n, dtype=np.float64)
     cos = np.empty(n, dtype=np.float64)
     for start in range(0, n, step):
         stop = min(n, start + step)
         xs = x[start:stop]
-        chosen = _nearest(xs, c, c64, c_sq, device)
+        chosen = _nearest(xs, prepared, device)
         ids[start:stop] = chosen
         # Per row: float32 element-wise terms, float64 sums. No term depends on the other rows
         # of the chunk, so these bits are the same whatever batch a row arrives in.
@@ -115,26 +151,23 @@ def assign(
     return Assignment(ids.astype(np.int32), dist.astype(np.float32), cos.astype(np.float32))
 
 
-def _nearest(
-    x: np.ndarray, c: np.ndarray, c64: np.ndarray, c_sq: np.ndarray, device: str
-) -> np.ndarray:
+def _nearest(x: np.ndarray, prepared: Centroids, device: str) -> np.ndarray:
     """Nearest centroid ids for one chunk: float32 candidates, float64 re-rank of near ties."""
-    best, gap = _two_nearest(x, c, c_sq, device)
-    if len(c) == 1:
+    best, gap = _two_nearest(x, prepared, device)
+    if len(prepared.c) == 1:
         return best
     unsure = np.flatnonzero(gap <= _AMBIGUITY)
     if len(unsure):
         # Near ties (often two centroids faiss split from one) are settled in float64;
         # argmin returns the first, so exact ties go to the lower centroid id.
-        exact = c_sq[None, :] - 2.0 * (x[unsure].astype(np.float64) @ c64.T)
+        exact = prepared.c_sq[None, :] - 2.0 * (x[unsure].astype(np.float64) @ prepared.c64.T)
         best[unsure] = np.argmin(exact, axis=1)
     return best
 
 
-def _two_nearest(
-    x: np.ndarray, c: np.ndarray, c_sq: np.ndarray, device: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _two_nearest(x: np.ndarray, prepared: Centroids, device: str) -> tuple[np.ndarray, np.ndarray]:
     """Best centroid per row by float32 arithmetic, and the squared-distance gap to the runner-up."""
+    c, c_sq = prepared.c, prepared.c_sq
     if device.startswith("cuda"):
         import faiss
 
@@ -154,15 +187,9 @@ def _two_nearest(
         vals, ids = vals.cpu().numpy(), ids.cpu().numpy()
         gap = 2 * (vals[:, -1] - vals[:, 0]) if len(c) > 1 else np.full(len(x), np.inf)
         return ids[:, 0].astype(np.int64), gap
-    try:
-        import faiss
-    except ImportError:
-        faiss = None
-    if faiss is not None and x.shape[1] >= FAISS_MIN_DIM:
+    if prepared.index is not None:
         # faiss's fused BLAS + top-k is the fastest CPU search; exactness comes from the re-rank.
-        index = faiss.IndexFlatL2(c.shape[1])
-        index.add(c)
-        dist, ids = index.search(x, min(2, len(c)))
+        dist, ids = prepared.index.search(x, min(2, len(c)))
         gap = dist[:, -1] - dist[:, 0] if len(c) > 1 else np.full(len(x), np.inf)
         return ids[:, 0].astype(np.int64), gap
     # Below FAISS_MIN_DIM dimensions faiss's top-k heap costs more than the products: BLAS

@@ -21,7 +21,7 @@ from pydantic import Field
 from threadpoolctl import threadpool_limits
 
 from condense.cores.hashing import hash_ids, smallest_hash_order
-from condense.cores.kmeans import assign, train_kmeans
+from condense.cores.kmeans import assign, prepare_centroids, train_kmeans
 from condense.cores.vectors import to_unit_float32
 from condense.errors import StageError
 from condense.runtime.processor import Processor, Resources, WorkItem, run_one
@@ -118,6 +118,7 @@ class Assigner(Processor):
             faiss.omp_set_num_threads(self.threads)
         except ImportError:
             pass
+        self.prepared = prepare_centroids(self.centroids)  # once per worker, not per row group
 
     def process(self, item: SourcePart) -> dict:
         start = time.perf_counter()
@@ -127,7 +128,7 @@ class Assigner(Processor):
         with threadpool_limits(self.threads):  # BLAS threads of the CPU search
             for group in iter_row_groups(path, [SAMPLE_ID, IMG_EMB]):
                 vectors = to_unit_float32(arrow_to_vectors(group.column(IMG_EMB)))
-                results.append(assign(vectors, self.centroids, device=self.device))
+                results.append(assign(vectors, self.prepared, device=self.device))
                 ids.append(group.column(SAMPLE_ID))
         n = sum(len(r.cluster_id) for r in results)
         out = pa.Table.from_arrays(
