@@ -4,6 +4,7 @@ benchmark measured (bench/scale-figures.json): the document cannot drift from it
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 from tests.conftest import REPO
 
@@ -11,6 +12,7 @@ from tests.conftest import REPO
 def load_capacity():
     spec = importlib.util.spec_from_file_location("capacity", REPO / "bench" / "capacity.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

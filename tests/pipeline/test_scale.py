@@ -5,6 +5,7 @@ runs the full shape with the same code)."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 from condense.storage.rundir import RunDir
@@ -15,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_scale.py"
 def load_bench():
     spec = importlib.util.spec_from_file_location("bench_scale", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
