@@ -40,12 +40,12 @@ def test_an_upload_that_fails_leaves_nothing(s3_prefix):
     assert not path.exists()
 
 
-def small_config(**sections):
+def small_config(dedup=None, **sections):
     return make_config(
         None,
         input={"kind": "synth", "synth": {"n": 3000, "dim": 32, "rows_per_file": 1000}},
         cluster={"k": 6},
-        dedup={"rows_per_task": 400, "scatter_rows": 1000},
+        dedup={"rows_per_task": 400, "scatter_rows": 1000, **(dedup or {})},
         sample={"n": 300},
         **sections,
     )
@@ -85,6 +85,15 @@ def test_the_pipeline_on_s3_writes_what_it_writes_locally(executor, s3_prefix, t
 
         assert [row["stage"] for row in funnel(s3_prefix)] == list(STAGES)
         assert dedup_quality(s3_prefix) == dedup_quality(tmp_path / "run") is not None
+        # A changed setting reruns its stage and every later one, in the store as on a disk.
+        changed = small_config(dedup={"threshold": 0.9})
+        log = []
+        run_pipeline(changed, s3_prefix, log=log.append, progress=False)
+        assert sum("skipped" in line for line in log) == 2  # embed, cluster
+        run_pipeline(changed, tmp_path / "run", log=quiet_log, progress=False)
+        local, remote = stage_tables(tmp_path / "run"), stage_tables(s3_prefix)
+        for stage in STAGES:
+            assert remote[stage].equals(local[stage]), stage
 
 
 def test_a_second_driver_is_refused_on_s3(s3_prefix):
