@@ -6,12 +6,15 @@
 Under `ray job submit` RAY_ADDRESS is set and the job joins that cluster. The run directory
 must be on storage every node sees when the cluster has several nodes: a shared disk (NFS) or
 an object store (s3://bucket/runs/x, credentials from each node's environment). deploy/ runs
-it as `python jobs/condense.py "$CONDENSE_CONFIG" --run-dir "$CONDENSE_RUN_DIR"`.
+it as plain `python jobs/condense.py`, the config and the run directory taken from the job's
+environment variables CONDENSE_CONFIG and CONDENSE_RUN_DIR (its runtime env's env_vars):
+`ray job submit` quotes the entrypoint's arguments, so a `$VARIABLE` in them never expands.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -26,12 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("config")
-    parser.add_argument("--run-dir")
+    parser.add_argument(
+        "config", nargs="?", default=os.environ.get("CONDENSE_CONFIG"), help="$CONDENSE_CONFIG"
+    )
+    parser.add_argument(
+        "--run-dir", default=os.environ.get("CONDENSE_RUN_DIR"), help="$CONDENSE_RUN_DIR"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--until")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    if not args.config:
+        parser.error("give a config file (or set CONDENSE_CONFIG)")
     try:
         return run_config(args.config, args.set, args.run_dir, args.until, None, args.resume)
     except Exception as exc:

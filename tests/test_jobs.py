@@ -149,8 +149,8 @@ def test_ray_job_submit_runs_the_pipeline(ray_head, head_env, tmp_path):
 
 @pytest.mark.slow
 def test_the_deploy_examples_entrypoint_runs_on_a_head(ray_head, head_env, tmp_path):
-    """The entrypoint of deploy/ (RayJob, cluster launcher, Slurm), as they submit it: one
-    string, its config and run directory from the job's environment variables."""
+    """The entrypoint of deploy/ (RayJob, cluster launcher, Slurm), as they submit it: its
+    config and run directory from the job's environment variables."""
     from tests.test_deploy import ENTRYPOINT
 
     config = tmp_path / "small.yaml"
@@ -163,13 +163,13 @@ def test_the_deploy_examples_entrypoint_runs_on_a_head(ray_head, head_env, tmp_p
     submit = submit_entrypoint(
         ray_head,
         head_env,
-        [ENTRYPOINT],
+        ENTRYPOINT.split(),
         options=["--runtime-env-json", json.dumps({"env_vars": env_vars})],
     )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    assert (
-        json.loads((run_dir / "manifest.json").read_text())["stages"]["export"]["rows_out"] == 100
-    )
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert stages["embed"]["rows_out"] == 2000
+    assert 0 < stages["export"]["rows_out"] == stages["sample"]["rows_out"] <= 100
 
 
 @pytest.mark.slow
