@@ -96,7 +96,8 @@ def run_pipeline(
     if until is not None and until not in STAGE_NAMES:
         raise CondenseError(f"--until {until!r}: no such stage (stages: {', '.join(STAGE_NAMES)})")
     run = RunDir(claim(run_dir, (config.input.path,)))
-    with RunLock(run.root, log):
+    with RunLock(run.root, log) as lock:
+        run.lock = lock
         atomic_write_bytes(run.root / CONFIG, config.to_yaml().encode())
         ctx = StageContext(
             run=run,

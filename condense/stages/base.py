@@ -100,6 +100,7 @@ def write_parts(ctx: StageContext, processor: Processor, items: list, unit: str 
     )
     try:
         for item, stats, node in ctx.executor.map(processor, todo):
+            ctx.run.check_lock()  # a driver that lost the run directory commits nothing more
             done[item.part] = commit_part(folder, {**stats, "part": item.part, "node": node})
             progress.update(int(stats["rows_in"]))
             pause_while("driver_pause", f"{processor.stage}:{progress.done_parts}")

@@ -4,8 +4,8 @@ Every file condense writes goes through `atomic_file`, so a reader sees the old 
 whole new one: on a local disk a temporary file beside the target, fsynced, then renamed over
 it; in an object store (no rename there) a local temporary file uploaded under the final name
 once it is complete (an object appears whole when its upload completes, or not at all).
-Completion marks are `create_once`: a create-only write (`If-None-Match: *` on S3, O_EXCL
-locally). Records list files with their sizes (`file_sizes`), and a record is trusted only
+In a store, completion marks and the lock are `create_once`: a create-only write
+(`If-None-Match: *` on S3); locally they are renamed into place like every file. Records list files with their sizes (`file_sizes`), and a record is trusted only
 while they are intact.
 """
 
@@ -59,43 +59,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def create_once(path: Path, data: bytes) -> bool:
-    """Create `path` holding `data` unless it exists; returns whether this call created it.
-    Object stores: one create-only PUT (`If-None-Match: *`), so of two writers exactly one wins.
-    Locally: O_EXCL on a temporary name's hard link, so the file appears whole or not at all."""
-    if is_url(path):
-        fs, inner = filesystem(path)
-        try:
-            with fs.open(inner, "xb") as f:
-                f.write(data)
-        except (FileExistsError, OSError) as exc:
-            if isinstance(exc, FileExistsError) or fs.exists(inner):
-                return False
-            raise
-        return True
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Create the object `path` holding `data` unless it exists; returns whether this call
+    created it. One create-only PUT (`If-None-Match: *`), so of two writers exactly one wins;
+    an object already holding exactly `data` is this writer's own (a PUT the client retried
+    after it had succeeded). Object stores only: local marks are renamed into place."""
+    if not is_url(path):
+        raise ValueError(f"create_once writes to object stores, not to {path}")
+    fs, inner = filesystem(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with fs.open(inner, "xb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    except (FileExistsError, OSError) as exc:
+        if not (isinstance(exc, FileExistsError) or fs.exists(inner)):
+            raise
         try:
-            os.link(tmp, path)  # fails when `path` exists: the create-only step
-        except FileExistsError:
+            return fs.cat_file(inner) == data
+        except FileNotFoundError:
             return False
-        except OSError:  # a filesystem without hard links: O_EXCL on the name itself
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        return True
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    return True
 
 
 def json_bytes(obj: Any) -> bytes:

@@ -70,6 +70,12 @@ class RunDir:
 
     def __init__(self, root: str | Path):
         self.root = location(root)
+        self.lock: RunLock | None = None  # the driver's lock, checked before each commit
+
+    def check_lock(self) -> None:
+        """Raise if this driver lost the run directory to another (see RunLock.check)."""
+        if self.lock is not None:
+            self.lock.check()
 
     def stage_dir(self, stage: str) -> Path:
         return self.root / stage
@@ -118,6 +124,7 @@ class RunDir:
 
     def finish_stage(self, stage: str, record: dict) -> None:
         """Write the completion mark last, listing the stage's files, then drop the progress mark."""
+        self.check_lock()
         self.write_stage_mark(stage, {**record, "files": stage_files(self.stage_dir(stage))})
         (self.stage_dir(stage) / PROGRESS_MARK).unlink(missing_ok=True)
 
@@ -251,6 +258,7 @@ class RunLock:
         self.log = log
         self.fd: int | None = None
         self.token: str | None = None  # a store lock's holder id
+        self.lost = False  # a store lock another driver took over
         self.stop = threading.Event()
         self.beat: threading.Thread | None = None
 
@@ -310,47 +318,66 @@ class RunLock:
 
         self.token = uuid.uuid4().hex
         record = {**self._record(), "token": self.token, "heartbeat": time.time()}
-        for _attempt in range(3):
+        for _attempt in range(5):
             if create_once(self.path, json_bytes(record)):
                 break
             previous = self.holder()
-            if previous is None:  # released (or unreadable) in between: try again
-                self.path.unlink(missing_ok=True)
+            if previous is None:  # being released or written right now: look again
+                time.sleep(0.5)
                 continue
             age = time.time() - float(previous.get("heartbeat", previous.get("started", 0)))
-            if _alive_here(previous) or (not _gone_here(previous) and age < LOCK_STALE):
-                raise self._in_use(previous)
+            # A live holder refreshes its lock every LOCK_HEARTBEAT seconds, whatever host it
+            # runs on; one of this host whose pid is gone is stale at once.
+            if not _gone_here(previous) and age < LOCK_STALE:
+                raise self._in_use(previous, age)
+            if (self.holder() or {}).get("token") != previous.get("token"):
+                continue  # another driver took it over in between: look again
             self.log(
                 f"[run] taking over the lock of host {previous.get('host')} pid "
                 f"{previous.get('pid')}, which is gone (not refreshed for {age:.0f} s)"
             )
             self.path.unlink(missing_ok=True)
         else:
-            raise CondenseError(f"{self.path}: could not create the run lock")
+            raise CondenseError(
+                f"{self.path}: could not take the run lock (it exists but cannot be read); if "
+                "no driver runs on this run directory, delete that object and run again"
+            )
+        self.lost = False
         self.stop.clear()
         self.beat = threading.Thread(target=self._heartbeat, args=(record,), daemon=True)
         self.beat.start()
 
     def _heartbeat(self, record: dict) -> None:
-        """Refresh the lock while this driver runs; stop if another driver took it over."""
+        """Refresh the lock while this driver runs. If another driver took it over (this one
+        stalled past LOCK_STALE), mark it lost: the run stops at its next part or mark."""
         from condense.storage.files import atomic_write_json
 
         while not self.stop.wait(LOCK_HEARTBEAT):
             try:
                 current = self.holder()
                 if not current or current.get("token") != self.token:
-                    self.log(f"[run] lost the lock {self.path} to another driver")
+                    self.lost = True
+                    self.log(f"[run] lost the lock {self.path} to another driver: stopping")
                     return
                 atomic_write_json(self.path, {**record, "heartbeat": time.time()})
             except Exception as exc:  # a store hiccup: the next beat tries again
                 self.log(f"[run] could not refresh the lock {self.path}: {exc}")
 
-    def _in_use(self, h: dict):
+    def check(self) -> None:
+        """Raise if this driver no longer holds the run directory (a store lock taken over)."""
+        if self.lost:
+            raise CondenseError(
+                f"{self.path}: another driver took this run directory over (this one did not "
+                f"refresh its lock for {LOCK_STALE:.0f} s); stopped so as not to write beside it"
+            )
+
+    def _in_use(self, h: dict, age: float | None = None):
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("started", 0)))
+        fresh = "" if age is None else f", its lock refreshed {age:.0f} s ago"
         return CondenseError(
             f"run directory {self.path.parent} is in use by host {h.get('host', '?')} pid "
-            f"{h.get('pid', '?')} (since {since}: {h.get('command', '?')}); one driver per "
-            "run directory: wait for it to finish, or choose another --run-dir"
+            f"{h.get('pid', '?')} (since {since}: {h.get('command', '?')}{fresh}); one driver "
+            "per run directory: wait for it to finish, or choose another --run-dir"
         )
 
     def release(self) -> None:

@@ -23,13 +23,12 @@ from tests.readers.test_urls import server  # noqa: F401 (a fixture)
 STAGES = ("embed", "cluster", "dedup", "clip_band", "centroid_band", "sample", "export")
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_create_once_lets_exactly_one_writer_win(where, tmp_path, request):
-    root = request.getfixturevalue("s3_prefix") if where == "s3" else str(tmp_path)
-    path = location(root) / "mark.json"
+def test_create_once_lets_exactly_one_writer_win(s3_prefix):
+    path = location(s3_prefix) / "mark.json"
     assert create_once(path, b'{"a": 1}')
     assert not create_once(path, b'{"a": 2}')
     assert read_json(path) == {"a": 1}
+    assert create_once(path, b'{"a": 1}')  # its own bytes: a retried PUT that had succeeded
 
 
 def test_an_upload_that_fails_leaves_nothing(s3_prefix):
@@ -363,3 +362,33 @@ def test_urls_downloaded_into_a_run_on_s3(s3_prefix, tmp_path, server):  # noqa:
     ) == sorted(sample_id(i) for i in range(24))
     assert manifest["stages"]["export"]["rows_out"] == 24
     assert len([n for n in sizes_under(f"{run}/export/shards") if n.endswith(".tar")]) >= 1
+
+
+def test_a_store_lock_is_taken_over_by_age_and_a_lost_lock_stops_its_driver(s3_prefix, monkeypatch):
+    import json
+    import time
+
+    from condense.storage import rundir
+
+    lock = location(s3_prefix) / "_lock.json"
+    other = {"host": "another-host", "pid": 1, "token": "theirs", "started": time.time()}
+    lock.write_bytes(json.dumps({**other, "heartbeat": time.time()}).encode())
+    with pytest.raises(CondenseError, match="another-host pid 1 .* refreshed 0 s ago"):
+        RunLock(s3_prefix, log=quiet_log).acquire()
+    lock.write_bytes(json.dumps({**other, "heartbeat": time.time() - 120}).encode())
+    log = []
+    monkeypatch.setattr(rundir, "LOCK_HEARTBEAT", 0.2)
+    mine = RunLock(s3_prefix, log=log.append)
+    mine.acquire()
+    try:
+        assert "taking over the lock of host another-host pid 1" in log[0]
+        mine.check()  # held
+        lock.write_bytes(json.dumps({**other, "heartbeat": time.time()}).encode())  # taken over
+        deadline = time.time() + 10
+        while not mine.lost and time.time() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(CondenseError, match="another driver took this run directory over"):
+            mine.check()
+    finally:
+        mine.release()
+    assert read_json(lock)["token"] == "theirs"  # a lost lock is not deleted on release
