@@ -153,8 +153,8 @@ def report(figures: dict) -> None:
     scatter = figures["stages"]["dedup"].get("scatter")
     if scatter:
         print(
-            f"dedup scatter: {scatter['files']} files, task index {scatter['index_bytes']:,} "
-            f"bytes in all (8 x files x (tasks + 1); k + 1 offsets per part would be "
+            f"dedup scatter: {scatter['files']} files, their task indexes {scatter['index_bytes']:,} "
+            f"bytes in all (tasks + 1 batch numbers each; k + 1 offsets per part would be "
             f"{8 * (k + 1) * parts:,}); at most {scatter['max_files_per_task']} files read by "
             "one task"
         )

@@ -10,7 +10,7 @@ Three steps, on Ray workers, none gathering rows on the driver:
    their cluster parts (checked row by row on `sample_id`), sorted by (task, cluster) and
    written to one scatter file `dedup/_by_cluster/<first part>.arrow` (Arrow IPC, uncompressed)
    whose record batches never straddle two tasks; its footer lists each task's first batch.
-   A file's index is 8 x (tasks + 1) bytes, whatever k is.
+   A file's index is tasks + 1 numbers, whatever k is.
 3. **Components.** A task reads its own record batches from each scatter file that holds any
    (memory-mapped), orders them by (cluster, sample_id), runs the exact component search
    (`cores.components`, several thresholds in one pass) and the keep rule per cluster, and
@@ -59,14 +59,14 @@ from condense.stages.embed import EmbedStage
 from condense.storage.files import atomic_write_json, read_json
 from condense.storage.fs import location
 from condense.storage.parts import (
+    ScratchFiles,
+    array_shape,
     discard_parts,
     discard_scratch,
+    finished_parts,
     part_path,
     part_rows,
-    read_array,
-    read_scratch,
     read_table,
-    scratch_schema,
     write_part,
     write_scratch,
 )
@@ -239,7 +239,8 @@ class ClusterScatter(Processor):
             for lo in range(int(bounds[t]), int(bounds[t + 1]), SCATTER_SLICE):
                 batches.append((lo, min(int(bounds[t + 1]), lo + SCATTER_SLICE)))
             first.append(len(batches))
-        schema = table.schema.with_metadata({TASK_BATCHES: json.dumps(first).encode()})
+        index = json.dumps(first, separators=(",", ":")).encode()
+        schema = table.schema.with_metadata({TASK_BATCHES: index})
         # Sorted copies are taken a batch at a time: memory stays at the group plus one batch.
         slices = (table.take(pa.array(order[lo:hi])) for lo, hi in batches)
         path = scatter_file(self.out_dir, item.sources[0])
@@ -248,6 +249,7 @@ class ClusterScatter(Processor):
             "part": item.part,
             "files": [str(path)],
             "rows_in": len(table),
+            "index_bytes": len(index),
             "seconds": time.perf_counter() - start,
         }
 
@@ -309,21 +311,23 @@ class DedupWorker(Processor):
             self.device = "cuda" if _torch_cuda() else "cpu"
         elif self.device == "cuda" and not _torch_cuda():
             raise StageError("dedup.device is cuda but this worker has no torch with CUDA")
-        # Each file's task index (its footer's metadata: 8 x (tasks + 1) bytes), read once per
-        # worker; the rows themselves are mapped per task, and only from files that hold some.
+        # Each file's task index (a list of tasks + 1 batch numbers in its footer), read once
+        # per worker. Locally the rows are mapped per task, and only from the files holding
+        # some; in a store the files stay open (no map is held) and are read concurrently.
+        self.files = ScratchFiles(self.scatter_paths)
         self.first_batch = [
-            np.asarray(json.loads(scratch_schema(p).metadata[TASK_BATCHES]), np.int64)
-            for p in self.scatter_paths
+            np.asarray(json.loads(schema.metadata[TASK_BATCHES]), np.int64)
+            for schema in self.files.schemas()
         ]
 
     def task_rows(self, task: int) -> tuple[pa.Table, int]:
         """The task's rows from every scatter file, and how many files held some."""
-        pieces = [
-            read_scratch(path, int(first[task]), int(first[task + 1]))
-            for path, first in zip(self.scatter_paths, self.first_batch, strict=True)
+        wanted = [
+            (i, int(first[task]), int(first[task + 1]))
+            for i, first in enumerate(self.first_batch)
             if first[task + 1] > first[task]
         ]
-        return pa.concat_tables(pieces), len(pieces)
+        return pa.concat_tables(self.files.read(wanted)), len(wanted)
 
     def process(self, item: ClusterGroup) -> dict:
         from threadpoolctl import threadpool_limits
@@ -441,7 +445,7 @@ class DedupStage(Stage):
         scatter_dir = out_dir / SCATTER_DIR
         cluster_dir = ctx.run.stage_dir(ClusterStage.name)
         rows = part_rows(cluster_dir)
-        k = int(read_array(cluster_dir / CENTROIDS, mmap=True).shape[0])
+        k = int(array_shape(cluster_dir / CENTROIDS)[0])
         gpus = ctx.executor.gpus()
         if cfg.device == "cuda" and gpus == 0:
             raise StageError("dedup.device is cuda but the Ray cluster has no GPUs")
@@ -453,19 +457,32 @@ class DedupStage(Stage):
             gather(ctx.executor, ClusterSizes(str(cluster_dir), k), counted), np.zeros(k, np.int64)
         )
         tasks = plan_tasks(sizes, cfg.rows_per_task)
-        plan = {
+        plan = {  # what the dedup parts depend on; the scatter files also on scatter_rows
             "k": k,
             "rows_per_task": cfg.rows_per_task,
-            "scatter_rows": cfg.scatter_rows,
             "tasks": len(tasks),
             "sizes_sha256": hashlib.sha256(sizes.tobytes()).hexdigest(),
         }
-        if ctx.resumed and read_json(out_dir / PLAN) != plan:
-            # Kept parts were cut by another plan (rows_per_task or scatter_rows changed).
+        before = read_json(out_dir / PLAN) if ctx.resumed else None
+        if isinstance(before, dict) and before.pop("scatter_rows", None) != cfg.scatter_rows:
+            discard_scratch(out_dir, SCATTER_DIR, prefix="scatter-")  # cut otherwise
+        if ctx.resumed and before != plan:
+            # Kept parts were cut by another packing (rows_per_task changed).
             ctx.log("[dedup] the task plan changed since the interrupted run: starting over")
             discard_parts(out_dir)
             discard_scratch(out_dir, SCATTER_DIR, prefix="scatter-")
-        atomic_write_json(out_dir / PLAN, plan)
+        atomic_write_json(out_dir / PLAN, {**plan, "scatter_rows": cfg.scatter_rows})
+        width = max(5, len(str(len(tasks))))
+        items = [
+            ClusterGroup(
+                part=f"{i:0{width}d}",
+                task=i,
+                clusters=clusters,
+                rows=int(sizes[clusters].sum()),
+                largest=int(sizes[clusters].max()),
+            )
+            for i, clusters in enumerate(tasks)
+        ]
         task_of = np.full(k, -1, np.int32)
         for t, clusters in enumerate(tasks):
             task_of[clusters] = t
@@ -478,21 +495,13 @@ class DedupStage(Stage):
             cfg.workers,
         )
         groups = group_parts(rows, cfg.scatter_rows, prefix="scatter-")
-        write_parts(ctx, scatter, groups)
+        index_bytes = 0
+        if len(finished_parts(out_dir, [i.part for i in items])) < len(items):
+            # (a run killed while removing the scatter, every part done, skips it)
+            index_bytes = sum(s["index_bytes"] for s in write_parts(ctx, scatter, groups))
         scatter_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        width = max(5, len(str(len(tasks))))
-        items = [
-            ClusterGroup(
-                part=f"{i:0{width}d}",
-                task=i,
-                clusters=clusters,
-                rows=int(sizes[clusters].sum()),
-                largest=int(sizes[clusters].max()),
-            )
-            for i, clusters in enumerate(tasks)
-        ]
         worker = DedupWorker(
             [str(scatter_file(scatter_dir, g.sources[0])) for g in groups],
             str(out_dir),
@@ -518,7 +527,7 @@ class DedupStage(Stage):
             "tasks": len(items),
             "scatter": {
                 "files": len(groups),
-                "index_bytes": 8 * (len(tasks) + 1) * len(groups),
+                "index_bytes": index_bytes,
                 "max_files_per_task": max((s["scatter_files_read"] for s in stats), default=0),
             },
             "tiles_computed": sum(s["tiles_computed"] for s in stats),

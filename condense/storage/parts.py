@@ -133,6 +133,42 @@ def read_scratch(path: Path | str, first: int = 0, stop: int | None = None) -> p
     )
 
 
+class ScratchFiles:
+    """Scratch files read by record-batch ranges, again and again (a dedup worker's scatter).
+    Local files are memory-mapped per read and let go after it (no map outlives the stage's
+    scratch); files in a store stay open between reads (no map, no repeated footer request)
+    and the ranges of one read are fetched with STORE_THREADS requests in flight."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+        self.remote = any(is_url(p) for p in self.paths)
+        self.readers: dict[int, pa.ipc.RecordBatchFileReader] = {}
+
+    def _reader(self, i: int) -> pa.ipc.RecordBatchFileReader:
+        if i not in self.readers:
+            self.readers[i] = pa.ipc.open_file(open_random_access(self.paths[i]))
+        return self.readers[i]
+
+    def schemas(self) -> list[pa.Schema]:
+        if self.remote:
+            return _each(lambda i: self._reader(i).schema, list(range(len(self.paths))), True)
+        return [scratch_schema(p) for p in self.paths]
+
+    def read(self, ranges: list[tuple[int, int, int]]) -> list[pa.Table]:
+        """Batches [first, stop) of file i, for each (i, first, stop)."""
+        if not self.remote:
+            return [read_scratch(self.paths[i], first, stop) for i, first, stop in ranges]
+
+        def batches(r):
+            i, first, stop = r
+            reader = self._reader(i)
+            return pa.Table.from_batches(
+                [reader.get_batch(b) for b in range(first, stop)], schema=reader.schema
+            )
+
+        return _each(batches, ranges, True)
+
+
 def iter_row_groups(path: str | Path, columns: list[str]) -> Iterator[pa.Table]:
     """Yield a part file's row groups in order, reading the next one while the caller works on
     the current (Arrow and numpy release the GIL, so disk and CPU overlap in one worker)."""
@@ -255,6 +291,16 @@ def read_array(path: Path | str, mmap: bool = False) -> np.ndarray:
     if is_url(path):
         return np.load(io.BytesIO(location(path).read_bytes()), allow_pickle=False)
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+
+
+def array_shape(path: Path | str) -> tuple[int, ...]:
+    """The shape of a `.npy` file from its header alone (one small read in a store)."""
+    from numpy.lib import format as npy
+
+    with location(path).open("rb") as f:
+        version = npy.read_magic(f)
+        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        return tuple(read(f)[0])
 
 
 def scratch_schema(path: Path | str) -> pa.Schema:

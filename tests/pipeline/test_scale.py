@@ -46,13 +46,13 @@ def test_laion_shape_in_small(ray_session, tmp_path):
     assert stages["embed"]["parts"] == parts and stages["cluster"]["parts"] == parts
     # The driver holds no rows and nothing per cluster beyond k-vectors: a bounded growth.
     assert figures["driver_peak_bytes"] - before < 400 * 2**20
-    # The dedup scatter: one file per 20,000 rows, each with a task index of 8 x (tasks + 1)
-    # bytes (not k + 1 offsets per part), and no task reads more files than there are.
+    # The dedup scatter: one file per 20,000 rows, each with a task index of tasks + 1 batch
+    # numbers (not k + 1 offsets per part), and no task reads more files than there are.
     scatter = stages["dedup"]["scatter"]
     tasks = stages["dedup"]["tasks"]
     assert scatter["files"] == rows // 20_000
-    assert scatter["index_bytes"] == 8 * (tasks + 1) * scatter["files"]
-    assert scatter["index_bytes"] < 8 * (k + 1) * parts / 10_000
+    assert 2 * (tasks + 1) * scatter["files"] <= scatter["index_bytes"]
+    assert scatter["index_bytes"] <= 8 * (tasks + 1) * scatter["files"]
     assert 1 <= scatter["max_files_per_task"] <= scatter["files"]
     assert tasks >= 3  # the clusters were packed into several tasks
     assert not (RunDir(tmp_path / "run").stage_dir("dedup") / "_by_cluster").exists()

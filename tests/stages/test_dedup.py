@@ -274,3 +274,19 @@ def test_cluster_ids_outside_k_are_an_error_naming_the_part(tmp_path, rows):
     pq.write_table(table.set_column(1, CLUSTER_ID, pa.array(ids, pa.int32())), path)
     with pytest.raises(StageError, match=r"part-00001.parquet holds cluster ids outside"):
         run_stage(tmp_path, DedupStage(), dedup_config())
+
+
+def test_resume_with_another_scatter_size_keeps_the_finished_parts(tmp_path):
+    """scatter_rows decides only how the scatter files are cut: a resumed run with another
+    keeps every finished part (and, all parts being done, scatters nothing)."""
+    from condense.pipeline.runner import run_pipeline
+
+    _, run, before, parts = interrupted_dedup(tmp_path)
+    resized = make_config(
+        tmp_path / "in", cluster={"k": 6}, dedup={"rows_per_task": 400, "scatter_rows": 7}
+    )
+    log = []
+    run_pipeline(resized, run, until="dedup", resume=True, log=log.append, progress=False)
+    assert not any("task plan changed" in line for line in log)
+    assert any(f"resuming: {len(parts)} of {len(parts)} parts" in line for line in log)
+    assert read_stage(run, "dedup").equals(before)
