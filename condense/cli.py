@@ -83,7 +83,9 @@ def print_summary(run_dir: str) -> None:
     quality = dedup_quality(run_dir)
     if quality is not None:
         print(format_quality(quality))
-    print(f"\nrun directory: {Path(run_dir).resolve()}")
+    from condense.storage.fs import is_url
+
+    print(f"\nrun directory: {run_dir if is_url(run_dir) else Path(run_dir).resolve()}")
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -95,14 +95,18 @@ class Reader(Protocol):
 
 def open_reader(cfg: InputConfig) -> Reader:
     """Pick the reader for `cfg` and validate the input's layout (synth input: call `resolve_input` first)."""
-    from condense.storage.fs import location
+    from condense.storage.fs import location, unreachable
 
     if cfg.kind not in ("embeddings", "synth"):  # image inputs are embedded by stages/embed
         raise InputError(f"input.kind {cfg.kind} holds images, not embeddings")
     root = location(cfg.path)
-    if not root.exists():
+    try:
+        exists, folder = root.exists(), root.is_dir()
+    except Exception as exc:  # a store without credentials, a missing bucket
+        raise InputError(f"input {root}: cannot reach it ({unreachable(root, exc)})") from None
+    if not exists:
         raise InputError(f"input folder {root} does not exist")
-    if not root.is_dir():
+    if not folder:
         raise InputError(f"input.path {root} is not a folder")
     if not any(root.iterdir()):
         raise InputError(f"input folder {root} is empty")

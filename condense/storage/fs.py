@@ -28,6 +28,19 @@ def is_url(path: Any) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
+RUN_STORES = ("s3", "gs")  # run directories: stores with create-only writes
+
+
+def unreachable(path: Any, exc: Exception) -> str:
+    """Why a store could not be reached, and where its credentials come from."""
+    where = (
+        "GOOGLE_APPLICATION_CREDENTIALS (or gcloud's login)"
+        if str(path).startswith(("gs://", "gcs://"))
+        else "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL (or an instance role)"
+    )
+    return f"{type(exc).__name__}: {exc}; object stores take their credentials from the environment: {where}"
+
+
 def storage_options(protocol: str) -> dict:
     """fsspec options condense opens a store with. Listings are never cached: workers on other
     machines add parts while the driver watches, and a cached listing would miss them."""

@@ -33,7 +33,7 @@ from condense.storage.files import (
     json_bytes,
     read_json,
 )
-from condense.storage.fs import is_url, location, remove_tree, sizes_under
+from condense.storage.fs import RUN_STORES, is_url, location, remove_tree, sizes_under, unreachable
 
 STAGE_MARK = "_stage.json"
 PROGRESS_MARK = "_progress.json"
@@ -170,6 +170,11 @@ def claim(root: str | Path, inputs: tuple[str | None, ...] = ()) -> Path:
     from condense.errors import ConfigError
 
     root = location(root)
+    if is_url(root) and str(root).split("://", 1)[0] not in RUN_STORES:
+        raise ConfigError(
+            f"run directory {root}: in an object store, a run directory needs create-only "
+            f"writes (one driver per run, completion marks); use {' or '.join(s + '://' for s in RUN_STORES)}"
+        )
     for source in inputs:
         if not source or is_url(source) != is_url(root):
             continue
@@ -186,9 +191,7 @@ def claim(root: str | Path, inputs: tuple[str | None, ...] = ()) -> Path:
         exists, folder = root.exists(), root.is_dir()
     except Exception as exc:  # no credentials, no such bucket, no network
         raise ConfigError(
-            f"run directory {root}: cannot reach it ({type(exc).__name__}: {exc}); object "
-            "stores take their credentials and endpoint from the environment "
-            "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)"
+            f"run directory {root}: cannot reach it ({unreachable(root, exc)})"
         ) from None
     if exists and not folder:
         raise ConfigError(f"run directory {root} is a file")

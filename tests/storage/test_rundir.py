@@ -179,3 +179,8 @@ def test_a_store_without_credentials_is_one_clear_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"run directory s3://bucket/run: cannot reach it"):
         claim("s3://bucket/run")
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_run_directory_in_a_store_without_create_only_writes_is_refused():
+    with pytest.raises(ConfigError, match=r"memory://runs/x: .* needs create-only writes.*s3://"):
+        claim("memory://runs/x")
