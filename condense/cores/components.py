@@ -14,6 +14,13 @@ Two exact shortcuts skip work without changing any component:
   every threshold. In pivot order those rows form a prefix, and tiles wholly inside it are
   skipped: a giant group of near-identical rows costs one pass against the rest, not n^2/2.
 
+**Exact decisions at any precision.** Each tile is a screen, computed in fp32 or, on tensor
+cores, in tf32, bf16 or fp16 (`precision`). `screen_bound` gives a rigorous bound on a screened
+similarity's error from the precision and the dimension; every pair whose screened value lies
+within it of a threshold is recomputed exactly (float64 sums of the float32 vectors' products)
+and decided on that value. Every edge is therefore the exact "cos > t", whatever the precision
+and the tile size; `rechecked` counts the pairs it took.
+
 The price is paid in `max_sim`, each row's highest similarity to another row (SemDeDup's
 score): it is exact whenever it lies between the smallest and the largest threshold. Above the
 largest it may be a lower bound (that still exceeds it); below the smallest, a lower value
@@ -31,6 +38,48 @@ import numpy as np
 
 ANGLE_MARGIN = 1e-3  # radians; float32 similarities of unit vectors err by far less (~1e-5)
 CHUNK = 65_536  # rows per float64 chunk when ordering rows by angle
+RECHECK_CHUNK = 8192  # pairs per float64 recheck batch
+
+# Unit roundoffs of each screen: (inputs rounded to, output rounded to). Products of two inputs
+# of these formats are exact in fp32, where they are summed (fp32 unit roundoff 2^-24).
+PRECISIONS = {
+    "fp32": (0.0, 0.0),
+    "tf32": (2.0**-11, 0.0),  # 10-bit mantissas in, fp32 out
+    "bf16": (2.0**-8, 2.0**-8),  # 7-bit mantissas in and out
+    "fp16": (2.0**-11, 2.0**-11),
+}
+SUBNORMAL = {"fp32": 0.0, "tf32": 2.0**-149, "bf16": 2.0**-133, "fp16": 2.0**-24}
+
+
+def screen_bound(precision: str, dim: int) -> float:
+    """A rigorous bound on |screened dot - exact dot| for two unit float32 vectors of `dim`.
+
+    With inputs rounded to unit roundoff u (and below the format's subnormal spacing s at most
+    s/2 absolutely), sums in fp32 (gamma_d = d 2^-24 / (1 - d 2^-24), any order, FMA or not)
+    and the output rounded to unit roundoff w: the inputs contribute (2u + u^2) sum|x_i y_i|
+    <= 2u + u^2 (Cauchy-Schwarz) plus sqrt(d) s for subnormals, the sum gamma_d (1 + u)^2, the
+    output w times the result's magnitude (at most 1 + the rest). The bound only decides which
+    pairs are rechecked, never a decision; 1% on top covers the arithmetic of the bound."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    u, w = PRECISIONS[precision]
+    v = 2.0**-24
+    gamma = dim * v / (1 - dim * v)
+    inputs = 2 * u + u * u + math.sqrt(dim) * SUBNORMAL[precision]
+    summed = gamma * (1 + u) ** 2
+    # The stored vectors' norms are 1 within float32 rounding: allow |x| |y| <= 1 + 1e-6.
+    return 1.01 * (1 + 1e-6) * (inputs + summed + w * (1 + inputs + summed))
+
+
+def exact_dots(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """x[a_k] . x[b_k] for each pair, summed in float64 (the float32 products are exact there);
+    row by row, so a pair's value does not depend on the pairs beside it."""
+    out = np.empty(len(a), dtype=np.float64)
+    for k in range(0, len(a), RECHECK_CHUNK):
+        xa = x[a[k : k + RECHECK_CHUNK]].astype(np.float64)
+        xb = x[b[k : k + RECHECK_CHUNK]].astype(np.float64)
+        out[k : k + RECHECK_CHUNK] = (xa * xb).sum(axis=1)
+    return out
 
 
 def _compress(parent: np.ndarray) -> np.ndarray:
@@ -86,6 +135,7 @@ class Components:
     tiles_total: int  # tiles of the upper triangle (what a plain tiled pass multiplies)
     entries_computed: int  # similarity entries computed (for the matmul-rate figures)
     absorbed: int  # rows joined to the pivot's group without tiling among themselves
+    rechecked: int = 0  # pairs within the screen's error bound of a threshold, recomputed exactly
 
 
 def components(
@@ -94,11 +144,15 @@ def components(
     *,
     tile: int = 2048,
     device: str = "cpu",
+    precision: str = "fp32",
     prune: bool = True,
 ) -> Components:
-    """Exact components at each threshold (edge i-j iff dot(x_i, x_j) > t, strict).
+    """Exact components at each threshold (edge i-j iff dot(x_i, x_j) > t, strict, the dot
+    summed exactly from the float32 vectors).
 
-    `x` holds unit vectors (float32). The labels do not depend on `tile`, `device` or `prune`.
+    `x` holds unit vectors (float32). Tiles are screened at `precision` (fp32, tf32, bf16 or
+    fp16; other than fp32 through torch, on "cpu" too) and pairs near a threshold rechecked
+    exactly, so the labels depend on none of `tile`, `device`, `precision` or `prune`.
     """
     ts = [float(t) for t in np.atleast_1d(thresholds)]
     if not ts or any(not 0.0 < t <= 1.0 for t in ts):
@@ -108,6 +162,7 @@ def components(
     x = np.ascontiguousarray(x, dtype=np.float32)
     n = len(x)
     t_min, t_max = min(ts), max(ts)
+    bound = screen_bound(precision, x.shape[1] if x.ndim == 2 else 1)
     labels = np.tile(np.arange(n, dtype=np.int64), (len(ts), 1))
     best = np.full(n, -np.inf, dtype=np.float32)
     if n < 2:
@@ -122,10 +177,10 @@ def components(
         s_core = xs[1:core] @ xs[0]
         best[1:core] = s_core
         best[0] = s_core.max()
-    reach = math.acos(t_min) + ANGLE_MARGIN
-    backend = _backend(device)
+    reach = math.acos(max(t_min - bound, -1.0)) + ANGLE_MARGIN
+    backend = _backend(device, precision)
     xd = backend.put(xs)
-    tiles_total = tiles_done = entries = 0
+    tiles_total = tiles_done = entries = rechecked = 0
     # Tiles never straddle the end of the absorbed group, so a tile is all group or all rest.
     blocks = [(a, min(a + tile, core)) for a in range(0, core, tile)] if core > 1 else []
     blocks += [(a, min(a + tile, n)) for a in range(core if core > 1 else 0, n, tile)]
@@ -143,10 +198,18 @@ def components(
             far = None  # pairs beyond reach: masked, so max_sim does not depend on the tiling
             if angle is not None and angle[j1 - 1] - angle[i0] > reach:
                 far = _beyond_reach(angle, i0, i1, j0, j1, reach)
-            row_max, col_max, ii, jj, vals = backend.tile(xd, i0, i1, j0, j1, t_min, core, far)
+            low = t_min - bound  # every pair that may exceed t_min exactly
+            row_max, col_max, ii, jj, vals = backend.tile(xd, i0, i1, j0, j1, low, core, far)
             np.maximum(best[i0:i1], row_max, out=best[i0:i1])
             np.maximum(best[j0:j1], col_max, out=best[j0:j1])
             if len(ii):
+                vals = vals.astype(np.float64)
+                near = np.zeros(len(vals), dtype=bool)
+                for t in ts:
+                    near |= np.abs(vals - t) <= bound
+                if near.any():  # decided on the exact value
+                    vals[near] = exact_dots(xs, ii[near], jj[near])
+                    rechecked += int(near.sum())
                 for parent, t in zip(forests, ts, strict=True):
                     keep = vals > t
                     union_pairs(parent, ii[keep], jj[keep])
@@ -158,7 +221,9 @@ def components(
         labels[k, order] = smallest[roots]
     max_sim = np.empty(n, dtype=np.float32)
     max_sim[order] = best
-    return Components(labels, max_sim, tiles_done, tiles_total, entries, max(core - 1, 0))
+    return Components(
+        labels, max_sim, tiles_done, tiles_total, entries, max(core - 1, 0), rechecked
+    )
 
 
 def _beyond_reach(angle: np.ndarray, i0: int, i1: int, j0: int, j1: int, reach: float):
@@ -190,9 +255,9 @@ def _pivot_order(x: np.ndarray, t_max: float) -> tuple[np.ndarray, np.ndarray, i
     cos[pivot] = 2.0  # first, whatever rounding says
     order = np.lexsort((np.arange(n), -cos))
     angle = np.arccos(np.minimum(cos[order], 1.0))
-    # The core is decided on float32 similarities, as every other edge is.
-    s32 = x[order[1:]] @ x[pivot]
-    inside = s32 > t_max
+    # The core is decided on exact similarities, as every other edge is.
+    rest = order[1:]
+    inside = exact_dots(x, rest, np.full(len(rest), pivot)) > t_max
     core = 1 + (int(np.argmin(inside)) if not inside.all() else len(inside))
     return order, angle, core
 
@@ -220,17 +285,39 @@ class _Numpy:
 
 
 class _Torch:
-    def __init__(self, device: str):
+    def __init__(self, device: str, precision: str = "fp32"):
         import torch
 
-        self.torch, self.device = torch, device
+        self.torch, self.device, self.precision = torch, device, precision
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
     def put(self, x: np.ndarray):
-        return self.torch.from_numpy(x).to(self.device)
+        return self.torch.from_numpy(x).to(self.device).to(self.dtype)
+
+    def _matmul(self, a, b):
+        """a @ b at the screen's precision, summed in fp32 (what screen_bound assumes): on
+        CUDA, tf32 only when asked for and no reduced-precision reductions in fp16/bf16."""
+        if not a.is_cuda:
+            return a @ b  # CPU kernels sum bf16 and fp16 products in fp32, and have no tf32
+        matmul = self.torch.backends.cuda.matmul
+        names = (
+            "allow_tf32",
+            "allow_fp16_reduced_precision_reduction",
+            "allow_bf16_reduced_precision_reduction",
+        )
+        previous = {name: getattr(matmul, name) for name in names}
+        try:
+            matmul.allow_tf32 = self.precision == "tf32"
+            matmul.allow_fp16_reduced_precision_reduction = False
+            matmul.allow_bf16_reduced_precision_reduction = False
+            return a @ b
+        finally:
+            for name, value in previous.items():
+                setattr(matmul, name, value)
 
     def tile(self, x, i0, i1, j0, j1, t_min, core, far):
         torch = self.torch
-        sim = x[i0:i1] @ x[j0:j1].T
+        sim = self._matmul(x[i0:i1], x[j0:j1].T).float()
         if i0 == j0:
             sim.fill_diagonal_(-float("inf"))
         if core > 1 and i0 < core and j0 < core:
@@ -250,12 +337,13 @@ class _Torch:
         )
 
 
-def _backend(device: str):
-    """numpy on "cpu"; torch on "cuda"/"cuda:N" (and on "torch-cpu", to test that path here)."""
-    if device == "cpu":
+def _backend(device: str, precision: str = "fp32"):
+    """numpy on "cpu" in fp32; torch on "cuda"/"cuda:N", on "torch-cpu" (to test that path
+    here), and on "cpu" for the other precisions (torch computes bf16 and fp16 on CPUs too)."""
+    if device == "cpu" and precision == "fp32":
         return _Numpy()
     if device.startswith("cuda"):
-        return _Torch(device)
-    if device == "torch-cpu":
-        return _Torch("cpu")
+        return _Torch(device, precision)
+    if device in ("cpu", "torch-cpu"):
+        return _Torch("cpu", precision)
     raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N")

@@ -92,6 +92,10 @@ class DedupConfig(StrictModel):
     keep: KeepRule = "middle"  # which member of each connected component is kept
     seed: int = 0  # seeds the `random` keep rule
     tile: int = Field(2048, ge=1)  # rows per similarity tile (memory: tile^2 floats)
+    # The similarity screen: fp32, or tf32 / bf16 / fp16 on tensor cores (torch, on CPUs too).
+    # Pairs within the screen's error bound of a threshold are recomputed exactly, so every
+    # kept flag is the same at any precision; max_sim is the screen's value.
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = "fp32"
     rows_per_task: int = Field(250_000, ge=1)  # clusters are packed into tasks of ~this many rows
     scatter_rows: int = Field(1_000_000, ge=1)  # embed rows per scatter file (a worker holds them)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the Ray cluster has them
@@ -296,6 +300,7 @@ class DedupWorker(Processor):
     seed: int  # seeds the `random` keep rule
     tile: int  # rows per similarity tile
     device: str  # cpu, cuda or auto
+    precision: str  # the similarity screen (dedup.precision)
     threads: int  # BLAS threads
     gpu: bool = False
     workers: int | None = None  # dedup.workers
@@ -342,7 +347,7 @@ class DedupWorker(Processor):
         rows = rows.take(order).combine_chunks()  # no map of the scratch is held past here
         bounds = np.searchsorted(rows.column(CLUSTER_ID).to_numpy(), item.clusters)
         sizes = np.searchsorted(rows.column(CLUSTER_ID).to_numpy(), item.clusters, "right") - bounds
-        outputs, work = [], {"tiles_computed": 0, "tiles_total": 0, "entries": 0}
+        outputs, work = [], {"tiles_computed": 0, "tiles_total": 0, "entries": 0, "rechecked": 0}
         with threadpool_limits(self.threads):  # BLAS threads for this task only
             for cluster, lo, n in zip(item.clusters, bounds.tolist(), sizes.tolist(), strict=True):
                 outputs.append(self._dedup_cluster(cluster, rows.slice(lo, n), work))
@@ -379,11 +384,14 @@ class DedupWorker(Processor):
         ids = rows.column(SAMPLE_ID)
         vectors = to_unit_float32(arrow_to_vectors(rows.column(IMG_EMB)))
         rows = rows.drop_columns([IMG_EMB])  # the float32 copy is all that is needed now
-        result = components(vectors, self.thresholds, tile=self.tile, device=self.device)
+        result = components(
+            vectors, self.thresholds, tile=self.tile, device=self.device, precision=self.precision
+        )
         del vectors
         work["tiles_computed"] += result.tiles_computed
         work["tiles_total"] += result.tiles_total
         work["entries"] += result.entries_computed
+        work["rechecked"] += result.rechecked
         ids_np = np.asarray(ids.to_pylist(), dtype=object)
         dist = rows.column(CENTROID_DIST).to_numpy()
         clip = rows.column(CLIP_SCORE).to_numpy()
@@ -510,6 +518,7 @@ class DedupStage(Stage):
             cfg.seed,
             cfg.tile,
             device=cfg.device if use_gpu else "cpu",
+            precision=cfg.precision,
             threads=1 if use_gpu else cfg.threads_per_worker,
             gpu=use_gpu,
             workers=cfg.workers,
@@ -533,6 +542,8 @@ class DedupStage(Stage):
             "tiles_computed": sum(s["tiles_computed"] for s in stats),
             "tiles_total": sum(s["tiles_total"] for s in stats),
             "similarity_entries": sum(s["entries"] for s in stats),
+            "precision": cfg.precision,
+            "pairs_rechecked": sum(s.get("rechecked", 0) for s in stats),
             "scatter_seconds": round(scatter_seconds, 3),
             "components_seconds": round(time.perf_counter() - t1, 3),
             "device": "cuda" if use_gpu else "cpu",

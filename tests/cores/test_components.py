@@ -200,3 +200,67 @@ def test_keep_rules_by_hand():
     assert kept_random(labels, ids, dist, clip) == expect
     with pytest.raises(ValueError, match="valid rules: middle, far, near, clip_max, random"):
         keep_mask(labels, ids, dist, clip, "mid")
+
+
+def pairs_at_the_thresholds(thresholds, dim=64, seed=5, ulps=6):
+    """Pairs of unit float32 vectors whose exact dot lies a few float32 ulps either side of each
+    threshold (and on it), each pair in its own random plane; returns x and the pairs with their
+    exact dots (float64 sums of the float32 products)."""
+    from condense.cores.components import exact_dots
+
+    rng = np.random.default_rng(seed)
+    rows, pairs = [], []
+    for t in thresholds:
+        for k in range(-ulps, ulps + 1):
+            q, _ = np.linalg.qr(rng.standard_normal((dim, 2)))
+            c = t + k * 2.0**-24
+            a = q[:, 0]
+            b = c * q[:, 0] + np.sqrt(1 - c * c) * q[:, 1]
+            pairs.append((len(rows), len(rows) + 1))
+            rows += [a, b]
+    x = np.array(rows, dtype=np.float32)
+    a, b = np.array(pairs).T
+    return x, a, b, exact_dots(x, a, b)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16"])
+@pytest.mark.parametrize("tile", [1, 3, 64])
+def test_every_precision_decides_pairs_at_the_threshold_exactly(precision, tile):
+    pytest.importorskip("torch")
+    ts = [0.8, 0.86, 0.9]
+    x, a, b, exact = pairs_at_the_thresholds(ts)
+    assert (np.abs(exact[:, None] - np.array(ts)).min(axis=1) < 1e-6).all()  # all at the edge
+    got = components(x, ts, tile=tile, precision=precision)
+    for k, t in enumerate(ts):
+        joined = got.labels[k][a] == got.labels[k][b]
+        assert np.array_equal(joined, exact > t), (precision, tile, t)
+    assert got.rechecked >= len(a)  # each pair sat within the bound of a threshold
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bf16", "fp16"])
+def test_low_precision_screens_give_the_fp32_components(precision):
+    pytest.importorskip("torch")
+    ts = [0.8, 0.86, 0.9]
+    for x in (planted(seed=4), giant_cluster(seed=3)):
+        ref = components(x, ts, tile=64)
+        for tile in (5, 64, 2048):
+            got = components(x, ts, tile=tile, precision=precision)
+            assert np.array_equal(got.labels, ref.labels), (precision, tile)
+
+
+def test_the_screen_bound_covers_the_error_it_claims():
+    torch = pytest.importorskip("torch")
+    from condense.cores.components import screen_bound
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((256, 768)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact = x.astype(np.float64) @ x.astype(np.float64).T
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        xt = torch.from_numpy(x).to(dtype)
+        screened = (xt @ xt.T).float().numpy().astype(np.float64)
+        worst = np.abs(screened - exact).max()
+        assert worst <= screen_bound(precision, 768), precision
+        assert worst > screen_bound(precision, 768) / 64  # the bound is not absurdly loose
+    with pytest.raises(ValueError, match="unknown precision"):
+        screen_bound("int8", 768)

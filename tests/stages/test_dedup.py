@@ -290,3 +290,16 @@ def test_resume_with_another_scatter_size_keeps_the_finished_parts(tmp_path):
     assert not any("task plan changed" in line for line in log)
     assert any(f"resuming: {len(parts)} of {len(parts)} parts" in line for line in log)
     assert read_stage(run, "dedup").equals(before)
+
+
+def test_a_bf16_screen_keeps_what_fp32_keeps_and_says_what_it_rechecked(tmp_path, rows):
+    pytest.importorskip("torch")
+    for i, precision in enumerate(["fp32", "bf16"]):
+        write_embed_and_cluster(tmp_path / str(i), rows, K, parts=2)
+        mark = run_stage(tmp_path / str(i), DedupStage(), dedup_config(precision=precision))
+        assert mark["precision"] == precision
+    fp32, bf16 = read_stage(tmp_path / "0", "dedup"), read_stage(tmp_path / "1", "dedup")
+    assert bf16.drop_columns([MAX_SIM]).equals(fp32.drop_columns([MAX_SIM]))
+    scores = [t.column(MAX_SIM).to_numpy() for t in (fp32, bf16)]
+    assert np.allclose(scores[0], scores[1], atol=0.012)  # bf16's bound at this dimension
+    assert mark["pairs_rechecked"] > 0
