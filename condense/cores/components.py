@@ -177,7 +177,7 @@ def components(
         s_core = xs[1:core] @ xs[0]
         best[1:core] = s_core
         best[0] = s_core.max()
-    reach = math.acos(max(t_min - bound, -1.0)) + ANGLE_MARGIN
+    reach = math.acos(t_min) + ANGLE_MARGIN  # on exact angles: no screen widens it
     backend = _backend(device, precision)
     xd = backend.put(xs)
     tiles_total = tiles_done = entries = rechecked = 0
