@@ -7,7 +7,7 @@ distance and cosine are settled per row in float64, with ties broken by the lowe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -87,6 +87,16 @@ class Centroids:
     c64: np.ndarray  # float64 (k, d), for the re-rank of near ties
     c_sq: np.ndarray  # float64 squared norms
     index: object | None  # faiss.IndexFlatL2 over c (CPU search at FAISS_MIN_DIM and above)
+    on_device: dict = field(default_factory=dict)  # device -> (c, c_sq / 2) as torch tensors
+
+    def torch_tensors(self, device: str):
+        """The centroids and half their squared norms on a torch device, copied there once."""
+        if device not in self.on_device:
+            import torch
+
+            half = torch.from_numpy((0.5 * self.c_sq).astype(np.float32)).to(device)
+            self.on_device[device] = (torch.from_numpy(self.c).to(device), half)
+        return self.on_device[device]
 
 
 def prepare_centroids(centroids: np.ndarray) -> Centroids:
@@ -124,9 +134,8 @@ def assign(
     # at most 2^24 of them (64 MiB) and 4 rows per dimension, so they stay in cache (at a small
     # dimension the passes over the scores cost more than the products).
     scores = max(16, min(4096, (1 << 24) // max(k, 1)))  # rows whose scores fit in 64 MiB
-    if device.startswith("cuda"):
-        step = chunk_rows or scores
-    elif prepared.index is not None:
+    # A GPU holds 4,096 x k scores (1.6 GB at k = 100,000); faiss bounds its own.
+    if device.startswith("cuda") or device == "torch-cpu" or prepared.index is not None:
         step = chunk_rows or 4096
     else:
         step = chunk_rows or min(scores, 4 * x.shape[1])
@@ -168,10 +177,12 @@ def _nearest(x: np.ndarray, prepared: Centroids, device: str) -> np.ndarray:
 def _two_nearest(x: np.ndarray, prepared: Centroids, device: str) -> tuple[np.ndarray, np.ndarray]:
     """Best centroid per row by float32 arithmetic, and the squared-distance gap to the runner-up."""
     c, c_sq = prepared.c, prepared.c_sq
-    if device.startswith("cuda"):
-        import faiss
-
-        if faiss.get_num_gpus() > 0:
+    if device.startswith("cuda") or device == "torch-cpu":  # torch-cpu: the GPU code, here
+        try:
+            import faiss
+        except ImportError:  # torch alone (the device image has no faiss)
+            faiss = None
+        if device.startswith("cuda") and faiss is not None and faiss.get_num_gpus() > 0:
             res = faiss.StandardGpuResources()
             index = faiss.GpuIndexFlatL2(res, c.shape[1])
             index.add(c)
@@ -180,9 +191,10 @@ def _two_nearest(x: np.ndarray, prepared: Centroids, device: str) -> tuple[np.nd
             return ids[:, 0].astype(np.int64), gap
         import torch  # no faiss-gpu: the same search with torch
 
+        device = "cpu" if device == "torch-cpu" else device
         xt = torch.from_numpy(x).to(device)
-        ct = torch.from_numpy(c).to(device)
-        half = 0.5 * torch.from_numpy(c_sq.astype(np.float32)).to(device)[None, :] - xt @ ct.T
+        ct, half_c = prepared.torch_tensors(device)
+        half = half_c[None, :] - xt @ ct.T
         vals, ids = torch.topk(half, k=min(2, len(c)), dim=1, largest=False)
         vals, ids = vals.cpu().numpy(), ids.cpu().numpy()
         gap = 2 * (vals[:, -1] - vals[:, 0]) if len(c) > 1 else np.full(len(x), np.inf)

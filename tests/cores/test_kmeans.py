@@ -58,3 +58,22 @@ def test_train_recovers_separated_blobs_and_warm_start():
 def test_train_needs_k_rows():
     with pytest.raises(ValueError, match="at least k=5"):
         train_kmeans(np.zeros((3, 4), np.float32), 5, niter=1, seed=0)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7, 1000])
+def test_the_gpu_code_assigns_bit_identically(chunk_rows):
+    """The torch search the GPUs run (here on the CPU) gives the CPU path's ids, distances and
+    cosines bit for bit: near ties are re-ranked in float64 by both."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    for dim in (16, 96):
+        x = rng.standard_normal((2500, dim)).astype(np.float32)
+        c = rng.standard_normal((300, dim)).astype(np.float32)
+        c[1] = c[0]  # an exact tie: the lower id wins on both
+        x[:5] = c[0]
+        ref = assign(x, c)
+        got = assign(x, c, device="torch-cpu", chunk_rows=chunk_rows)
+        assert np.array_equal(got.cluster_id, ref.cluster_id)
+        assert np.array_equal(got.centroid_dist, ref.centroid_dist)
+        assert np.array_equal(got.centroid_cos, ref.centroid_cos)
+        assert (got.cluster_id[:5] == 0).all()
