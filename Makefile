@@ -66,6 +66,9 @@ bench-store: $(STAMP) ## the funnel with RUN on a local disk vs in SeaweedFS S3 
 bench-scale: $(STAMP) ## a LAION-shaped run: 10M rows, 2,000 parts, k=100,000 (~45 min)
 	$(BIN)/python bench/bench_scale.py --json bench/scale-figures.json
 
+device-check: $(STAMP) ## the one prepared GPU check (encoder, embed path, dedup, assignment, training)
+	$(BIN)/python bench/device_check.py
+
 capacity: $(STAMP) ## the capacity plan of docs/scale.md, from the measured figures
 	$(BIN)/python bench/capacity.py
 
@@ -88,4 +91,4 @@ bench-bad-inputs: $(STAMP) ## decode with every bad-input check vs without, and 
 clean: ## remove runs, caches and the venv
 	rm -rf runs .pytest_cache .ruff_cache $(VENV)
 
-.PHONY: help install demo demo-train test test-slow test-all lint format bench bench-cluster bench-assign bench-dedup bench-select bench-embed bench-train bench-bad-inputs bench-store bench-scale capacity clean
+.PHONY: help install demo demo-train test test-slow test-all lint format bench bench-cluster bench-assign bench-dedup bench-select bench-embed bench-train bench-bad-inputs bench-store bench-scale device-check capacity clean

@@ -114,7 +114,8 @@ def batch_of(size: int, text: int, image_size: int, vocab: int, seed: int = 0) -
     return out
 
 
-def bench_stage(stage: str, args, device: torch.device, peak: float | None) -> None:
+def bench_stage(stage: str, args, device: torch.device, peak: float | None) -> dict:
+    """One stage's training step, timed; returns its figures (and prints its table row)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from condense.train.config import TrainConfig
@@ -177,6 +178,16 @@ def bench_stage(stage: str, args, device: torch.device, peak: float | None) -> N
         f"({patches} + {args.text}) | {seconds * 1e3:,.0f} | {tokens / seconds:,.0f} | "
         f"{trained / seconds:,.0f} | {tflops:,.1f} | {mfu} | {memory} |"
     )
+    return {
+        "stage": stage,
+        "vision_params_m": round(vision_params, 1),
+        "llm_params_b": round(llm_params, 3),
+        "ms_per_step": round(seconds * 1e3, 1),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "trained_tokens_per_s": round(trained / seconds, 1),
+        "tflops": round(tflops, 2),
+        "mfu": round(tflops / peak, 4) if peak else None,
+    }
 
 
 def main() -> None:
