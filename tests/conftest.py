@@ -120,6 +120,16 @@ def quiet_log(_: str) -> None:
     pass
 
 
+def assert_second_driver_refused(command: list[str], env: dict, holder_pid: int) -> None:
+    """A second real `condense run` on a held run directory exits 2, naming the holder."""
+    import socket
+    import subprocess
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert f"is in use by host {socket.gethostname()} pid {holder_pid}" in second.stderr
+
+
 @pytest.fixture
 def venv_env():
     """Environment for subprocesses that run the project's own Python and Ray CLI."""

@@ -16,7 +16,7 @@ import yaml
 
 from condense.pipeline.runner import STAGE_NAMES, run_pipeline
 from condense.synth import SynthConfig, generate
-from tests.conftest import REPO, make_config
+from tests.conftest import REPO, assert_second_driver_refused, make_config
 
 
 @pytest.fixture(scope="module")
@@ -180,16 +180,8 @@ def test_killed_run_resumes_to_the_same_output(ray_session, corpus, tmp_path, ve
         while time.time() < deadline and not (lock.exists() and lock.stat().st_size):
             time.sleep(0.01)
         # A second real driver on the same run directory is refused, naming the first.
-        second = subprocess.run(
-            [sys.executable, "-m", "condense.cli", "run", str(config), "--run-dir", str(killed)],
-            cwd=REPO,
-            env=venv_env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert second.returncode == 2, second.stderr
-        assert f"is in use by host {socket.gethostname()} pid {proc.pid}" in second.stderr
+        command = [sys.executable, "-m", "condense.cli", "run", str(config)]
+        assert_second_driver_refused([*command, "--run-dir", str(killed)], venv_env, proc.pid)
         while time.time() < deadline and len(recorded()) < 3:
             assert proc.poll() is None, "the run ended before it could be killed"
             time.sleep(0.01)

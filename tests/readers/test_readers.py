@@ -158,19 +158,10 @@ def test_two_names_for_one_file_number_are_an_error(tmp_path):
         open_reader(InputConfig(path=str(tmp_path)))
 
 
-@pytest.mark.parametrize(
-    ("payload", "message"),
-    [
-        ("zip", r"a zip archive \(\.npz\)"),
-        ("object", "holds Python objects"),
-        ("big-endian", "big-endian >f4"),
-        ("float64", "expected float16 or float32, got float64"),
-        ("truncated", "truncated"),
-    ],
-)
-def test_npy_files_that_cannot_be_memory_mapped_are_named(tmp_path, payload, message):
-    write_clip_retrieval(tmp_path, _files(np.random.default_rng(0), [3]))
-    path = tmp_path / "img_emb" / "img_emb_0.npy"
+def spoiled_corpus(root, payload: str) -> None:
+    """A one-file clip-retrieval corpus whose img_emb_0.npy is spoiled as `payload` says."""
+    write_clip_retrieval(root, _files(np.random.default_rng(0), [3]))
+    path = root / "img_emb" / "img_emb_0.npy"
     good = np.load(path)
     if payload == "zip":
         with open(path, "wb") as f:
@@ -183,6 +174,20 @@ def test_npy_files_that_cannot_be_memory_mapped_are_named(tmp_path, payload, mes
         np.save(path, good.astype(np.float64))
     else:
         path.write_bytes(path.read_bytes()[:-10])
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ("zip", r"a zip archive \(\.npz\)"),
+        ("object", "holds Python objects"),
+        ("big-endian", "big-endian >f4"),
+        ("float64", "expected float16 or float32, got float64"),
+        ("truncated", "truncated"),
+    ],
+)
+def test_npy_files_that_cannot_be_memory_mapped_are_named(tmp_path, payload, message):
+    spoiled_corpus(tmp_path, payload)
     with pytest.raises(InputError, match=rf"img_emb_0\.npy: .*{message}"):
         open_reader(InputConfig(path=str(tmp_path)))
 

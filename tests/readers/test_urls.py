@@ -95,10 +95,8 @@ def url_list(path, base, secret=None):
     return kinds
 
 
-def test_urls_download_embed_and_export(tmp_path, server):
-    secret = tmp_path / "secret.jpg"  # a real image on this machine: it must never be copied
-    secret.write_bytes(picture(999))
-    kinds = url_list(tmp_path / "urls.parquet", server, secret)
+def urls_config(path):
+    """Download every url of `url_list` into a run that keeps every sample through the funnel."""
     download = {
         "timeout": 3,
         "thread_count": 8,
@@ -108,8 +106,8 @@ def test_urls_download_embed_and_export(tmp_path, server):
         "max_response_seconds": 4.0,  # over the 3 s timeout: the "slow" ones time out first
         "max_seconds": 50.0,  # the trickle would hold its thread for a minute without the cut-off
     }
-    cfg = make_config(
-        tmp_path / "urls.parquet",
+    return make_config(
+        path,
         input={"kind": "urls", "id_column": "sample_id", "download": download},
         embed={"model": {"name": TINY, "batch_size": 8}},
         cluster={"k": 2, "sample_size": 1000},
@@ -118,6 +116,13 @@ def test_urls_download_embed_and_export(tmp_path, server):
         centroid_band={"lo": 0.0, "hi": 1.0},
         sample={"n": 1000},
     )
+
+
+def test_urls_download_embed_and_export(tmp_path, server):
+    secret = tmp_path / "secret.jpg"  # a real image on this machine: it must never be copied
+    secret.write_bytes(picture(999))
+    kinds = url_list(tmp_path / "urls.parquet", server, secret)
+    cfg = urls_config(tmp_path / "urls.parquet")
     run = tmp_path / "run"
     run_pipeline(cfg, run, log=quiet_log, progress=False)
     mark = json.loads((run / "embed" / "_stage.json").read_text())

@@ -17,7 +17,7 @@ from condense.storage.files import atomic_file, create_once, read_json
 from condense.storage.fs import location, sizes_under
 from condense.storage.parts import part_files, read_table
 from condense.storage.rundir import RunLock
-from tests.conftest import make_config, quiet_log
+from tests.conftest import assert_second_driver_refused, make_config, quiet_log
 from tests.readers.test_urls import server  # noqa: F401 (a fixture)
 
 STAGES = ("embed", "cluster", "dedup", "clip_band", "centroid_band", "sample", "export")
@@ -104,6 +104,7 @@ def test_a_second_driver_is_refused_on_s3(s3_prefix):
     run_pipeline(small_config(), s3_prefix, until="embed", log=quiet_log, progress=False)
 
 
+@pytest.mark.slow
 def test_a_killed_driver_resumes_on_s3_to_the_same_output(s3_prefix, tmp_path, venv_env):
     """A real driver (`condense run --executor local`) held mid-stage by a failpoint, a second
     driver refused while it lives, then killed: --resume takes its lock over, keeps its parts
@@ -147,16 +148,7 @@ def test_a_killed_driver_resumes_on_s3_to_the_same_output(s3_prefix, tmp_path, v
         while time.time() < deadline and len(sizes_under(records)) < 5:
             assert driver.poll() is None, "the run ended before it could be killed"
             time.sleep(0.1)
-        second = subprocess.run(
-            [*command, "--executor", "local"],
-            cwd=REPO,
-            env=venv_env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert second.returncode == 2, second.stderr
-        assert f"is in use by host {socket.gethostname()} pid {driver.pid}" in second.stderr
+        assert_second_driver_refused([*command, "--executor", "local"], venv_env, driver.pid)
         os.killpg(driver.pid, signal.SIGKILL)
     finally:
         driver.wait(timeout=60)
@@ -296,24 +288,13 @@ def test_both_embedding_layouts_read_the_same_rows_from_s3(s3_prefix, tmp_path):
     ],
 )
 def test_bad_npy_files_in_s3_are_named(s3_prefix, tmp_path, payload, message):
-    import numpy as np
 
     from condense.errors import InputError
     from condense.readers import InputConfig, open_reader
     from condense.storage.fs import put_tree
-    from tests.conftest import write_clip_retrieval
-    from tests.readers.test_readers import _files
+    from tests.readers.test_readers import spoiled_corpus
 
-    write_clip_retrieval(tmp_path, _files(np.random.default_rng(0), [3]))
-    path = tmp_path / "img_emb" / "img_emb_0.npy"
-    good = np.load(path)
-    if payload == "zip":
-        with open(path, "wb") as f:
-            np.savez(f, a=good)
-    elif payload == "big-endian":
-        np.save(path, good.astype(">f4"))
-    else:
-        path.write_bytes(path.read_bytes()[:-10])
+    spoiled_corpus(tmp_path, payload)
     put_tree(tmp_path, s3_prefix)
     where = re.escape(f"{s3_prefix}/img_emb/img_emb_0.npy")
     with pytest.raises(InputError, match=rf"^{where}: .*{message}"):
@@ -325,31 +306,12 @@ def test_urls_downloaded_into_a_run_on_s3(s3_prefix, tmp_path, server):  # noqa:
     """input.kind urls with the url list and the run directory in the store: img2dataset
     writes its shards there (the guard refusing what it refuses), and the run goes on."""
     from condense.storage.fs import put_tree
-    from tests.readers.test_urls import sample_id, url_list
-    from tests.stages.test_embed_images import TINY
+    from tests.readers.test_urls import sample_id, url_list, urls_config
 
     (tmp_path / "in").mkdir()
     kinds = url_list(tmp_path / "in" / "urls.parquet", server, tmp_path / "secret.jpg")
     put_tree(tmp_path / "in", f"{s3_prefix}/in")
-    download = {
-        "timeout": 3,
-        "thread_count": 8,
-        "number_sample_per_shard": 10,
-        "allow_networks": ["127.0.0.1/32"],
-        "max_response_bytes": 1 << 20,
-        "max_response_seconds": 4.0,
-        "max_seconds": 50.0,
-    }
-    cfg = make_config(
-        f"{s3_prefix}/in/urls.parquet",
-        input={"kind": "urls", "id_column": "sample_id", "download": download},
-        embed={"model": {"name": TINY, "batch_size": 8}},
-        cluster={"k": 2, "sample_size": 1000},
-        dedup={"threshold": 0.9999},
-        clip_band={"lo": 0.0, "hi": 1.0},
-        centroid_band={"lo": 0.0, "hi": 1.0},
-        sample={"n": 1000},
-    )
+    cfg = urls_config(f"{s3_prefix}/in/urls.parquet")
     run = f"{s3_prefix}/run"
     manifest = run_pipeline(cfg, run, log=quiet_log, progress=False)
     mark = read_json(location(run) / "embed" / "_stage.json")
