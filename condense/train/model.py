@@ -156,20 +156,27 @@ def local_path(path: str) -> str:
     return list(spec.submodule_search_locations)[0]
 
 
-def build_llm(path: str | None = None, config: dict | None = None, gguf_file: str | None = None):
+def build_llm(
+    path: str | None = None,
+    config: dict | None = None,
+    gguf_file: str | None = None,
+    attention: str = "sdpa",
+):
     """A causal LM: from a local path (a GGUF file in it with `gguf_file`) or a config dict
-    (`model_type` plus sizes) with random weights."""
+    (`model_type` plus sizes) with random weights, running its attention with `attention`
+    (sdpa, eager or flash_attention_2: transformers' own implementations)."""
     import transformers
 
     if path:
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            local_path(path), gguf_file=gguf_file
+            local_path(path), gguf_file=gguf_file, attn_implementation=attention
         )
         if gguf_file:  # de-quantised on load, yet still marked quantised: not savable (merged/)
             settings = model.config.to_dict()
             settings.pop("quantization_config", None)
+            settings.pop("_attn_implementation", None)
             plain = transformers.AutoModelForCausalLM.from_config(
-                transformers.AutoConfig.for_model(**settings)
+                transformers.AutoConfig.for_model(**settings), attn_implementation=attention
             )
             plain.load_state_dict(model.state_dict(), strict=True)
             model = plain
@@ -177,7 +184,7 @@ def build_llm(path: str | None = None, config: dict | None = None, gguf_file: st
     cfg = dict(config or {})
     model_type = cfg.pop("model_type", "llama")
     return transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(model_type, **cfg)
+        transformers.AutoConfig.for_model(model_type, **cfg), attn_implementation=attention
     )
 
 

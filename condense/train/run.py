@@ -43,7 +43,7 @@ def build_model(cfg: TrainConfig):
             layer=cfg.vision.layer,
             model=cfg.vision.model,
         )
-        llm = build_llm(cfg.llm.path, cfg.llm.config, cfg.llm.gguf_file)
+        llm = build_llm(cfg.llm.path, cfg.llm.config, cfg.llm.gguf_file, cfg.llm.attention)
         projector = projector_builder(vision.hidden_size, llm.config.hidden_size)
     tokenizer = load_tokenizer(cfg.llm.tokenizer or cfg.llm.path, cfg.llm.gguf_file)
     return BunnyModel(vision, projector, llm), tokenizer

@@ -273,3 +273,14 @@ def test_pixels_are_normalised_as_the_tower_was_trained():
     assert white.shape == (3, 32, 32) and np.allclose(white, 1.0)  # (1 - 0.5) / 0.5
     white, _ = pixels(buf.getvalue(), 32, clip.mean, clip.std)
     assert np.allclose(white[0], (1 - 0.48145466) / 0.26862954)
+
+
+def test_the_llm_runs_the_attention_kernel_asked_for():
+    from condense.train.config import TrainConfig
+
+    for attention in ("sdpa", "eager"):
+        llm = build_llm(config=LLM, attention=attention)
+        assert llm.config._attn_implementation == attention
+    assert TrainConfig().llm.attention == "sdpa"  # PyTorch's fused attention by default
+    with pytest.raises(ValueError, match="attention"):
+        TrainConfig(llm={"attention": "xformers"})
