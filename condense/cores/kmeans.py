@@ -28,27 +28,29 @@ def train_kmeans(
     device: str = "cpu",
     threads: int | None = None,
 ) -> np.ndarray:
-    """Train k-means on the rows of x with faiss; returns float32 centroids of shape (k, d).
+    """Train k-means on the rows of x; returns float32 centroids of shape (k, d).
 
-    `init_centroids` warm-starts training (the recipe's rounds over fresh samples).
-    `device='cuda'` uses faiss-gpu when it is installed, and fails clearly when it is not.
+    `init_centroids` warm-starts training (the recipe's rounds over fresh samples). On CPUs and
+    with faiss-gpu, faiss trains; `device='cuda'` without faiss-gpu (or 'torch-cpu', to test
+    that path here) trains with torch (`_train_torch`, the same Lloyd iterations).
     """
-    try:
-        import faiss
-    except ImportError as exc:
-        raise ImportError(
-            "k-means needs faiss: pip install 'condense[cpu]' (faiss-cpu) or 'condense[gpu]' (faiss-gpu)"
-        ) from exc
-
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if n < k:
         raise ValueError(f"k-means needs at least k={k} training rows, got {n}")
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
     use_gpu = device.startswith("cuda")
-    if use_gpu and faiss.get_num_gpus() == 0:
-        raise RuntimeError("cluster.device is cuda but faiss sees no GPU (install faiss-gpu)")
+    if device == "torch-cpu" or (use_gpu and (faiss is None or faiss.get_num_gpus() == 0)):
+        return _train_torch(x, k, niter, seed, spherical, init_centroids, device)
+    if faiss is None:
+        raise ImportError(
+            "k-means needs faiss: pip install 'condense[cpu]' (faiss-cpu) or 'condense[gpu]' (faiss-gpu)"
+        )
     if threads:
         faiss.omp_set_num_threads(int(threads))
     km = faiss.Kmeans(
@@ -66,6 +68,40 @@ def train_kmeans(
     init = None if init_centroids is None else np.ascontiguousarray(init_centroids, np.float32)
     km.train(x, init_centroids=init)
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def _train_torch(x, k, niter, seed, spherical, init_centroids, device) -> np.ndarray:
+    """Lloyd's k-means in torch (a GPU without faiss-gpu): start from `init_centroids` or k
+    seeded random rows, then `niter` times assign every row to its nearest centroid (in chunks
+    of 4,096 rows) and move each centroid to its rows' mean (sums in float64). An empty cluster
+    takes half of the largest one, as faiss does: both centroids moved a little apart."""
+    import torch
+
+    where = "cpu" if device == "torch-cpu" else device
+    rng = np.random.default_rng(seed)
+    xt = torch.from_numpy(x).to(where)
+    if init_centroids is not None:
+        c = torch.from_numpy(np.ascontiguousarray(init_centroids, np.float32)).to(where)
+    else:
+        c = xt[torch.from_numpy(rng.permutation(len(x))[:k]).to(where)].clone()
+    for _ in range(niter):
+        half = 0.5 * (c * c).sum(dim=1)
+        labels = torch.cat(
+            [(half[None, :] - xt[i : i + 4096] @ c.T).argmin(dim=1) for i in range(0, len(x), 4096)]
+        )
+        sums = torch.zeros((k, x.shape[1]), dtype=torch.float64, device=where)
+        sums.index_add_(0, labels, xt.double())
+        counts = torch.bincount(labels, minlength=k)
+        c = (sums / counts.clamp(min=1)[:, None]).float()
+        for empty in torch.nonzero(counts == 0).flatten().tolist():
+            big = int(torch.argmax(counts))
+            nudge = 1.0 / 1024
+            c[empty], c[big] = c[big] * (1 + nudge), c[big] * (1 - nudge)
+            counts[empty] = counts[big] // 2
+            counts[big] -= counts[empty]
+        if spherical:
+            c = c / c.norm(dim=1, keepdim=True).clamp(min=1e-12)
+    return np.ascontiguousarray(c.cpu().numpy(), dtype=np.float32)
 
 
 @dataclass(frozen=True)

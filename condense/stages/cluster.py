@@ -218,10 +218,8 @@ class KMeansTrainer(Processor):
                 f"cluster: the training sample has {len(sample)} rows, fewer than k={self.k}"
             )
         device = self.device
-        if device == "auto":
-            import faiss
-
-            device = "cuda" if faiss.get_num_gpus() > 0 else "cpu"  # training needs faiss-gpu
+        if device == "auto":  # faiss-gpu where installed, else torch on the GPU
+            device = "cuda" if gpu_available() else "cpu"
         centroids = train_kmeans(
             sample,
             self.k,

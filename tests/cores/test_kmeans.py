@@ -77,3 +77,26 @@ def test_the_gpu_code_assigns_bit_identically(chunk_rows):
         assert np.array_equal(got.centroid_dist, ref.centroid_dist)
         assert np.array_equal(got.centroid_cos, ref.centroid_cos)
         assert (got.cluster_id[:5] == 0).all()
+
+
+def test_the_torch_trainer_finds_the_blobs_faiss_finds():
+    """A GPU without faiss-gpu trains with torch (here on the CPU): warm-started or from seeded
+    rows it recovers separated blobs, deterministically, and fills an empty cluster."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    centers = rng.standard_normal((4, 16)).astype(np.float32) * 5
+    labels = rng.integers(0, 4, 2000)
+    x = centers[labels] + rng.standard_normal((2000, 16)).astype(np.float32) * 0.1
+    faiss_cent = train_kmeans(x, 4, niter=20, seed=0, init_centroids=centers + 0.5)
+    torch_cent = train_kmeans(
+        x, 4, niter=20, seed=0, init_centroids=centers + 0.5, device="torch-cpu"
+    )
+    assert np.allclose(torch_cent, faiss_cent, atol=1e-3)  # the same Lloyd fixed point
+    again = train_kmeans(x, 4, niter=20, seed=0, init_centroids=centers + 0.5, device="torch-cpu")
+    assert np.array_equal(torch_cent, again)
+    # An initial centroid far from every row gets no row: it takes half of the largest cluster.
+    init = np.vstack([centers[:3] + 0.5, np.full((1, 16), 1e3, np.float32)])
+    cent = train_kmeans(x, 4, niter=20, seed=0, init_centroids=init, device="torch-cpu")
+    assert np.abs(cent).max() < 100 and len(np.unique(assign(x, cent).cluster_id)) == 4
+    spherical = train_kmeans(x, 4, niter=5, seed=3, spherical=True, device="torch-cpu")
+    assert np.allclose(np.linalg.norm(spherical, axis=1), 1.0, atol=1e-5)
