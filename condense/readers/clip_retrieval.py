@@ -20,7 +20,7 @@ from condense.readers import (
     read_parquet_rows,
 )
 from condense.storage.fs import file_size, is_url, location, relative
-from condense.storage.parts import parquet_file
+from condense.storage.parts import npy_header, parquet_file
 
 _NUMBERED = re.compile(r"^(img_emb|text_emb|metadata)_(\d+)\.(npy|parquet)$")
 
@@ -45,17 +45,6 @@ def _numbered(folder: Path, stem: str, ext: str) -> dict[int, Path]:
 NPY_DTYPES = (np.dtype("<f2"), np.dtype("<f4"))  # what condense memory-maps as embeddings
 
 
-def _npy_header(f) -> tuple[tuple[int, ...], np.dtype, int]:
-    from numpy.lib import format as npy
-
-    version = npy.read_magic(f)
-    if version == (1, 0):
-        shape, _fortran, dtype = npy.read_array_header_1_0(f)
-    else:
-        shape, _fortran, dtype = npy.read_array_header_2_0(f)
-    return shape, dtype, f.tell()
-
-
 def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype from a .npy header alone; anything but a complete little-endian float16
     or float32 array (a zip, an object or big-endian array, a truncated file) is an error
@@ -63,7 +52,7 @@ def _npy_shape(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     path = location(path)
     try:
         with path.open("rb") as f:
-            shape, dtype, offset = _npy_header(f)
+            shape, dtype, offset = npy_header(f)
     except Exception as exc:  # noqa: BLE001 - any unreadable header gets the same message
         head = b""
         if path.is_file():
@@ -90,7 +79,7 @@ def npy_rows(path: str, start: int, stop: int) -> np.ndarray:
     if not is_url(path):
         return np.asarray(np.load(path, mmap_mode="r")[start:stop])
     with location(path).open("rb") as f:
-        shape, dtype, offset = _npy_header(f)
+        shape, dtype, offset = npy_header(f)
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         f.seek(offset + start * row_bytes)
         data = f.read((stop - start) * row_bytes)

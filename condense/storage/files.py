@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from condense.storage.fs import file_size, filesystem, is_url, location, sizes_under
+from condense.storage.fs import file_size, filesystem, is_url, location, relative, sizes_under
 
 
 @contextmanager
@@ -113,15 +113,7 @@ def file_sizes(folder: Path, paths: list[str]) -> dict[str, int]:
     workers gave them: absolute, or relative to the same working directory as `folder`; URLs
     in an object store)."""
     if is_url(folder):
-        fs, base = filesystem(folder)
-        base = base.rstrip("/") + "/"
-        out = {}
-        for path in paths:
-            inner = filesystem(path)[1]
-            if not inner.startswith(base):
-                raise ValueError(f"{path} is not inside {folder}")
-            out[inner[len(base) :]] = int(fs.info(inner)["size"])
-        return out
+        return {relative(path, folder): file_size(path) for path in paths}
     base = Path(folder).resolve()
     out = {}
     for path in paths:

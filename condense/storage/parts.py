@@ -293,14 +293,21 @@ def read_array(path: Path | str, mmap: bool = False) -> np.ndarray:
     return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
 
 
-def array_shape(path: Path | str) -> tuple[int, ...]:
-    """The shape of a `.npy` file from its header alone (one small read in a store)."""
+def npy_header(f) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of the `.npy` file open as `f` (its header alone: nothing
+    is unpickled)."""
     from numpy.lib import format as npy
 
+    version = npy.read_magic(f)
+    read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+    shape, _fortran, dtype = read(f)
+    return tuple(shape), dtype, f.tell()
+
+
+def array_shape(path: Path | str) -> tuple[int, ...]:
+    """The shape of a `.npy` file from its header alone (one small read in a store)."""
     with location(path).open("rb") as f:
-        version = npy.read_magic(f)
-        read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
-        return tuple(read(f)[0])
+        return npy_header(f)[0]
 
 
 def scratch_schema(path: Path | str) -> pa.Schema:

@@ -209,36 +209,29 @@ def claim(root: str | Path, inputs: tuple[str | None, ...] = ()) -> Path:
     return root if is_url(root) else root.resolve()
 
 
-def _gone_here(holder: dict) -> bool:
-    """Whether a lock's holder was a process of this host that no longer runs."""
-    import socket
-
-    pid = holder.get("pid")
-    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _alive_here(holder: dict) -> bool:
-    """Whether a lock's holder is a live process of this host (other than this one)."""
+def _holder_here(holder: dict) -> str | None:
+    """For a lock's holder of this host (other than this process): "alive" or "gone"; None for
+    another host, this process, or a pid that cannot be read."""
     import socket
 
     pid = holder.get("pid")
     if holder.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
-        return False
+        return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return "gone"
     except PermissionError:
-        return True
-    return True
+        return "alive"
+    return "alive"
+
+
+def _alive_here(holder: dict) -> bool:
+    return _holder_here(holder) == "alive"
+
+
+def _gone_here(holder: dict) -> bool:
+    return _holder_here(holder) == "gone"
 
 
 LOCK_HEARTBEAT = 10.0  # seconds between a store lock's refreshes
