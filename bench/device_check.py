@@ -14,14 +14,15 @@ It measures, and writes as one JSON (--out) and one table:
 1. **encoder**: ViT-L/14 image encoding at 224 px in bf16: images/s, TFLOP/s, MFU (FLOPs
    counted by torch's FlopCounterMode, against the GPU's dense bf16 peak).
 2. **embed path**: a few hundred real JPEGs (--photos, else the photos shipped with
-   scikit-image, else generated ones) decoded (on the GPU with torchvision's `decode_jpeg`
-   where it can, else PIL), resized and normalised, then encoded: images/s, and the fraction of
-   the encoder alone.
+   scikit-image, else generated ones) through the embed actor's own code: decoded on the GPU
+   (torchvision's `decode_jpeg`, nvJPEG), resized, cropped and normalised there, encoded:
+   images/s, the fraction of the encoder alone, and the cosine to the Pillow path's embeddings.
 3. **dedup**: `cores.components` on one cluster of each kind (typical, singletons, duplicate) of
    20,000 and 50,000 rows x 768, screened in fp32 and in bf16: seconds, the similarity work's
    TFLOP/s and its fraction of the fp32 and bf16 peaks, pairs rechecked, and whether the
    components equal the fp32 CPU result.
-4. **k-means assignment**: 1M rows x 768 to 100,000 centroids: rows/s.
+4. **k-means assignment**: 1M rows x 768 to 100,000 centroids screened in fp32, fp16 and bf16:
+   rows/s, and whether every screen gives the same assignment, also as the CPU path's.
 5. **training**: one Bunny step of the SigLIP-so400m + 1.5B LLM configuration, stage 1 and 2:
    tokens/s and MFU (bench/gpu_train.py's step).
 """
@@ -114,59 +115,53 @@ def photos(args) -> list[bytes]:
 
 
 def check_embed_path(args, encoder: dict) -> dict:
-    """Decode, resize to the model's size, normalise, encode: the whole path per image."""
-    import torch.nn.functional as F
-    from PIL import Image
+    """The embed actor's own path per batch (`stages/embed/pixels.py`, `clip.py`): JPEGs
+    decoded on the device (nvJPEG, batched), resized, cropped and normalised there, then
+    encoded; images/s, the fraction of the encoder alone, and the cosine between these image
+    embeddings and those of the Pillow path on the CPU."""
+    from condense.cores.images import decode_rgb
+    from condense.readers.shards import ShardLimits
+    from condense.stages.embed.clip import ClipEncoder, image_transform, preprocess_config
+    from condense.stages.embed.pixels import DevicePixels
 
-    net, size = load(TINY_CLIP if args.tiny else "ViT-L-14", args.device)
-    data = photos(args)
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073], device=args.device).view(3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711], device=args.device).view(3, 1, 1)
-    gpu_decode = args.device.startswith("cuda")
-    if gpu_decode:
-        try:
-            from torchvision.io import decode_jpeg
-        except ImportError:
-            gpu_decode = False
-
-    def prepare(tensor):  # uint8 CHW on the device -> normalised float at the model's size
-        x = tensor.float().div_(255).unsqueeze(0)
-        x = F.interpolate(
-            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-        )
-        return (x[0] - mean) / std
-
-    def decode(batch):
-        if gpu_decode:
-            raw = [torch.frombuffer(b, dtype=torch.uint8) for b in batch]
-            return decode_jpeg(raw, device=args.device)
-        out = []
-        for b in batch:
-            pixels = np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
-            out.append(torch.from_numpy(pixels).permute(2, 0, 1).to(args.device))
-        return out
-
-    kind = args.device.split(":")[0]
-    dtype = torch.bfloat16 if kind == "cuda" else torch.float32
+    model = TINY_CLIP if args.tiny else "ViT-L-14"
+    cuda = args.device.startswith("cuda")
     batch_size = 8 if args.tiny else 128
+    clip = ClipEncoder(
+        model, device=args.device, precision="bf16" if cuda else "fp32", batch_size=batch_size
+    )
+    cfg = preprocess_config(model)
+    transform = image_transform(cfg)
+    device_pixels = DevicePixels(cfg, args.device, transform, ShardLimits())
+    data = photos(args)
 
-    def run():
+    def run() -> np.ndarray:
+        out = []
         for i in range(0, len(data), batch_size):
-            pixels = torch.stack([prepare(t) for t in decode(data[i : i + batch_size])])
-            with torch.inference_mode(), torch.autocast(kind, dtype=dtype, enabled=kind == "cuda"):
-                net.encode_image(pixels)
+            pixels, _keep, _dropped = device_pixels(data[i : i + batch_size])
+            out.append(clip.encode_images(pixels))
+        return np.concatenate(out)
 
     run()  # warm-up (decoder and kernels)
     synchronize(args.device)
     start = time.perf_counter()
-    run()
+    got = run()
     synchronize(args.device)
     rate = len(data) / (time.perf_counter() - start)
+    pil = np.concatenate(
+        [
+            clip.encode_images(torch.stack([transform(decode_rgb(d)[0]) for d in data[i : i + 32]]))
+            for i in range(0, min(len(data), 128), 32)
+        ]
+    )
+    cos = (got[: len(pil)] * pil).sum(axis=1)
     return {
         "images": len(data),
-        "decode": "gpu (torchvision decode_jpeg)" if gpu_decode else "cpu (PIL)",
+        "decode": "nvJPEG (torchvision decode_jpeg)" if cuda else "torchvision on the CPU",
         "images_per_s": round(rate, 1),
         "fraction_of_encoder": round(rate / encoder["images_per_s"], 3),
+        "cosine_vs_pillow_min": round(float(cos.min()), 6),
+        "cosine_vs_pillow_mean": round(float(cos.mean()), 6),
     }
 
 
@@ -222,6 +217,8 @@ def check_dedup(args, peak_bf16: float | None, peak_fp32: float | None) -> list[
 
 
 def check_assign(args) -> dict:
+    """1M rows to 100,000 centroids at each screen precision: rows/s, and the assignment the
+    same at every precision and, on the first 4,096 rows, the same as the CPU path's."""
     from condense.cores.kmeans import assign, prepare_centroids
 
     rows, k, dim = (2000, 100, 32) if args.tiny else (1_000_000, 100_000, 768)
@@ -229,22 +226,26 @@ def check_assign(args) -> dict:
     x = rng.standard_normal((rows, dim), dtype=np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     centroids = prepare_centroids(rng.standard_normal((k, dim), dtype=np.float32) / np.sqrt(dim))
-    device = args.device if args.device.startswith("cuda") else "cpu"
-    assign(x[:4096], centroids, device=device)  # warm-up: the centroids copied to the device
-    synchronize(args.device)
-    start = time.perf_counter()
-    got = assign(x, centroids, device=device)
-    synchronize(args.device)
-    seconds = time.perf_counter() - start
-    return {
-        "rows": rows,
-        "k": k,
-        "dim": dim,
-        "seconds": round(seconds, 2),
-        "rows_per_s": round(rows / seconds, 1),
-        "tflops": round(2 * rows * k * dim / seconds / 1e12, 2),
-        "clusters_used": int(len(np.unique(got.cluster_id))),
-    }
+    device = args.device if args.device.startswith("cuda") else "torch-cpu"
+    out: dict = {"rows": rows, "k": k, "dim": dim}
+    ids = {}
+    for screen in ("fp32", "fp16", "bf16"):
+        assign(x[:4096], centroids, device=device, screen=screen)  # warm-up: centroids copied
+        synchronize(args.device)
+        start = time.perf_counter()
+        ids[screen] = assign(x, centroids, device=device, screen=screen).cluster_id
+        synchronize(args.device)
+        seconds = time.perf_counter() - start
+        out[screen] = {
+            "seconds": round(seconds, 2),
+            "rows_per_s": round(rows / seconds, 1),
+            "tflops": round(2 * rows * k * dim / seconds / 1e12, 2),
+        }
+    cpu = assign(x[:4096], centroids, device="cpu").cluster_id
+    out["same_at_every_screen"] = all(np.array_equal(v, ids["fp32"]) for v in ids.values())
+    out["same_as_cpu"] = bool(np.array_equal(ids["fp16"][:4096], cpu))
+    out["clusters_used"] = int(len(np.unique(ids["fp16"])))
+    return out
 
 
 def check_training(args, peak: float | None) -> list[dict]:
@@ -276,7 +277,8 @@ def table(result: dict) -> str:
         f"| encoder {e['model']} {e['image_size']} px {e['precision']} | {e['images_per_s']:,} "
         f"images/s, {e['tflops']} TFLOP/s, MFU {e['mfu']} |",
         f"| embed path ({p['decode']}, {p['images']} JPEGs) | {p['images_per_s']:,} images/s, "
-        f"{p['fraction_of_encoder']:.0%} of the encoder |",
+        f"{p['fraction_of_encoder']:.0%} of the encoder; cosine to Pillow's min "
+        f"{p['cosine_vs_pillow_min']}, mean {p['cosine_vs_pillow_mean']} |",
     ]
     for d in result["dedup"]:
         lines.append(
@@ -285,9 +287,14 @@ def table(result: dict) -> str:
             f"{d['of_fp32_peak']}), {d['pairs_rechecked']:,} rechecked, same as fp32 CPU: "
             f"{d['same_as_fp32_cpu']} |"
         )
+    for screen in ("fp32", "fp16", "bf16"):
+        lines.append(
+            f"| assign {a['rows']:,} rows to {a['k']:,} centroids, {screen} screen | "
+            f"{a[screen]['rows_per_s']:,} rows/s ({a[screen]['tflops']} TFLOP/s) |"
+        )
     lines.append(
-        f"| assign {a['rows']:,} rows to {a['k']:,} centroids | {a['rows_per_s']:,} rows/s "
-        f"({a['tflops']} TFLOP/s) |"
+        f"| assign: same at every screen / same as the CPU | {a['same_at_every_screen']} / "
+        f"{a['same_as_cpu']} |"
     )
     for t in result["training"]:
         lines.append(

@@ -28,8 +28,6 @@ GROUP_ID = "group_id"  # truth.parquet (synth, the demo): the planted duplicate 
 # Scratch files (removed when their stage is complete).
 ROW = "row"  # a row's position in the part it came from
 ORDER_KEY = "order_key"  # ranked stages: a row's uint64 order key
-IMG = "img"  # embed/_encoded: image embeddings of one decoded chunk
-TXT = "txt"  # embed/_encoded: caption embeddings of one decoded chunk
 
 # export/shards/*.parquet, img2dataset's index of a shard.
 KEY = "key"  # the sample's member name in its tar, without the extension

@@ -23,7 +23,9 @@ def test_the_device_check_runs_tiny_on_the_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["seconds"]) == {"encoder", "embed_path", "dedup", "assign", "training"}
     assert result["encoder"]["images_per_s"] > 0 and result["encoder"]["gflop_per_image"] > 0
-    assert result["embed_path"]["images"] == 16 and result["embed_path"]["images_per_s"] > 0
+    path = result["embed_path"]
+    assert path["images"] == 16 and path["images_per_s"] > 0
+    assert path["cosine_vs_pillow_min"] > 0.99  # the device decode agrees with Pillow
     dedup = result["dedup"]
     assert {(d["kind"], d["precision"]) for d in dedup} == {
         (kind, precision)
@@ -31,7 +33,10 @@ def test_the_device_check_runs_tiny_on_the_cpu(tmp_path):
         for precision in ("fp32", "bf16")
     }
     assert all(d["same_as_fp32_cpu"] for d in dedup)  # decisions identical at every precision
-    assert result["assign"]["rows_per_s"] > 0 and result["assign"]["clusters_used"] > 1
+    assign = result["assign"]
+    assert all(assign[s]["rows_per_s"] > 0 for s in ("fp32", "fp16", "bf16"))
+    assert assign["same_at_every_screen"] and assign["same_as_cpu"]
+    assert assign["clusters_used"] > 1
     assert [t["stage"] for t in result["training"]] == ["stage1", "stage2"]
     assert all(t["tokens_per_s"] > 0 for t in result["training"])
     assert "| dedup typical 300 rows bf16 |" in done.stdout  # the table

@@ -41,6 +41,23 @@ def decode_rgb(
 ):
     """(PIL RGB image, None) or (None, drop reason): `empty_image`, `unsupported_format`,
     `corrupt_image`, `too_large`, `extreme_aspect`."""
+    return _decode(data, max_pixels, max_aspect_ratio, plain_jpeg_ok=False)
+
+
+def decode_or_plain_jpeg(
+    data: bytes, max_pixels: int = MAX_PIXELS, max_aspect_ratio: float = MAX_ASPECT_RATIO
+):
+    """As `decode_rgb`, except that a plain JPEG (baseline or progressive, RGB or grayscale,
+    upright: no EXIF turn) that passes the header checks is not decoded here: (PLAIN_JPEG,
+    None) says so, and a device decoder (nvJPEG) takes its bytes. Everything else is decoded
+    here, as `decode_rgb` would."""
+    return _decode(data, max_pixels, max_aspect_ratio, plain_jpeg_ok=True)
+
+
+PLAIN_JPEG = "plain_jpeg"  # decode_or_plain_jpeg: the bytes go to the device decoder as they are
+
+
+def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float, plain_jpeg_ok: bool):
     from PIL import Image
 
     if not data:
@@ -57,6 +74,8 @@ def decode_rgb(
                 return None, "too_large"
             if max(width, height) > max_aspect_ratio * min(width, height):
                 return None, "extreme_aspect"
+            if plain_jpeg_ok and _plain_jpeg(image):
+                return PLAIN_JPEG, None
             image.load()  # the first frame of an animated image, nothing more
             image = _upright(image)
             return _rgb(image), None
@@ -68,6 +87,17 @@ def decode_rgb(
         return None, "corrupt_image"
     except Exception:  # noqa: BLE001 - any decoder failure on untrusted bytes is a drop
         return None, "corrupt_image"
+
+
+def _plain_jpeg(image) -> bool:
+    """A JPEG a device decoder turns into the RGB pixels Pillow would: 8-bit RGB (YCbCr) or
+    grayscale, and no EXIF orientation to apply (read from the header; nothing is decoded)."""
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return False
+    try:
+        return image.getexif().get(0x0112, 1) == 1
+    except Exception:  # noqa: BLE001 - an unreadable EXIF block: let Pillow decode it
+        return False
 
 
 def _upright(image):

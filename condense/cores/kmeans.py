@@ -1,8 +1,11 @@
-"""k-means training (faiss) and exact nearest-centroid assignment.
+"""k-means training (faiss, or torch on a GPU without faiss-gpu) and exact nearest-centroid
+assignment.
 
-Assignment is written to give bit-identical answers whatever the batch a row arrives in: the
-candidate search is a float32 matrix product (fast, batch-shaped), but the winner and its
-distance and cosine are settled per row in float64, with ties broken by the lower centroid id.
+Assignment gives bit-identical answers whatever the batch a row arrives in, the device and the
+precision of its products: the candidate search is a screen (faiss or BLAS in fp32 on CPUs,
+torch in fp32, tf32, bf16 or fp16 on a GPU) with a rigorous error bound; the rows it cannot
+decide are settled in float64 and ties within float64 rounding by exact sums, ties to the
+lower centroid id (`_nearest`). The distance and cosine are computed per row in float64.
 """
 
 from __future__ import annotations
@@ -11,9 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Rows whose two best float32 squared distances are closer than this are re-ranked in float64:
-# float32 matrix-product error on unit vectors is ~1e-6, so this is a wide safety margin.
-_AMBIGUITY = 1e-4
 FAISS_MIN_DIM = 64  # CPU candidate search: faiss from this dimension on, BLAS tiles below
 
 
@@ -120,19 +120,31 @@ class Centroids:
     d = 768 each build copies 300 MB)."""
 
     c: np.ndarray  # float32 (k, d)
-    c64: np.ndarray  # float64 (k, d), for the re-rank of near ties
+    c64: np.ndarray  # float64 (k, d), for the exact re-rank of near ties
     c_sq: np.ndarray  # float64 squared norms
     index: object | None  # faiss.IndexFlatL2 over c (CPU search at FAISS_MIN_DIM and above)
-    on_device: dict = field(default_factory=dict)  # device -> (c, c_sq / 2) as torch tensors
+    norm_max: float = 1.0  # the largest centroid norm (the screens' error bounds scale with it)
+    on_device: dict = field(default_factory=dict)  # (device, precision) -> torch tensors
 
-    def torch_tensors(self, device: str):
-        """The centroids and half their squared norms on a torch device, copied there once."""
-        if device not in self.on_device:
+    def torch_tensors(self, device: str, precision: str):
+        """On a torch device, copied there once: the centroids at the screen's precision, half
+        their squared norms (float32), and the float64 centroids and squared norms."""
+        key = (device, precision)
+        if key not in self.on_device:
             import torch
 
+            from condense.cores.screen import screen_dtype
+
+            c = torch.from_numpy(self.c).to(device)
             half = torch.from_numpy((0.5 * self.c_sq).astype(np.float32)).to(device)
-            self.on_device[device] = (torch.from_numpy(self.c).to(device), half)
-        return self.on_device[device]
+            c64 = torch.from_numpy(self.c64).to(device)
+            self.on_device[key] = (
+                c.to(screen_dtype(precision)),
+                half,
+                c64,
+                torch.from_numpy(self.c_sq).to(device),
+            )
+        return self.on_device[key]
 
 
 def prepare_centroids(centroids: np.ndarray) -> Centroids:
@@ -147,7 +159,8 @@ def prepare_centroids(centroids: np.ndarray) -> Centroids:
             index.add(c)
         except ImportError:
             pass
-    return Centroids(c, c64, np.einsum("ij,ij->i", c64, c64), index)
+    c_sq = np.einsum("ij,ij->i", c64, c64)
+    return Centroids(c, c64, c_sq, index, float(np.sqrt(c_sq.max(initial=0.0))))
 
 
 def assign(
@@ -156,8 +169,11 @@ def assign(
     *,
     device: str = "cpu",
     chunk_rows: int | None = None,
+    screen: str = "fp32",
 ) -> Assignment:
-    """Assign each row of x to its nearest centroid (squared Euclidean distance, ties to the lower id)."""
+    """Assign each row of x to its nearest centroid (squared Euclidean distance, ties to the
+    lower id). The answer is the exact one whatever the device, the chunk and the `screen` (the
+    precision of a torch device's products: fp32, tf32, bf16 or fp16; CPUs search in fp32)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     prepared = centroids if isinstance(centroids, Centroids) else prepare_centroids(centroids)
     c, c_sq = prepared.c, prepared.c_sq
@@ -170,8 +186,8 @@ def assign(
     # at most 2^24 of them (64 MiB) and 4 rows per dimension, so they stay in cache (at a small
     # dimension the passes over the scores cost more than the products).
     scores = max(16, min(4096, (1 << 24) // max(k, 1)))  # rows whose scores fit in 64 MiB
-    # A GPU holds 4,096 x k scores (1.6 GB at k = 100,000); faiss bounds its own.
-    if device.startswith("cuda") or device == "torch-cpu" or prepared.index is not None:
+    # A GPU holds 4,096 x k scores (1.6 GB at k = 100,000).
+    if _on_torch(device) or prepared.index is not None:
         step = chunk_rows or 4096
     else:
         step = chunk_rows or min(scores, 4 * x.shape[1])
@@ -181,7 +197,7 @@ def assign(
     for start in range(0, n, step):
         stop = min(n, start + step)
         xs = x[start:stop]
-        chosen = _nearest(xs, prepared, device)
+        chosen = _nearest(xs, prepared, device, screen)
         ids[start:stop] = chosen
         # Per row: float32 element-wise terms, float64 sums. No term depends on the other rows
         # of the chunk, so these bits are the same whatever batch a row arrives in.
@@ -196,57 +212,164 @@ def assign(
     return Assignment(ids.astype(np.int32), dist.astype(np.float32), cos.astype(np.float32))
 
 
-def _nearest(x: np.ndarray, prepared: Centroids, device: str) -> np.ndarray:
-    """Nearest centroid ids for one chunk: float32 candidates, float64 re-rank of near ties."""
-    best, gap = _two_nearest(x, prepared, device)
-    if len(prepared.c) == 1:
-        return best
-    unsure = np.flatnonzero(gap <= _AMBIGUITY)
-    if len(unsure):
-        # Near ties (often two centroids faiss split from one) are settled in float64;
-        # argmin returns the first, so exact ties go to the lower centroid id.
-        exact = prepared.c_sq[None, :] - 2.0 * (x[unsure].astype(np.float64) @ prepared.c64.T)
-        best[unsure] = np.argmin(exact, axis=1)
+def _on_torch(device: str) -> bool:
+    return device.startswith("cuda") or device == "torch-cpu"
+
+
+def screen_error(precision: str, dim: int, row_norm: float, centroid_norm: float) -> float:
+    """A rigorous bound on the error of a screened score s_j (the squared distance up to a
+    constant per row: ||c_j||^2 - 2 x.c_j, or faiss's ||x||^2 + ||c_j||^2 - 2 x.c_j) for rows
+    of norm <= row_norm and centroids of norm <= centroid_norm.
+
+    The product's error is `screen_bound` scaled by the norms (taken as at least 1, which also
+    covers its subnormal term); ||c_j||^2 is off by at most (gamma_d + u) ||c||^2 (faiss sums
+    it in fp32; here it is rounded once from float64), and the two or three fp32 additions by
+    u (||x|| + ||c||)^2 each. 1% on top covers the arithmetic of the bound."""
+    from condense.cores.screen import screen_bound
+
+    a, b = max(1.0, row_norm), max(1.0, centroid_norm)
+    u = 2.0**-24
+    gamma = dim * u / (1 - dim * u)
+    product = 2.0 * screen_bound(precision, dim) * a * b
+    return 1.01 * (product + (gamma + u) * b * b + 3 * u * (a + b) ** 2)
+
+
+def exact_error(dim: int, row_norm: float, centroid_norm: float) -> float:
+    """A bound on the error of the float64 score ||c_j||^2 - 2 x.c_j (float32 inputs, whose
+    products are exact in float64; sums in any order)."""
+    a, b = max(1.0, row_norm), max(1.0, centroid_norm)
+    u = 2.0**-53
+    gamma = (dim + 2) * u / (1 - (dim + 2) * u)
+    return 1.01 * gamma * (b * b + 2 * a * b) + 1e-300
+
+
+DEVICE_CANDIDATES = 32  # centroids per row a torch screen keeps (top-k on the device)
+OPEN_ROWS = 256  # rows scored against every centroid at once in float64 on a device
+
+
+def _nearest(x: np.ndarray, prepared: Centroids, device: str, screen: str) -> np.ndarray:
+    """Nearest centroid ids for one chunk, exactly, in three steps:
+
+    1. a screen (faiss or BLAS in fp32 on CPUs, torch at `screen` on a device) scores every
+       centroid; a row whose best score beats the runner-up by more than twice the screen's
+       error bound has its answer;
+    2. the other rows are scored in float64, on the candidates the screen could not rule out
+       (all centroids where the screen kept too few), and settled where the best float64 score
+       beats the next by more than twice its own error bound;
+    3. what is left are ties within float64 rounding: each candidate's score is summed
+       exactly (math.fsum of the exact float64 products), ties to the lower id.
+
+    No step depends on the chunk, the device or the screen, so neither does the answer."""
+    k, d = prepared.c.shape
+    if k == 1:
+        return np.zeros(len(x), dtype=np.int64)
+    row_norm = float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64).max(initial=0.0)))
+    if _on_torch(device):
+        return _nearest_torch(x, prepared, device, screen, row_norm)
+    scores, cand = _screen_cpu(x, prepared)
+    margin = 2 * screen_error("fp32", d, row_norm, prepared.norm_max)
+    best = cand[:, 0].copy()
+    unsure = np.flatnonzero(scores[:, 1] - scores[:, 0] <= margin)
+    if len(unsure):  # m = 2 candidates: the window never closes, so all centroids
+        x64 = x[unsure].astype(np.float64)
+        exact = prepared.c_sq[None, :] - 2.0 * (x64 @ prepared.c64.T)
+        everyone = np.broadcast_to(np.arange(k), exact.shape)
+        best[unsure] = _settle(exact, everyone, x[unsure], prepared, row_norm)
     return best
 
 
-def _two_nearest(x: np.ndarray, prepared: Centroids, device: str) -> tuple[np.ndarray, np.ndarray]:
-    """Best centroid per row by float32 arithmetic, and the squared-distance gap to the runner-up."""
-    c, c_sq = prepared.c, prepared.c_sq
-    if device.startswith("cuda") or device == "torch-cpu":  # torch-cpu: the GPU code, here
-        try:
-            import faiss
-        except ImportError:  # torch alone (the device image has no faiss)
-            faiss = None
-        if device.startswith("cuda") and faiss is not None and faiss.get_num_gpus() > 0:
-            res = faiss.StandardGpuResources()
-            index = faiss.GpuIndexFlatL2(res, c.shape[1])
-            index.add(c)
-            dist, ids = index.search(x, min(2, len(c)))
-            gap = dist[:, -1] - dist[:, 0] if len(c) > 1 else np.full(len(x), np.inf)
-            return ids[:, 0].astype(np.int64), gap
-        import torch  # no faiss-gpu: the same search with torch
+def _settle(exact, cand, x: np.ndarray, prepared: Centroids, row_norm: float) -> np.ndarray:
+    """Steps 2 and 3 for rows with float64 scores `exact` of their candidates `cand` (inf where
+    a row has fewer): numpy arrays, or torch tensors on their device (only ties come back)."""
+    if isinstance(exact, np.ndarray):
+        rows, host = np.arange(len(exact)), np.asarray
+    else:
+        import torch
 
-        device = "cpu" if device == "torch-cpu" else device
-        xt = torch.from_numpy(x).to(device)
-        ct, half_c = prepared.torch_tensors(device)
-        half = half_c[None, :] - xt @ ct.T
-        vals, ids = torch.topk(half, k=min(2, len(c)), dim=1, largest=False)
-        vals, ids = vals.cpu().numpy(), ids.cpu().numpy()
-        gap = 2 * (vals[:, -1] - vals[:, 0]) if len(c) > 1 else np.full(len(x), np.inf)
-        return ids[:, 0].astype(np.int64), gap
+        rows, host = torch.arange(len(exact), device=exact.device), lambda t: t.cpu().numpy()
+    win = exact.argmin(1)
+    low = exact[rows, win]
+    margin = 2 * exact_error(prepared.c.shape[1], row_norm, prepared.norm_max)
+    near = exact <= (low + margin)[:, None]
+    out = host(cand[rows, win]).astype(np.int64)
+    for r in np.flatnonzero(host(near.sum(1)) > 1):
+        out[r] = _exact_tie(x[r], host(cand[r][near[r]]), prepared)
+    return out
+
+
+def _exact_tie(x: np.ndarray, cand: np.ndarray, prepared: Centroids) -> int:
+    """Among candidates whose float64 scores tie within rounding: the smallest exact score
+    sum(c_i^2 - 2 x_i c_i), each term exact in float64 and summed by math.fsum (correctly
+    rounded), ties to the lower id."""
+    import math
+
+    x64 = x.astype(np.float64)
+    best = None
+    for j in sorted(int(j) for j in cand):
+        c = prepared.c64[j]
+        value = math.fsum(np.concatenate([c * c, -2.0 * x64 * c]).tolist())
+        if best is None or value < best[0]:
+            best = (value, j)
+    return best[1]
+
+
+def _screen_cpu(x: np.ndarray, prepared: Centroids) -> tuple[np.ndarray, np.ndarray]:
+    """The two best scores per row in fp32 (float64 arrays, ascending) and their centroids."""
     if prepared.index is not None:
         # faiss's fused BLAS + top-k is the fastest CPU search; exactness comes from the re-rank.
-        dist, ids = prepared.index.search(x, min(2, len(c)))
-        gap = dist[:, -1] - dist[:, 0] if len(c) > 1 else np.full(len(x), np.inf)
-        return ids[:, 0].astype(np.int64), gap
+        dist, ids = prepared.index.search(x, 2)
+        return dist.astype(np.float64), ids.astype(np.int64)
     # Below FAISS_MIN_DIM dimensions faiss's top-k heap costs more than the products: BLAS
     # scores and a two-pass minimum are faster (bench/bench_assign.py).
+    c, c_sq = prepared.c, prepared.c_sq
     half = x @ c.T
     np.subtract(0.5 * c_sq.astype(np.float32)[None, :], half, out=half)
     best = np.argmin(half, axis=1)
     rows = np.arange(len(x))
     best_val = half[rows, best]
     half[rows, best] = np.inf
-    gap = 2 * (half.min(axis=1) - best_val) if len(c) > 1 else np.full(len(x), np.inf)
-    return best, gap
+    second = np.argmin(half, axis=1)
+    scores = 2.0 * np.stack([best_val, half[rows, second]], axis=1).astype(np.float64)
+    return scores, np.stack([best, second], axis=1).astype(np.int64)
+
+
+def _nearest_torch(x, prepared: Centroids, device: str, screen: str, row_norm: float):
+    """`_nearest` with steps 1 and 2 on a torch device (the GPU path; "torch-cpu" runs it on
+    the CPU to test it): the screen at `screen`, top-DEVICE_CANDIDATES candidates per row, the
+    float64 scores of the rows it leaves open computed there too."""
+    import torch
+
+    from condense.cores.screen import screen_dtype, screened_matmul
+
+    device = "cpu" if device == "torch-cpu" else device
+    k, d = prepared.c.shape
+    c, half_c, c64, c_sq64 = prepared.torch_tensors(device, screen)
+    xt = torch.from_numpy(x).to(device)
+    scores = half_c[None, :] - screened_matmul(xt.to(screen_dtype(screen)), c.T, screen).float()
+    m = min(DEVICE_CANDIDATES, k)
+    vals, cand = torch.topk(scores, k=m, dim=1, largest=False)  # ascending
+    vals = 2.0 * vals.double()
+    margin = 2 * screen_error(screen, d, row_norm, prepared.norm_max)
+    best = cand[:, 0].cpu().numpy().astype(np.int64)
+    unsure = torch.nonzero(vals[:, 1] - vals[:, 0] <= margin).flatten()
+    if not len(unsure):
+        return best
+    # A window closes when the screen's last candidate lies beyond it: the answer is inside.
+    closed = (vals[unsure, -1] > vals[unsure, 0] + margin) | (m == k)
+    rows = unsure[closed]
+    if len(rows):
+        ids = cand[rows]
+        x64 = xt[rows].double()
+        exact = c_sq64[ids] - 2.0 * torch.einsum("rd,rmd->rm", x64, c64[ids])
+        inside = vals[rows] <= vals[rows, :1] + margin
+        exact = torch.where(inside, exact, torch.full_like(exact, float("inf")))
+        host = rows.cpu().numpy()
+        best[host] = _settle(exact, ids, x[host], prepared, row_norm)
+    everyone = torch.arange(k, device=device)
+    wide = unsure[~closed].cpu().numpy()
+    for start in range(0, len(wide), OPEN_ROWS):  # every centroid, a few rows at a time
+        host = wide[start : start + OPEN_ROWS]
+        exact = c_sq64[None, :] - 2.0 * (torch.from_numpy(x[host]).to(device).double() @ c64.T)
+        ids = everyone.expand(len(host), k)
+        best[host] = _settle(exact, ids, x[host], prepared, row_norm)
+    return best

@@ -54,18 +54,3 @@ class LocalExecutor:
         processor.setup()
         for item in items:
             yield item, processor.process(item), NODE
-
-    def stream(
-        self, producer: Processor, consumer: Processor, items: list
-    ) -> Iterator[dict[str, Any]]:
-        if not items:
-            return
-        producer, consumer = copy.copy(producer), copy.copy(consumer)
-        producer.setup()
-        consumer.setup()
-        for item in items:
-            for batch in producer.process(item):
-                out = consumer.process(batch)
-                names = list(out)
-                for values in zip(*(out[n] for n in names), strict=True):
-                    yield dict(zip(names, values, strict=True))

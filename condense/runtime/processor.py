@@ -88,14 +88,6 @@ class Executor(Protocol):
         """(item, result, node) for every item, in completion order."""
         ...
 
-    def stream(
-        self, producer: Processor, consumer: Processor, items: list
-    ) -> Iterator[dict[str, Any]]:
-        """`producer.process(item)` yields batches (dicts of numpy columns); `consumer`
-        processes each (a model on a GPU) and returns small result columns, yielded here row
-        by row as they complete."""
-        ...
-
 
 def gather(executor: Executor, processor: Processor, items: Iterable) -> list:
     """The results of `processor` over `items`, in the items' order."""

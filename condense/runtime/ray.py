@@ -3,8 +3,7 @@
 Stages never import Ray. They hand the executor a processor and its work items
 (`runtime/processor.py`); `RayExecutor` is the one adapter that turns them into Ray calls: Ray
 tasks, or a pool of Ray actors where the processor's resources ask for long-lived workers,
-each named after the stage's processor. `stream` chains CPU tasks that produce batches into an
-actor pool that consumes them (decode on CPUs, encode on GPUs).
+each named after the stage's processor.
 """
 
 from __future__ import annotations
@@ -15,15 +14,10 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
-
 from condense import faults
 from condense.errors import StageError
 from condense.runtime import RayConfig
 from condense.runtime.processor import Processor, Resources
-
-PRODUCER_BACKLOG = 4  # batches a producer task may have made that no actor has taken yet
-ACTOR_BACKLOG = 2  # batches queued at each consumer actor (one running, one waiting)
 
 
 def _fault_env() -> dict:
@@ -138,8 +132,7 @@ def _fetch(ref) -> Any:
 
 
 class _Worker:
-    """A long-lived worker: sets its processor up once, then runs it item after item (or
-    batch after batch). Each call carries the processor's reference (inside a list, so Ray
+    """A long-lived worker: sets its processor up once, then runs it item after item. Each call carries the processor's reference (inside a list, so Ray
     hands it over as is); the first call fetches and sets it up. A restarted actor does the
     same on its retried call, with nothing of it kept in a constructor argument, which Ray
     could not restore (ray-project/ray#53727)."""
@@ -147,17 +140,9 @@ class _Worker:
     def process(self, processor_ref: list, index: int, item: Any) -> tuple[int, Any, str]:
         return index, _fetch(processor_ref[0]).process(item), _node_id()
 
-    def process_batch(self, processor_ref: list, batch: dict) -> dict[str, np.ndarray]:
-        return _fetch(processor_ref[0]).process(batch)
-
-
-def _produce(processor_ref: list, item: Any):
-    """A producer task: one work item becomes any number of batches, streamed as they come."""
-    yield from _fetch(processor_ref[0]).process(item)
-
 
 def _stop(running: list, actors: list) -> None:
-    """Cancel what is still running (tasks, streaming producers) and kill the actors."""
+    """Cancel what is still running and kill the actors."""
     import contextlib
 
     import ray
@@ -266,66 +251,6 @@ class RayExecutor:
             _stop([], actors)
             raise
         return actors
-
-    def stream(
-        self, producer: Processor, consumer: Processor, items: list
-    ) -> Iterator[dict[str, Any]]:
-        """Producer tasks, one per item, stream batches (decoded and preprocessed images) to a
-        pool of consumer actors (a model each, on its GPU), whose small result columns are
-        yielded here row by row as they complete. The actors start first, so producers run on
-        the CPUs they leave; each producer holds at most a few unconsumed batches and each
-        actor at most two, so CPUs decode while the models encode and memory stays bounded.
-        Each batch is processed as its producer made it.
-
-        A producer whose worker dies is retried `producer.resources.retries` times (the
-        batches it had already delivered are not delivered again), a consumer actor restarted
-        `consumer.resources.retries` times with its batch; then the stream fails, and what is
-        still running is cancelled."""
-        if not items:
-            return
-        import ray
-
-        made = producer.resources
-        actors: list = []
-        generators: list = []
-        pending: dict = {}  # result ref -> actor index
-        try:
-            consumer_ref = [ray.put(consumer)]
-            actors = self._actors(consumer, self._pool_size(consumer, len(items)))
-            produce = ray.remote(
-                num_cpus=made.cpus,
-                max_retries=made.retries,
-                num_returns="streaming",
-                _generator_backpressure_num_objects=PRODUCER_BACKLOG,
-                name=producer.label,
-                **({"memory": made.memory} if made.memory else {}),
-                **_fault_env(),
-            )(_produce)
-            ref = [ray.put(producer)]
-            generators = [produce.remote(ref, item) for item in items]
-            slots = {i: 0 for i in range(len(actors))}  # batches in flight per actor
-            while generators or pending:
-                free = [i for i, n in slots.items() if n < ACTOR_BACKLOG]
-                waitables = list(pending) + (generators if free else [])
-                ready, _ = ray.wait(waitables, num_returns=1, fetch_local=False)
-                got = ready[0]
-                if got in pending:
-                    slots[pending.pop(got)] -= 1
-                    out = ray.get(got)
-                    names = list(out)
-                    for values in zip(*(out[n] for n in names), strict=True):
-                        yield dict(zip(names, values, strict=True))
-                    continue
-                try:
-                    batch = next(got)
-                except StopIteration:
-                    generators.remove(got)
-                    continue
-                actor = min(free, key=lambda i: slots[i])
-                slots[actor] += 1
-                pending[actors[actor].process_batch.remote(consumer_ref, batch)] = actor
-        finally:
-            _stop(list(pending) + generators, actors)
 
     def _task(self, fn: Callable[..., Any], label: str, res: Resources):
         """fn as a Ray remote function named after the processor, registered once per shape."""

@@ -60,11 +60,16 @@ class ClusterConfig(StrictModel):
     spherical: bool = False  # re-normalise centroids after each iteration (cosine k-means)
     seed: int = 0  # seeds the training samples and faiss
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the Ray cluster has them
+    # Precision of a GPU's assignment products: a screen whose undecided rows are settled in
+    # float64, so every precision gives the same assignment (CPUs search in fp32).
+    screen: Literal["fp32", "tf32", "bf16", "fp16"] = "fp16"
     workers: int | None = None  # assignment workers at once; None: as many as the cluster holds
     threads_per_worker: int = Field(1, ge=1)  # faiss/BLAS threads per assignment actor
     train_threads: int | None = None  # faiss training threads; None: the node's CPUs
 
-    runtime_fields = frozenset({"device", "workers", "threads_per_worker", "train_threads"})
+    runtime_fields = frozenset(
+        {"device", "screen", "workers", "threads_per_worker", "train_threads"}
+    )
 
 
 def ring_offset(hashes: np.ndarray, start: int) -> np.ndarray:
@@ -99,6 +104,7 @@ class Assigner(Processor):
     threads: int  # faiss/BLAS threads
     gpu: bool = False  # a GPU per worker, on a long-lived actor (its index built once)
     workers: int | None = None  # cluster.workers
+    screen: str = "fp16"  # cluster.screen (a GPU's product precision)
 
     @property
     def resources(self) -> Resources:
@@ -128,7 +134,9 @@ class Assigner(Processor):
         with threadpool_limits(self.threads):  # BLAS threads of the CPU search
             for group in iter_row_groups(path, [SAMPLE_ID, IMG_EMB]):
                 vectors = to_unit_float32(arrow_to_vectors(group.column(IMG_EMB)))
-                results.append(assign(vectors, self.prepared, device=self.device))
+                results.append(
+                    assign(vectors, self.prepared, device=self.device, screen=self.screen)
+                )
                 ids.append(group.column(SAMPLE_ID))
         n = sum(len(r.cluster_id) for r in results)
         out = pa.Table.from_arrays(
@@ -282,6 +290,7 @@ class ClusterStage(Stage):
             threads=1 if use_gpu else cfg.threads_per_worker,
             gpu=use_gpu,
             workers=cfg.workers,
+            screen=cfg.screen,
         )
         stats = write_parts(ctx, assigner, items)
         rows_in = sum(s["rows_in"] for s in stats)

@@ -314,9 +314,3 @@ def scratch_schema(path: Path | str) -> pa.Schema:
     """The schema of a scratch file (its footer only)."""
     with pa.ipc.open_file(open_random_access(path)) as reader:
         return reader.schema
-
-
-def scratch_rows(path: Path | str) -> int:
-    """Rows a scratch file holds, from its record batches' headers (no column is read)."""
-    with pa.ipc.open_file(open_random_access(path)) as reader:
-        return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))

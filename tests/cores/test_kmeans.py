@@ -60,23 +60,63 @@ def test_train_needs_k_rows():
         train_kmeans(np.zeros((3, 4), np.float32), 5, niter=1, seed=0)
 
 
+def hard_case(rng, dim: int, k: int = 300):
+    """Rows and centroids with every kind of tie: an exact tie (two equal centroids, rows on
+    them), near ties a few float32 ulps apart, and a crowd of 64 centroids at nearly the same
+    distance from a row (more than a screen keeps: its window stays open). Unit rows, centroids
+    of norm up to 3 (the bounds scale with it)."""
+    x = rng.standard_normal((2500, dim)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    c = rng.standard_normal((k, dim))
+    c = (c / np.linalg.norm(c, axis=1, keepdims=True) * rng.uniform(0.2, 3.0, (k, 1))).astype(
+        np.float32
+    )
+    c[0] /= np.linalg.norm(c[0])
+    c[1] = c[0]  # an exact tie: the lower id wins
+    x[:5] = c[0]
+    for j in range(2, 12):  # near ties: a centroid a few ulps from another
+        c[j + 150] = np.nextafter(c[j], np.inf) if j % 2 else c[j] * np.float32(1 + 2e-7)
+        x[5 + j] = (c[j] / np.linalg.norm(c[j])).astype(np.float32)
+    crowd = rng.standard_normal((64, dim)).astype(np.float32)
+    crowd /= np.linalg.norm(crowd, axis=1, keepdims=True)
+    c[200:264] = (x[40] + 1e-4 * crowd).astype(np.float32)  # 64 centroids within 1e-4 of row 40
+    return x, c
+
+
+@pytest.mark.parametrize("screen", ["fp32", "tf32", "bf16", "fp16"])
 @pytest.mark.parametrize("chunk_rows", [None, 7, 1000])
-def test_the_gpu_code_assigns_bit_identically(chunk_rows):
-    """The torch search the GPUs run (here on the CPU) gives the CPU path's ids, distances and
-    cosines bit for bit: near ties are re-ranked in float64 by both."""
+def test_the_gpu_code_assigns_bit_identically_at_every_screen(screen, chunk_rows):
+    """The torch search the GPUs run (here on the CPU), its products screened in fp32, tf32,
+    bf16 or fp16, gives the CPU path's ids, distances and cosines bit for bit: every row the
+    screen cannot decide is settled in float64, and ties within float64 rounding exactly."""
     pytest.importorskip("torch")
     rng = np.random.default_rng(11)
     for dim in (16, 96):
-        x = rng.standard_normal((2500, dim)).astype(np.float32)
-        c = rng.standard_normal((300, dim)).astype(np.float32)
-        c[1] = c[0]  # an exact tie: the lower id wins on both
-        x[:5] = c[0]
+        x, c = hard_case(rng, dim)
         ref = assign(x, c)
-        got = assign(x, c, device="torch-cpu", chunk_rows=chunk_rows)
+        got = assign(x, c, device="torch-cpu", chunk_rows=chunk_rows, screen=screen)
         assert np.array_equal(got.cluster_id, ref.cluster_id)
         assert np.array_equal(got.centroid_dist, ref.centroid_dist)
         assert np.array_equal(got.centroid_cos, ref.centroid_cos)
         assert (got.cluster_id[:5] == 0).all()
+        # The answer is the nearest centroid by exact (float64, then fsum) arithmetic.
+        exact = ((x.astype(np.float64)[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
+        best = exact.min(axis=1)
+        clear = np.sort(exact, axis=1)[:, 1] - best > 1e-9
+        assert np.array_equal(got.cluster_id[clear], exact.argmin(axis=1)[clear])
+
+
+def test_a_tie_within_float64_rounding_is_decided_by_exact_sums():
+    """Two centroids whose float64 scores tie within rounding: the exactly smaller one wins,
+    and an exact tie goes to the lower id."""
+    from condense.cores.kmeans import _exact_tie, prepare_centroids
+
+    x = np.array([1.0, 1e-8, -1e-8], dtype=np.float32)
+    c = np.array([[1.0, 0.0, 1e-8], [1.0, 1e-8, 0.0], [1.0, 1e-8, 0.0]], dtype=np.float32)
+    prepared = prepare_centroids(c)
+    # ||c_j||^2 - 2 x.c_j: c_0 -> 1 + 1e-16 - 2(1 - 1e-16), c_1 -> 1 + 1e-16 - 2(1 + 1e-16)
+    assert _exact_tie(x, np.array([0, 1]), prepared) == 1
+    assert _exact_tie(x, np.array([2, 1]), prepared) == 1  # c_1 == c_2: the lower id
 
 
 def test_the_torch_trainer_finds_the_blobs_faiss_finds():

@@ -2,7 +2,7 @@
 one in random order, what comes out of a shard is exactly its good samples, in shard order, and
 every bad one is one drop under its own reason, whatever the batch size.
 
-The decode step (`decode_shard`) is the function Ray runs in its decode tasks; here it runs in
+The decode step (`decode_shard`) is the function the embed actors run; here it runs in
 this process on 30 random shards. tests/stages/test_embed_images.py runs a mix through Ray."""
 
 import io
@@ -110,13 +110,13 @@ def test_only_the_good_samples_come_out_and_every_bad_one_is_counted(tmp_path, s
     outputs = []
     for batch_size in (1, int(rng.integers(2, 9)), 64):
         model = ModelConfig(name=TINY, batch_size=batch_size)
-        batches = list(decode_shard(item, model, None, str(tmp_path / "scratch"), limits))
+        decoded: dict = {}
+        batches = list(decode_shard(item, model, None, str(tmp_path / "guard"), limits, decoded))
         assert all(len(b["sample_id"]) <= batch_size for b in batches)
         ids = [i for b in batches for i in b["sample_id"].tolist()]
         urls = [u for b in batches for u in b["url"].tolist()]
         pixels = np.concatenate([b["pixels"] for b in batches]) if batches else None
         outputs.append((ids, urls, pixels))
-        decoded = json.loads((tmp_path / "scratch" / "s" / "decoded.json").read_text())
         assert ids == good  # exactly the good samples, in shard order
         assert decoded["dropped"] == dict(dropped)
         assert decoded["nulled"] == ({"url": nulled} if nulled else {})
@@ -148,4 +148,4 @@ def test_an_id_repeated_within_a_shard_stops_it_at_once_naming_both_samples(tmp_
     limits = InputConfig(kind="webdataset", path=str(tmp_path)).limits
     model = ModelConfig(name=TINY, batch_size=64)
     with pytest.raises(InputError, match="shard s.tar: sample_id 'x1' .* in samples 'a' and 'c'"):
-        list(decode_shard(item, model, "sid", str(tmp_path / "scratch"), limits))
+        list(decode_shard(item, model, "sid", str(tmp_path / "guard"), limits))

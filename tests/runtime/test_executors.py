@@ -1,10 +1,9 @@
-"""The executors' ways to run work: tasks, an actor pool, a task-to-actor stream; Ray and local
-give the same results for the same processors."""
+"""The executors' ways to run work: tasks and an actor pool; Ray and local give the same
+results for the same processors."""
 
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 
 from condense.errors import InputError
@@ -35,28 +34,7 @@ class Counter(Processor):
 
     def process(self, item):
         self.seen += 1
-        if isinstance(item, Number):
-            return {"part": item.part, "value": item.n + self.offset, "pid": self.pid}
-        return {
-            "rows": np.array([len(item["x"])]),
-            "total": np.array([int(item["x"].sum())]),
-            "same_process": np.array([bool((item["pid"] == os.getpid()).any())]),
-        }
-
-
-@dataclass
-class Producer(Processor):
-    stage = "test"
-    scale: int
-
-    @property
-    def resources(self) -> Resources:
-        return Resources(cpus=0.5)
-
-    def process(self, item: Number):
-        for start in range(0, item.n, 4):
-            x = np.arange(start, min(start + 4, item.n)) * self.scale
-            yield {"x": x, "pid": np.full(len(x), os.getpid())}
+        return {"part": item.part, "value": item.n + self.offset, "pid": self.pid}
 
 
 @pytest.fixture(params=["ray", "local"])
@@ -76,17 +54,6 @@ def test_tasks_and_actor_pool_give_the_same_results(executor):
         assert sorted(done, key=lambda i: i.n) == items  # the items themselves come back
     # One actor: set up once for every item.
     assert len({r["pid"] for r in gather(executor, Counter(actor=True), items)}) == 1
-
-
-def test_stream_sees_every_produced_row_once(executor):
-    items = [Number(part=str(i), n=n) for i, n in enumerate([0, 3, 9, 17])]
-    results = list(executor.stream(Producer(2), Counter(actor=True), items))
-    assert sum(int(r["rows"]) for r in results) == 29
-    assert sum(int(r["total"]) for r in results) == 2 * sum(sum(range(n)) for n in [0, 3, 9, 17])
-    assert all(int(r["rows"]) <= 4 for r in results)  # each batch as its producer made it
-    if isinstance(executor, RayExecutor):
-        # Produced on CPU tasks, consumed in the actors: never fused into one process.
-        assert not any(bool(r["same_process"]) for r in results)
 
 
 @dataclass
@@ -128,15 +95,6 @@ class Failing(Processor):
         return item.n
 
 
-@dataclass
-class FailingProducer(Producer):
-    """Yields one batch, then meets a bad file."""
-
-    def process(self, item: Number):
-        yield {"x": np.arange(4), "pid": np.full(4, os.getpid())}
-        raise InputError("producer met a bad file")
-
-
 def _idle(timeout: float = 30.0) -> bool:
     """Whether every CPU of the session's Ray is free again (no task or actor left behind)."""
     import time
@@ -159,9 +117,6 @@ def test_an_error_in_a_worker_reaches_the_caller_and_nothing_is_left_running(exe
         with pytest.raises(Exception) as info:
             gather(executor, Failing(actor=actor), items)
         assert str(_find_condense_error(info.value)) == "item 3 is bad"
-    with pytest.raises(Exception) as info:
-        list(executor.stream(FailingProducer(1), Counter(actor=True), [Number(part="0", n=8)]))
-    assert str(_find_condense_error(info.value)) == "producer met a bad file"
     if isinstance(executor, RayExecutor):
         assert _idle(), "tasks or actors were left running"
 

@@ -45,7 +45,7 @@ def sample(key, i, **override):
     return key, {k: v for k, v in members.items() if v is not None}
 
 
-def embed_only(shards, run, batch_size, resume=False, log=quiet_log, executor=None):
+def embed_only(shards, run, batch_size, resume=False, log=quiet_log, executor=None, decode="auto"):
     from condense.pipeline.runner import compute_stage
     from condense.runtime.local import LocalExecutor
     from condense.stages.base import StageContext
@@ -56,7 +56,7 @@ def embed_only(shards, run, batch_size, resume=False, log=quiet_log, executor=No
     cfg = make_config(
         shards,
         input={"kind": "webdataset", "limits": LIMITS},
-        embed={"model": {"name": TINY, "batch_size": batch_size}},
+        embed={"model": {"name": TINY, "batch_size": batch_size, "decode": decode}},
     )
     ctx = StageContext(
         run=RunDir(run), config=cfg, executor=executor or LocalExecutor(), progress=False
@@ -66,23 +66,31 @@ def embed_only(shards, run, batch_size, resume=False, log=quiet_log, executor=No
     return pq.read_table(run / "embed").to_pandas().sort_values("sample_id").reset_index()
 
 
+def mixed_shards(folder, seed: int, count: int = 3):
+    """`count` shards of random good and bad samples: (the good keys, the drops by reason)."""
+    from collections import Counter
+
+    from tests.readers.test_bad_sample_mixes import random_shard
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    good, dropped = [], Counter()
+    for s in range(count):
+        data, keys, drops, _ = random_shard(rng, s)
+        (folder / f"{s:05d}.tar").write_bytes(data)
+        good += keys
+        dropped += drops
+    return good, dropped
+
+
 def test_embeddings_do_not_depend_on_batch_size_and_resume_redoes_one_shard(ray_session, tmp_path):
     """Random mixes of good and bad samples over three shards, through Ray and in one process:
     the rows are exactly the good samples and every bad one is counted, at any batch size."""
-    from collections import Counter
 
     from condense.runtime.ray import RayExecutor
-    from tests.readers.test_bad_sample_mixes import random_shard
 
     shards = tmp_path / "shards"
-    shards.mkdir()
-    rng = np.random.default_rng(7)
-    good, dropped = [], Counter()
-    for s in range(3):
-        data, keys, drops, _ = random_shard(rng, s)
-        (shards / f"{s:05d}.tar").write_bytes(data)
-        good += keys
-        dropped += drops
+    good, dropped = mixed_shards(shards, seed=7)
     # CMYK, palette, grayscale and alpha images become RGB; urls and captions come along.
     modes = [
         sample("30000", 103, jpg=picture(103, "CMYK")),
@@ -110,7 +118,7 @@ def test_embeddings_do_not_depend_on_batch_size_and_resume_redoes_one_shard(ray_
     for column in ("img_emb", "txt_emb"):
         x, y = np.stack(a[column].to_numpy()), np.stack(b[column].to_numpy())
         assert np.allclose(x, y, atol=1e-5)
-    assert not (tmp_path / "a" / "embed" / "_encoded").exists()  # scratch removed
+    assert not (tmp_path / "a" / "embed" / "_guard").exists()  # poison marks removed
     # Lose one part: a resumed run re-encodes that shard only and ends with the same rows.
     part = tmp_path / "a" / "embed" / "part-00001.parquet"
     kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "a" / "embed").glob("part-*.parquet")}
@@ -120,8 +128,28 @@ def test_embeddings_do_not_depend_on_batch_size_and_resume_redoes_one_shard(ray_
     (tmp_path / "a" / "embed" / "_progress.json").write_text('{"fingerprint": "test"}')
     log = []
     again = embed_only(shards, tmp_path / "a", batch_size=3, resume=True, log=log.append)
-    assert any("[embed] 1 shards: decoding on CPU tasks" in line for line in log)
+    assert any("[embed] 1 shards: " in line for line in log)
     assert list(again.sample_id) == list(a.sample_id)
     for p, mtime in kept.items():
         if p != part:
             assert p.stat().st_mtime_ns == mtime
+
+
+def test_device_decode_keeps_the_same_samples_as_pillow(tmp_path):
+    """The bad-sample mixes decoded by torchvision (the device path, on the CPU here): the same
+    rows kept and dropped as with Pillow, the same captions, embeddings within decoder
+    tolerance."""
+
+    shards = tmp_path / "shards"
+    good, dropped = mixed_shards(shards, seed=11)
+    log = []
+    a = embed_only(shards, tmp_path / "a", batch_size=4, decode="device", log=log.append)
+    b = embed_only(shards, tmp_path / "b", batch_size=4, decode="pil")
+    assert any("decoded by the device (Pillow for the rest)" in line for line in log)
+    assert list(a.sample_id) == list(b.sample_id) == sorted(good)
+    marks = [json.loads((tmp_path / r / "embed" / "_stage.json").read_text()) for r in "ab"]
+    assert marks[0]["dropped"] == marks[1]["dropped"] == dict(sorted(dropped.items()))
+    assert list(a.caption) == list(b.caption)
+    x, y = np.stack(a.img_emb.to_numpy()), np.stack(b.img_emb.to_numpy())
+    assert (x * y).sum(axis=1).min() > 0.99
+    assert np.array_equal(np.stack(a.txt_emb.to_numpy()), np.stack(b.txt_emb.to_numpy()))

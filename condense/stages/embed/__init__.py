@@ -8,23 +8,22 @@ embed/ looks the same whatever the input and every later stage is shared.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Literal
 
-from condense.errors import InputError
+from condense.errors import ConfigError, InputError
 from condense.readers import IMAGE_KINDS, InputConfig, open_reader, resolve_input
 from condense.readers.webdataset import Shard, list_shards
 from condense.runtime.processor import Processor, Resources, WorkItem, run_one
-from condense.schema import IMG, IMG_EMB, embed_schema
+from condense.schema import IMG_EMB, embed_schema
 from condense.stages.base import Stage, StageContext, StageResult, merge_dropped, write_parts
 from condense.stages.embed.clip import ModelConfig
 from condense.stages.embed.ids import check_unique_ids
-from condense.stages.embed.images import ENCODED, BatchEncoder, ShardDecoder, encoded_count
-from condense.stages.embed.store import EmbedPartWriter, ShardPartWriter, reset_scratch
-from condense.stages.progress import Progress
+from condense.stages.embed.images import GUARD, ShardEmbedder
+from condense.stages.embed.store import EmbedPartWriter
 from condense.storage.files import content_digest
 from condense.storage.fs import location
-from condense.storage.parts import finished_parts, part_files, read_schema, scratch_schema
+from condense.storage.parts import finished_parts, part_files, read_schema
 from condense.strict import StrictModel
 
 DOWNLOAD_DIR = "input/download"  # in RUN/: where input.kind urls puts img2dataset's shards
@@ -124,7 +123,9 @@ class Downloader(Processor):
 
 class EmbedStage(Stage):
     name = "embed"
-    version = 3  # 2: rows stored in id-hash order, with _ids/ side files; 3: the bad-input rules
+    # 2: rows stored in id-hash order, with _ids/ side files; 3: the bad-input rules; 4: images
+    # decoded, encoded and written by one actor (no second normalisation), captions trimmed
+    version = 4
     writes = tuple(embed_schema(1, "float32").names)
 
     def settings(self, config):
@@ -162,14 +163,9 @@ class EmbedStage(Stage):
         )
 
     def _embed_images(self, ctx: StageContext) -> StageResult:
-        """WebDataset shards (downloaded first for urls), one part per shard, in two steps:
-
-        1. a stream: CPU tasks decode and preprocess each shard's images into batches, an actor
-           pool of CLIP models (a GPU each where the cluster has GPUs) encodes them and leaves
-           the embeddings in embed/_encoded/<part>/;
-        2. one task per shard writes its part from there, as for precomputed embeddings.
-
-        A resumed run keeps written parts and shards already fully encoded."""
+        """WebDataset shards (downloaded first for urls), one part per shard, each read,
+        decoded, encoded and written by one actor of a pool of CLIP models (a GPU each where
+        the cluster has GPUs). A resumed run keeps the parts already written."""
         from condense.storage.fs import remove_tree
 
         cfg = ctx.config
@@ -178,14 +174,8 @@ class EmbedStage(Stage):
             downloaded = self._download(ctx)
         items = list_shards(image_root(cfg, ctx.run.root))
         out_dir = ctx.run.stage_dir(self.name)
-        scratch = out_dir / ENCODED
-        todo = self._to_encode(items, out_dir, scratch)
-        dim = self._encoded_dim(scratch, out_dir)
-        if todo:
-            dim = self._encode(ctx, todo, scratch) or dim
-        writer = ShardPartWriter(str(scratch), dim, cfg.embed.dtype, str(out_dir))
-        stats = write_parts(ctx, writer, items)
-        remove_tree(scratch)
+        stats = write_parts(ctx, self._embedder(ctx, items, out_dir), items)
+        remove_tree(out_dir / GUARD)
         rows_out = sum(s["rows_out"] for s in stats)
         if rows_out == 0:
             raise InputError(f"{cfg.input.path}: no usable sample in any shard")
@@ -201,6 +191,9 @@ class EmbedStage(Stage):
             }
             dropped = {**dropped, **{k: v for k, v in failed.items() if v}}
             rows_in += sum(failed.values())
+        dim = next((int(s["dim"]) for s in stats if "dim" in s), None)
+        if dim is None:  # every part was written by an earlier run
+            dim = read_schema(part_files(out_dir)[0]).field(IMG_EMB).type.list_size
         extra = {"dim": dim, "dtype": cfg.embed.dtype, "model": cfg.embed.model.name}
         nulled = merge_dropped([{"dropped": s.get("nulled", {})} for s in stats])
         if nulled:  # fields that could not be stored, set to null (the sample is kept)
@@ -209,63 +202,46 @@ class EmbedStage(Stage):
             extra["downloaded"] = downloaded
         return StageResult(rows_in, rows_out, dropped, extra)
 
-    @staticmethod
-    def _to_encode(items: list[Shard], out_dir: Path, scratch: Path) -> list[Shard]:
-        """The shards neither written as parts nor fully encoded yet (their scratch reset)."""
-        todo = []
-        finished = finished_parts(out_dir, [item.part for item in items])
-        for item in items:
-            if item.part in finished:
-                continue
-            if encoded_count(scratch / item.part) is None:
-                reset_scratch(scratch / item.part)
-                todo.append(item)
-        return todo
+    def _embedder(self, ctx: StageContext, items: list[Shard], out_dir) -> ShardEmbedder:
+        """The actor pool's processor: one actor per GPU; on CPUs one per 8 CPUs, each using
+        its share of the CPUs' threads."""
+        from condense.stages.embed.clip import preprocess_config
+        from condense.stages.embed.pixels import device_decode_supported
 
-    def _encode(self, ctx: StageContext, todo: list[Shard], scratch: Path) -> int:
-        """Decode and encode the shards into scratch; returns the embeddings' dimension."""
         cfg = ctx.config
         model = cfg.embed.model
         gpus, cpus = ctx.executor.gpus(), ctx.executor.cpus()
         pool = cfg.embed.workers or (gpus or max(1, cpus // 8))
-        # One actor per GPU at most; on CPUs, leave at least one CPU to the decode tasks.
-        pool = min(pool, gpus) if gpus else max(1, min(pool, cpus - 1))
-        share = 1.0 if cpus >= 2 else 0.5
+        pool = min(pool, gpus) if gpus else max(1, min(pool, cpus))
+        decode = model.decode
+        if decode != "pil":
+            pretrained = None if model.checkpoint else model.pretrained
+            preprocess = preprocess_config(model.name, pretrained)
+            fits = device_decode_supported(preprocess)
+            if decode == "device" and not fits:
+                raise ConfigError(
+                    f"embed.model.decode device: {model.name} resizes in mode "
+                    f"{preprocess['resize_mode']!r}, which only Pillow does; use decode: pil"
+                )
+            decode = "device" if fits and (gpus or decode == "device") else "pil"
+        todo = len(items) - len(finished_parts(out_dir, [i.part for i in items]))
         ctx.log(
-            f"[embed] {len(todo)} shards: decoding on CPU tasks, encoding with {model.name} "
-            f"on {pool} {'GPU' if gpus else 'CPU'} actor{'s' * (pool > 1)}"
+            f"[embed] {todo} shards: {model.name} on {pool} {'GPU' if gpus else 'CPU'} "
+            f"actor{'s' * (pool > 1)}, images decoded by "
+            f"{'the device (Pillow for the rest)' if decode == 'device' else 'Pillow'}"
         )
-        decoder = ShardDecoder(
-            model, cfg.input.id_column, str(scratch), cfg.input.limits, cpus=share
-        )
-        encoder = BatchEncoder(
+        return ShardEmbedder(
             model,
             device="cuda" if gpus else "cpu",
+            decode=decode,
             threads=None if gpus else max(1, cpus // pool),
-            scratch=str(scratch),
-            max_caption_chars=cfg.input.limits.max_caption_chars,
-            cpus=share,
+            id_field=cfg.input.id_column,
+            limits=cfg.input.limits,
+            out_dir=str(out_dir),
+            dtype=cfg.embed.dtype,
+            cpus=1.0 if cpus >= 2 else 0.5,
             workers=pool,
         )
-        dim = 0
-        progress = Progress(self.name, 0, 0, "images", ctx.progress, ctx.log)
-        try:
-            for result in ctx.executor.stream(decoder, encoder, todo):
-                progress.update(int(result["rows"]), parts=0)
-                dim = int(result["dim"])
-        finally:
-            progress.close()
-        return dim
-
-    @staticmethod
-    def _encoded_dim(scratch: Path, out_dir: Path) -> int:
-        """The embedding dimension of what an interrupted run already encoded or wrote (0 if
-        nothing): parts of shards without a usable sample are written with it."""
-        for path in sorted(scratch.glob("*/*.arrow"), key=str):
-            return scratch_schema(path).field(IMG).type.list_size
-        for path in part_files(out_dir):
-            return read_schema(path).field(IMG_EMB).type.list_size
-        return 0
 
     def _download(self, ctx: StageContext) -> dict[str, int]:
         """input.kind urls: img2dataset into RUN/input/download (skipped when already done)."""

@@ -32,6 +32,9 @@ class ModelConfig(StrictModel):
     pretrained: str | None = None  # open_clip pretrained tag, e.g. laion2b_s32b_b82k
     checkpoint: str | None = None  # a local weights file instead of a tag (nothing downloads)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: fp16 on GPUs, else fp32
+    # Who decodes images: pil (Pillow, on CPUs), device (plain JPEGs by torchvision on the
+    # encoder's device, nvJPEG on GPUs; Pillow for the rest), auto (device on GPUs, else pil).
+    decode: Literal["auto", "pil", "device"] = "auto"
     batch_size: int = Field(64, ge=1)  # images per forward pass
 
     runtime_fields = frozenset({"batch_size"})
@@ -130,6 +133,7 @@ class ClipEncoder:
         checkpoint: str | None = None,
         device: str = "cpu",
         precision: str = "fp32",
+        batch_size: int = 64,
     ):
         import torch
 
@@ -137,7 +141,7 @@ class ClipEncoder:
             raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         if precision != "fp32" and not device.startswith("cuda"):
             raise ValueError(f"precision {precision} needs a GPU; on {device} use fp32")
-        self.torch, self.device = torch, device
+        self.torch, self.device, self.batch_size = torch, device, batch_size
         # Weights not loaded are drawn from a fixed seed, so every actor of a pool (and every
         # run) builds the same random model: embeddings never depend on which actor ran.
         with torch.random.fork_rng(devices=[]):
@@ -151,11 +155,9 @@ class ClipEncoder:
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
             precision
         ]
-        self.dim = (
-            int(self.model.text_projection.shape[-1])
-            if hasattr(self.model, "text_projection") and self.model.text_projection is not None
-            else None
-        )
+        self.trim = _trimmable_text(self.model)
+        with torch.inference_mode():  # the embedding width, for shards without a usable sample
+            self.dim = int(self.model.encode_text(self.tokenizer(["a"]).to(device)).shape[-1])
 
     def pixels(self, images: Sequence) -> object:
         """Preprocess PIL RGB images (resize, crop, normalise) into one CPU batch tensor."""
@@ -166,13 +168,52 @@ class ClipEncoder:
         return self._encode(self.model.encode_image, pixels)
 
     def encode_texts(self, captions: Sequence[str]) -> np.ndarray:
-        """Unit float32 text embeddings (captions longer than the context are truncated)."""
-        return self._encode(self.model.encode_text, self.tokenizer(list(captions)))
+        """Unit float32 text embeddings (captions longer than the context are truncated), in
+        the captions' order, computed `batch_size` at a time in order of token length. With
+        open_clip's causal text tower (whose pooled token sees nothing after it), each batch is
+        cut after its longest caption's last token: the padding it drops changes no embedding
+        beyond float rounding, and a short caption no longer costs a full context."""
+        tokens = self.tokenizer(list(captions))
+        if not self.trim:
+            return self._batches(self.model.encode_text, tokens)
+        torch = self.torch
+        lengths = (tokens != 0).sum(dim=1)
+        order = torch.argsort(lengths, stable=True)
+        out = np.empty((len(tokens), self.dim), dtype=np.float32)
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            cut = int(lengths[rows].max())
+            out[rows.numpy()] = self._encode(self._text_prefix, tokens[rows, :cut])
+        return out
+
+    def _text_prefix(self, tokens):
+        """open_clip's CLIP.encode_text on the first tokens.shape[1] positions of the context."""
+        from open_clip.transformer import text_global_pool
+
+        m = self.model
+        n = tokens.shape[1]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:n].to(cast)
+        x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
+        x = m.ln_final(x)
+        x = text_global_pool(
+            x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None)
+        )
+        if isinstance(m.text_projection, self.torch.nn.Linear):
+            return m.text_projection(x)
+        return x @ m.text_projection if m.text_projection is not None else x
+
+    def _batches(self, fn, batch) -> np.ndarray:
+        parts = [
+            self._encode(fn, batch[i : i + self.batch_size])
+            for i in range(0, len(batch), self.batch_size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
     def _encode(self, fn, batch) -> np.ndarray:
         torch = self.torch
         if len(batch) == 0:
-            return np.zeros((0, self.dim or 0), dtype=np.float32)
+            return np.zeros((0, getattr(self, "dim", 0)), dtype=np.float32)
         with (
             torch.inference_mode(),
             torch.autocast(
@@ -184,3 +225,15 @@ class ClipEncoder:
             out = fn(batch.to(self.device, non_blocking=True)).float()
         out = torch.nn.functional.normalize(out, dim=-1)
         return out.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _trimmable_text(model) -> bool:
+    """Whether the model's text tower is open_clip's causal transformer pooled at the end-of-text
+    token (or the first): then the padding after a batch's longest caption changes nothing."""
+    from open_clip.model import CLIP
+
+    return (
+        type(model) is CLIP
+        and getattr(model, "attn_mask", None) is not None
+        and getattr(model, "text_pool_type", None) in ("argmax", "eos", "first")
+    )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,13 +20,10 @@ from condense.cores.vectors import (
     normalize,
     to_unit_float32,
 )
-from condense.errors import InputError
 from condense.readers import InputSlice, Reader
-from condense.readers.webdataset import Shard
 from condense.runtime.processor import Processor, Resources
 from condense.schema import embed_schema, vectors_to_arrow
 from condense.stages.embed.ids import ID_HASH_SEED, write_id_hashes
-from condense.stages.embed.images import INFLIGHT, encoded_rows
 from condense.storage.fs import location
 from condense.storage.parts import write_part
 
@@ -54,31 +50,11 @@ class EmbedPartWriter(Processor):
         return {**stats, "seconds": time.perf_counter() - start}
 
 
-@dataclass
-class ShardPartWriter(Processor):
-    """Writes one WebDataset shard's part from the embeddings the encoder actors left in its
-    scratch folder, exactly as EmbedPartWriter writes precomputed rows."""
-
-    stage = "embed"
-    scratch: str  # embed/_encoded
-    dim: int  # the embeddings' dimension (for shards without a usable sample)
-    dtype: str  # embed.dtype
-    out_dir: str  # embed/
-
-    def process(self, item: Shard) -> dict:
-        start = time.perf_counter()
-        folder = location(self.scratch) / item.part
-        found = encoded_rows(folder, item.source, self.dim)
-        if found is None:
-            raise InputError(f"embed: shard {item.source} was not completely encoded")
-        raw, dropped, nulled = found
-        # The scratch stays until the stage ends: a retried writer reads it again.
-        stats = store_rows(raw, item.part, self.dtype, self.out_dir, dropped)
-        return {**stats, "nulled": nulled, "seconds": time.perf_counter() - start}
-
-
-def store_rows(raw, part: str, dtype: str, out_dir: str, dropped_before: dict[str, int]) -> dict:
-    """Drop unusable rows by reason, normalise, store in id-hash order, write one part."""
+def store_rows(
+    raw, part: str, dtype: str, out_dir: str, dropped_before: dict[str, int], unit: bool = False
+) -> dict:
+    """Drop unusable rows by reason, normalise (unless `unit`: the vectors left the model
+    normalised), store in id-hash order, write one part."""
     n = len(raw.img)
     ids = np.asarray(raw.sample_id, dtype=object)
     problems = [id_problem(i) for i in ids.tolist()]
@@ -99,8 +75,10 @@ def store_rows(raw, part: str, dtype: str, out_dir: str, dropped_before: dict[st
     hashes = hash_ids(kept_ids.tolist(), ID_HASH_SEED) if len(kept_ids) else np.zeros(0, np.uint64)
     order = np.lexsort((kept_ids, hashes))
     idx = np.flatnonzero(keep)[order]
-    img = as_stored(normalize(raw.img[idx]), dtype)
-    txt = as_stored(normalize(raw.txt[idx]), dtype)
+    img, txt = raw.img[idx], raw.txt[idx]
+    if not unit:
+        img, txt = normalize(img), normalize(txt)
+    img, txt = as_stored(img, dtype), as_stored(txt, dtype)
     # Scored from the stored vectors, exactly as later stages will see them.
     score = clip_scores(to_unit_float32(img), to_unit_float32(txt))
     table = pa.Table.from_arrays(
@@ -124,12 +102,3 @@ def store_rows(raw, part: str, dtype: str, out_dir: str, dropped_before: dict[st
         "rows_out": int(keep.sum()),
         "dropped": {k: v for k, v in dropped.items() if v},
     }
-
-
-def reset_scratch(folder: Path) -> None:
-    """Empty a shard's scratch folder for a new attempt, keeping the poison guard's mark: a
-    sample that killed workers before a --resume is still known to."""
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if path.name != INFLIGHT:
-                path.unlink()
