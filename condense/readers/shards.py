@@ -52,6 +52,9 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 TEXT_EXTENSIONS = ("txt", "json")
 KEPT_EXTENSIONS = (*IMAGE_EXTENSIONS, *TEXT_EXTENSIONS)  # the members a sample holds on to
 BLOCK = 512
+SEEK_OVER = 16 << 10  # unread runs at least this long are seeked over, not read
+SPARSE_CHUNK = 4 << 10  # read-ahead when only some images are read (what is read ahead is read)
+SPARSE_BLOCK = 256 << 10  # an object store's read-ahead then (fsspec's block size)
 ZERO_BLOCK = bytes(BLOCK)
 MAX_ZERO_PADDING = 1 << 20  # zero bytes allowed after an archive's end (record padding)
 
@@ -102,8 +105,9 @@ class Sample:
     caption: str | None = None
     meta: dict = field(default_factory=dict)
     problem: str | None = None
-    members: list[tuple[str, bytes]] = field(default_factory=list)  # kept members, as stored
+    members: list[tuple[str, bytes | None]] = field(default_factory=list)  # kept, as stored
     exts: set[str] = field(default_factory=set)  # every member's extension, lower-cased
+    image_skipped: bool = False  # its image's bytes were passed over unread (read_samples)
 
     def fail(self, reason: str) -> None:
         if self.problem is None:
@@ -151,10 +155,14 @@ class ShardFile:
     same offset; then an `InputError` names the file. Local paths must be regular files."""
 
     def __init__(
-        self, path: str, retries: int = 3, opener: Callable[[str], BinaryIO] | None = None
+        self,
+        path: str,
+        retries: int = 3,
+        opener: Callable[[str], BinaryIO] | None = None,
+        block_size: int | None = None,
     ):
         self.path, self.retries, self.pos = path, retries, 0
-        self._opener = opener or _fsspec_open
+        self._opener = opener or (lambda p: _fsspec_open(p, block_size))
         if opener is None:
             _check_regular(path)
         self._f = self._open_with_retries()
@@ -193,6 +201,28 @@ class ShardFile:
                 self._f = self._open_with_retries()
         raise AssertionError("unreachable")
 
+    def skip(self, size: int) -> None:
+        """Pass over `size` bytes: a seek where the file can (a local file, a byte-range
+        reader of an object store), else read and dropped. A file that ends inside is found
+        by the next read."""
+        try:
+            seekable = self._f.seekable()
+        except (AttributeError, OSError):
+            seekable = False
+        if not seekable:
+            while size > 0:
+                chunk = self.read(min(size, 1 << 20))
+                if not chunk:
+                    return
+                size -= len(chunk)
+            return
+        self.pos += size
+        try:
+            self._f.seek(self.pos)
+        except OSError:  # retried as a read would be: reopened at the new offset
+            self._close_quietly()
+            self._f = self._open_with_retries()
+
     def _close_quietly(self) -> None:
         with contextlib.suppress(OSError):
             self._f.close()
@@ -207,10 +237,11 @@ class ShardFile:
         self.close()
 
 
-def _fsspec_open(path: str) -> BinaryIO:
+def _fsspec_open(path: str, block_size: int | None = None) -> BinaryIO:
     import fsspec
 
-    return fsspec.open(path, "rb").open()
+    options = {"block_size": block_size} if block_size else {}
+    return fsspec.open(path, "rb", **options).open()
 
 
 def _seek(f: BinaryIO, pos: int) -> None:
@@ -244,9 +275,12 @@ def _check_regular(path: str) -> None:
         raise InputError(f"shard {path} is not a regular file (a device, pipe or folder)")
 
 
-def open_shard(path: str, limits: ShardLimits = DEFAULT_LIMITS) -> ShardFile:
-    """A shard opened for streaming reads, with `limits.read_retries` retries."""
-    return ShardFile(path, limits.read_retries)
+def open_shard(
+    path: str, limits: ShardLimits = DEFAULT_LIMITS, sparse: bool = False
+) -> ShardFile:
+    """A shard opened for streaming reads, with `limits.read_retries` retries; `sparse`: for
+    reading only some of its images (a small read-ahead, so that skipping saves bytes)."""
+    return ShardFile(path, limits.read_retries, block_size=SPARSE_BLOCK if sparse else None)
 
 
 # ---------------------------------------------------------------------------- the tar stream
@@ -269,6 +303,13 @@ class _Prefixed:
             return out
         return self.raw.read(size)
 
+    def skip(self, size: int) -> bool:
+        """Pass over `size` bytes without reading them, if the file can; else False."""
+        if self.head or not hasattr(self.raw, "skip"):
+            return False
+        self.raw.skip(size)
+        return True
+
 
 _CORRUPT_STREAM = (zlib.error, lzma.LZMAError, gzip.BadGzipFile)
 
@@ -279,8 +320,11 @@ class _Bytes:
 
     CHUNK = 1 << 20
 
-    def __init__(self, raw, name: str, limits: ShardLimits):
+    def __init__(self, raw, name: str, limits: ShardLimits, sparse: bool = False):
         self.name, self.limits = name, limits
+        # Reading only some members (a training worker's share), read ahead little: what is
+        # read ahead cannot be seeked over.
+        self.chunk = SPARSE_CHUNK if sparse else self.CHUNK
         self.pos, self.start = 0, time.monotonic()
         self.buf, self.off = b"", 0
         head = _read_full(raw, 6)
@@ -305,10 +349,10 @@ class _Bytes:
         head = self.buf[self.off :]
         self.buf, self.off = b"", 0
         need = size - len(head)
-        if need >= self.CHUNK:  # a large member: read it directly
+        if need >= self.chunk:  # a large member: read it directly
             data = head + self._source(need)
         else:
-            self.buf = self._source(self.CHUNK)
+            self.buf = self._source(self.chunk)
             take = min(need, len(self.buf))
             data, self.off = head + self.buf[:take], take
         return self._count(data)
@@ -345,7 +389,16 @@ class _Bytes:
             raise TarDamage("truncated_tar", f"the file ends inside {what}")
         return data
 
-    def skip(self, size: int, what: str) -> None:
+    def skip(self, size: int, what: str, unread: bool = False) -> None:
+        """Pass over `size` bytes; with `unread`, a large run of an uncompressed shard is
+        seeked over (never fetched) and a file that ends inside it is found by the next read."""
+        held = len(self.buf) - self.off
+        seekable = unread and isinstance(self.f, _Prefixed) and size - held >= SEEK_OVER
+        if seekable and self.f.skip(size - held):
+            self.buf, self.off = b"", 0
+            self.pos += size
+            self._count(b"")  # the shard's byte and time bounds still hold
+            return
         while size > 0:
             size -= len(self.exact(min(size, 1 << 20), what))
 
@@ -536,14 +589,21 @@ def _pax_records(data: bytes) -> dict[bytes, bytes]:
 
 
 def read_samples(
-    fileobj, limits: ShardLimits = DEFAULT_LIMITS, name: str = "<shard>"
+    fileobj,
+    limits: ShardLimits = DEFAULT_LIMITS,
+    name: str = "<shard>",
+    want_image: Callable[[], bool] | None = None,
 ) -> Iterator[Sample]:
     """Every sample of one tar, in order, good or bad (a bad one carries its `problem`).
+
+    `want_image`, asked at each sample's image member, says whether its bytes are wanted: an
+    image that is not is passed over unread (seeked over in an uncompressed shard) and the
+    sample flagged `image_skipped`; everything else about it is read as usual.
 
     Damage to the archive ends it: the sample being read is yielded with the damage's reason
     (`truncated_tar`, `corrupt_tar`), or a keyless sample carries it when none was being read.
     Bounds of the whole shard (bytes, time, samples) and read errors raise `InputError`."""
-    stream = _Bytes(fileobj, name, limits)
+    stream = _Bytes(fileobj, name, limits, sparse=want_image is not None)
     seen: set[bytes] = set()
     current: Sample | None = None
     try:
@@ -567,7 +627,7 @@ def read_samples(
                         f"shard {name}: more than input.limits.max_samples_per_shard "
                         f"({limits.max_samples_per_shard:,}) samples"
                     )
-            _add_member(current, ext, entry, problem, stream, limits)
+            _add_member(current, ext, entry, problem, stream, limits, want_image)
     except TarDamage as damage:
         if damage.after_end and current is not None:  # junk after a complete archive
             yield _finish(current)
@@ -605,7 +665,13 @@ def _name_of(entry: _Entry) -> tuple[str, str, str | None]:
 
 
 def _add_member(
-    sample: Sample, ext: str, entry: _Entry, problem: str | None, stream: _Bytes, limits
+    sample: Sample,
+    ext: str,
+    entry: _Entry,
+    problem: str | None,
+    stream: _Bytes,
+    limits,
+    want_image: Callable[[], bool] | None = None,
 ) -> None:
     """Read (or skip) one member's data into its sample, bounded by the limits."""
     padded = entry.size + (-entry.size % BLOCK)
@@ -629,6 +695,10 @@ def _add_member(
     if not keep:
         stream.skip(padded, "a member")
         return
+    if ext in IMAGE_EXTENSIONS and entry.size and want_image is not None and not want_image():
+        stream.skip(padded, "a member", unread=True)
+        sample.members.append((ext, None))
+        return
     data = stream.exact(entry.size, "a member")
     stream.skip(padded - entry.size, "member padding")
     sample.members.append((ext, data))
@@ -644,6 +714,7 @@ def _finish(sample: Sample) -> Sample:
             if sample.image is not None:
                 sample.fail("two_images")
             sample.image, sample.image_ext = data, ext
+            sample.image_skipped = data is None
         elif ext == "txt":
             try:
                 sample.caption = data.decode("utf-8")
@@ -673,6 +744,8 @@ def drop_reason(sample: Sample) -> str | None:
     """Why a sample cannot be embedded (a drop reason), or None when it can."""
     if sample.problem is not None:
         return sample.problem
+    if sample.image_skipped:  # not read, but there, and not empty
+        return None if sample.caption is not None else "missing_caption"
     if sample.image is None:
         return "missing_image"
     if not sample.image:

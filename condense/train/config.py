@@ -70,6 +70,11 @@ class TrainConfig(StrictModel):
     # continues from the last one and ends where an uninterrupted run would.
     save_every: int = Field(100, ge=1)
     gradient_checkpointing: bool = False  # recompute the LLM's activations: less memory
+    # torch.compile each decoder layer and the vision tower (the same losses within float
+    # tolerance; the first steps pay the compilation).
+    compile: bool = False
+    # Processes that decode and tokenise samples ahead of the loop (0: in the loop's process).
+    loader_workers: int = Field(0, ge=0)
     log_every: int = Field(10, ge=1)  # steps between progress lines (without a terminal)
     merge: bool = False  # stage 2: also save the LLM with the adapter merged in (merged/)
     max_steps: int | None = Field(None, ge=1)  # stop early (a smoke test); a checkpoint first
@@ -99,5 +104,7 @@ class TrainConfig(StrictModel):
             "max_steps",
             "merge",
             "gradient_checkpointing",
+            "compile",
+            "loader_workers",
         }
     )

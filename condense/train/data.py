@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
@@ -22,13 +22,25 @@ from condense.readers.shards import (
 
 
 def shard_samples(
-    shards: list[Path], skipped: Counter, limits: ShardLimits = DEFAULT_LIMITS
-) -> Iterator[tuple[list[dict], bytes]]:
+    shards: list[Path],
+    skipped: Counter,
+    limits: ShardLimits = DEFAULT_LIMITS,
+    wanted: Callable[[int], bool] | None = None,
+) -> Iterator[tuple[list[dict], bytes | None]]:
     """Stage-1 samples from WebDataset shards: the image and, as the gpt turn, its caption.
-    Shards are read exactly as the embed stage reads them (the same bounds and drop reasons)."""
+    Shards are read exactly as the embed stage reads them (the same bounds and drop reasons).
+
+    `wanted(position)` says which samples of the stream this reader uses (a training worker's
+    share): the others keep their place in the stream, but their images are passed over
+    unread (None), so N workers read the images once between them, not N times."""
+    position = 0
+
+    def want_image() -> bool:  # asked at a sample's image, whose position is the next one
+        return wanted(position)
+
     for shard in shards:
-        with open_shard(str(shard), limits) as f:
-            for sample in read_samples(f, limits, str(shard)):
+        with open_shard(str(shard), limits, sparse=wanted is not None) as f:
+            for sample in read_samples(f, limits, str(shard), want_image if wanted else None):
                 reason = drop_reason(sample)
                 if reason is not None:
                     skipped[reason] += 1
@@ -37,6 +49,7 @@ def shard_samples(
                     {"from": "human", "value": "<image>\n"},
                     {"from": "gpt", "value": sample.caption},
                 ]
+                position += 1
                 yield turns, sample.image
 
 

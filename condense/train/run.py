@@ -67,12 +67,14 @@ def shard_files(cfg: TrainConfig, run_dir: Path) -> list[Path]:
 
 
 def stage_samples(cfg: TrainConfig, run_dir: Path, skipped: Counter):
-    """(a callable giving one epoch's samples, their count) from the shards or a JSON."""
+    """(a callable giving one epoch's samples, their count) from the shards or a JSON. The
+    callable takes a worker's share (`train`): shard images outside it are not read; a JSON's
+    images are files each worker opens only for its own samples anyway."""
     from condense.train.data import json_samples, shard_samples
 
     if cfg.data.llava_json:
         data = list(json_samples(Path(cfg.data.llava_json), cfg.data.image_folder, skipped))
-        return (lambda: data), len(data)
+        return (lambda wanted=None: data), len(data)
     shards = shard_files(cfg, run_dir)
     stats = [
         json.loads(p.read_text()).get("count", 0) for p in shards[0].parent.glob("*_stats.json")
@@ -80,9 +82,13 @@ def stage_samples(cfg: TrainConfig, run_dir: Path, skipped: Counter):
     total = (
         sum(stats)
         if len(stats) == len(shards)
-        else sum(1 for _ in shard_samples(shards, Counter(), cfg.data.limits))
+        else sum(1 for _ in shard_samples(shards, Counter(), cfg.data.limits, _no_images))
     )
-    return (lambda: shard_samples(shards, skipped, cfg.data.limits)), total
+    return (lambda wanted=None: shard_samples(shards, skipped, cfg.data.limits, wanted)), total
+
+
+def _no_images(_position: int) -> bool:
+    return False  # counting samples reads no image
 
 
 def projector_start(cfg: TrainConfig, run_dir: Path) -> Path:

@@ -5,6 +5,7 @@ import io
 import json
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -247,3 +248,75 @@ def test_a_step_without_images_leaves_the_projector_alone_under_fsdp(tmp_path):
         dist.destroy_process_group()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-7)
+
+
+def test_each_worker_reads_only_the_images_of_its_share(tmp_path, monkeypatch):
+    """Shards streamed by N workers: each sees the whole stream in the same order (so the
+    block schedule is the one of a single reader), but only its own blocks' images are read;
+    the others' are seeked over. Between them the workers read the images once, not N times."""
+    import tarfile
+    from collections import Counter
+    from functools import partial
+
+    import condense.readers.shards as shards_module
+    from condense.train.data import shard_samples
+    from condense.train.loop import _is_mine
+
+    rng = np.random.default_rng(0)
+    shards, images = [], {}
+    for s in range(3):
+        path = tmp_path / f"{s:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for i in range(40):
+                key = f"{s}{i:03d}"
+                size = 100_000 if i % 5 else 3_000  # most seeked over, a few small ones read
+                images[key] = rng.bytes(size)
+                for ext, data in (("jpg", images[key]), ("txt", f"caption {key}".encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        shards.append(path)
+    read = Counter()
+    opener = shards_module._fsspec_open
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, size=-1):
+            data = self.f.read(size)
+            read["bytes"] += len(data)
+            return data
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(shards_module, "_fsspec_open", lambda *a: Counting(opener(*a)))
+    full = list(shard_samples(shards, Counter()))
+    whole = read["bytes"]
+    assert len(full) == 120 and whole > sum(map(len, images.values()))
+    for world in (2, 4):
+        total = 0
+        for rank in range(world):
+            read.clear()
+            share = partial(_is_mine, 0, 16, 2, rank, world)
+            got = list(shard_samples(shards, Counter(), wanted=share))
+            assert [turns for turns, _ in got] == [turns for turns, _ in full]
+            for position, ((_, image), (_, want)) in enumerate(zip(got, full, strict=True)):
+                assert image == (want if share(position) else None)
+            total += read["bytes"]
+        # The images once between them, plus each worker's pass over every header (two small
+        # read-aheads per sample it does not use).
+        headers = world * len(full) * 2 * shards_module.SPARSE_CHUNK
+        assert total < whole + headers and total < whole * (1.2 if world == 2 else 1.45)
+    schedule = [
+        [
+            b
+            for b, _e, _c in _micro_batches(
+                range(120), 0, 16, 2, SimpleNamespace(rank=r, world=2), lambda i: i
+            )
+        ]
+        for r in range(2)
+    ]
+    share0 = partial(_is_mine, 0, 16, 2, 0, 2)
+    assert [i for b in schedule[0] if b for i in b] == [p for p in range(120) if share0(p)]
