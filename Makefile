@@ -79,7 +79,7 @@ bench-dedup: $(STAMP) ## dedup core vs SemDeDup / Bunny BFS / networkx, then the
 bench-select: $(STAMP) ## bands and sample at 1M and 10M rows (~5 min)
 	$(BIN)/python bench/bench_select.py
 
-bench-embed: $(STAMP) ## embed stage on image shards vs a plain open_clip loop (~12 min)
+bench-embed: $(STAMP) ## embed stage on image shards vs a plain open_clip loop (~9 min)
 	$(BIN)/python bench/bench_embed.py
 
 bench-train: $(STAMP) ## the training loop vs a Hugging Face Trainer, stage 1 and 2 (~10 min)

@@ -116,6 +116,27 @@ def condense_stage(folder: Path, run_dir: Path, model_name: str, batch: int) -> 
     return time.perf_counter() - start
 
 
+def caption_cost(model: str, batch: int, n: int = 512) -> tuple[float, float]:
+    """Seconds to encode n LAION-like captions: open_clip's full 77-token context, and the
+    stage's length-ordered batches cut to their longest caption."""
+    import torch
+
+    from condense.stages.embed.clip import ClipEncoder
+
+    rng = np.random.default_rng(1)
+    captions = [caption(rng) for _ in range(n)]
+    encoder = ClipEncoder(model, batch_size=batch)
+    tokens = encoder.tokenizer(captions)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, n, batch):
+            encoder.model.encode_text(tokens[i : i + batch])
+    full = time.perf_counter() - start
+    start = time.perf_counter()
+    encoder.encode_texts(captions)
+    return full, time.perf_counter() - start
+
+
 def decode_agreement(model: str) -> tuple[float, float]:
     """(min, mean) cosine between Pillow's and the device path's image embeddings of the demo's
     photos, as JPEGs at their own sizes."""
@@ -176,6 +197,11 @@ def main() -> None:
         f"| condense embed stage | {o:.1f} ({', '.join(f'{x:.1f}' for x in ours)}) | {images / o:.1f} |"
     )
     print(f"\nratio condense / plain (images/s): {p / o:.2f}x (target >= 0.95x)")
+    full, cut = caption_cost(args.model, args.batch)
+    print(
+        f"captions (512, LAION-like lengths): full context {full:.1f} s, length-ordered and "
+        f"cut {cut:.1f} s ({full / cut:.1f}x)"
+    )
     low, mean = decode_agreement(args.model)
     print(
         f"device decode (torchvision on the CPU) vs Pillow, {args.model} image embeddings of "

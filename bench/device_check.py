@@ -3,11 +3,12 @@
     python bench/device_check.py                      # on a GPU machine (about 5 minutes on an H200)
     python bench/device_check.py --tiny --device cpu  # the script itself, in seconds (make test)
 
-Needs torch, open_clip, transformers and peft; faiss-gpu is used where installed (the cluster
-stage's GPU search falls back to torch without it). A machine without them gets them as wheels
-carried with the working tree: open_clip_torch (and its small pure-Python dependencies ftfy,
-wcwidth, timm is not needed). numpy and pyarrow come with torch's image; condense itself is
-this repository (the script puts it on sys.path).
+Needs torch, torchvision, open_clip, transformers and peft, and what condense's modules import:
+numpy, pyarrow, pydantic, PyYAML, tqdm, cloudpickle (no Ray, no faiss: the GPU assignment and
+k-means run on torch alone). A machine without some of them gets them as wheels carried with
+the working tree: open_clip_torch with ftfy, wcwidth and regex (timm is not needed), pydantic
+with pydantic-core (a binary wheel for the machine's Python), annotated-types and
+typing-inspection. condense itself is this repository (the script puts it on sys.path).
 
 It measures, and writes as one JSON (--out) and one table:
 

@@ -245,6 +245,8 @@ def exact_error(dim: int, row_norm: float, centroid_norm: float) -> float:
 
 DEVICE_CANDIDATES = 32  # centroids per row a torch screen keeps (top-k on the device)
 OPEN_ROWS = 256  # rows scored against every centroid at once in float64 on a device
+CPU_CANDIDATES = 8  # centroids per row faiss keeps on CPUs (a window of near ties fits)
+CPU_WINDOW_ROWS = 512  # rows whose windows are scored in float64 at once on CPUs
 
 
 def _nearest(x: np.ndarray, prepared: Centroids, device: str, screen: str) -> np.ndarray:
@@ -270,11 +272,28 @@ def _nearest(x: np.ndarray, prepared: Centroids, device: str, screen: str) -> np
     margin = 2 * screen_error("fp32", d, row_norm, prepared.norm_max)
     best = cand[:, 0].copy()
     unsure = np.flatnonzero(scores[:, 1] - scores[:, 0] <= margin)
-    if len(unsure):  # m = 2 candidates: the window never closes, so all centroids
-        x64 = x[unsure].astype(np.float64)
-        exact = prepared.c_sq[None, :] - 2.0 * (x64 @ prepared.c64.T)
+    if not len(unsure):
+        return best
+    m = scores.shape[1]
+    # A window closes when the screen's last candidate lies beyond it (BLAS keeps no ids but
+    # the best's, so its windows never do): the answer is then among the candidates inside.
+    closed = (cand[unsure, -1] >= 0) & (
+        (m == k) | (scores[unsure, -1] > scores[unsure, 0] + margin)
+    )
+    rows = unsure[closed]
+    for start in range(0, len(rows), CPU_WINDOW_ROWS):
+        r = rows[start : start + CPU_WINDOW_ROWS]
+        ids = cand[r]
+        dots = np.einsum("rd,rmd->rm", x[r].astype(np.float64), prepared.c64[ids])
+        exact = np.where(
+            scores[r] <= (scores[r, :1] + margin), prepared.c_sq[ids] - 2.0 * dots, np.inf
+        )
+        best[r] = _settle(exact, ids, x[r], prepared, row_norm)
+    wide = unsure[~closed]
+    if len(wide):  # every centroid, in one float64 product
+        exact = prepared.c_sq[None, :] - 2.0 * (x[wide].astype(np.float64) @ prepared.c64.T)
         everyone = np.broadcast_to(np.arange(k), exact.shape)
-        best[unsure] = _settle(exact, everyone, x[unsure], prepared, row_norm)
+        best[wide] = _settle(exact, everyone, x[wide], prepared, row_norm)
     return best
 
 
@@ -314,10 +333,12 @@ def _exact_tie(x: np.ndarray, cand: np.ndarray, prepared: Centroids) -> int:
 
 
 def _screen_cpu(x: np.ndarray, prepared: Centroids) -> tuple[np.ndarray, np.ndarray]:
-    """The two best scores per row in fp32 (float64 arrays, ascending) and their centroids."""
+    """The best fp32 scores per row (float64 arrays, ascending) and their centroids: faiss's
+    CPU_CANDIDATES best; BLAS's two best, with the runner-up's id left out (-1)."""
+    k = len(prepared.c)
     if prepared.index is not None:
         # faiss's fused BLAS + top-k is the fastest CPU search; exactness comes from the re-rank.
-        dist, ids = prepared.index.search(x, 2)
+        dist, ids = prepared.index.search(x, min(CPU_CANDIDATES, k))
         return dist.astype(np.float64), ids.astype(np.int64)
     # Below FAISS_MIN_DIM dimensions faiss's top-k heap costs more than the products: BLAS
     # scores and a two-pass minimum are faster (bench/bench_assign.py).
@@ -328,9 +349,8 @@ def _screen_cpu(x: np.ndarray, prepared: Centroids) -> tuple[np.ndarray, np.ndar
     rows = np.arange(len(x))
     best_val = half[rows, best]
     half[rows, best] = np.inf
-    second = np.argmin(half, axis=1)
-    scores = 2.0 * np.stack([best_val, half[rows, second]], axis=1).astype(np.float64)
-    return scores, np.stack([best, second], axis=1).astype(np.int64)
+    scores = 2.0 * np.stack([best_val, half.min(axis=1)], axis=1).astype(np.float64)
+    return scores, np.stack([best, np.full(len(x), -1)], axis=1).astype(np.int64)
 
 
 def _nearest_torch(x, prepared: Centroids, device: str, screen: str, row_norm: float):
