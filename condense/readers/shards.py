@@ -275,9 +275,7 @@ def _check_regular(path: str) -> None:
         raise InputError(f"shard {path} is not a regular file (a device, pipe or folder)")
 
 
-def open_shard(
-    path: str, limits: ShardLimits = DEFAULT_LIMITS, sparse: bool = False
-) -> ShardFile:
+def open_shard(path: str, limits: ShardLimits = DEFAULT_LIMITS, sparse: bool = False) -> ShardFile:
     """A shard opened for streaming reads, with `limits.read_retries` retries; `sparse`: for
     reading only some of its images (a small read-ahead, so that skipping saves bytes)."""
     return ShardFile(path, limits.read_retries, block_size=SPARSE_BLOCK if sparse else None)
