@@ -167,6 +167,11 @@ class ClipEncoder:
         """Unit float32 image embeddings of a preprocessed batch."""
         return self._encode(self.model.encode_image, pixels)
 
+    def embed_images(self, pixels):
+        """`encode_images` left on the device (a torch tensor): nothing waits for the device,
+        so the next batch is decoded while this one is encoded."""
+        return self._on_device(self.model.encode_image, pixels)
+
     def encode_texts(self, captions: Sequence[str]) -> np.ndarray:
         """Unit float32 text embeddings (captions longer than the context are truncated), in
         the captions' order, computed `batch_size` at a time in order of token length. With
@@ -211,9 +216,14 @@ class ClipEncoder:
         return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
 
     def _encode(self, fn, batch) -> np.ndarray:
-        torch = self.torch
         if len(batch) == 0:
             return np.zeros((0, getattr(self, "dim", 0)), dtype=np.float32)
+        return self._on_device(fn, batch).cpu().numpy().astype(np.float32, copy=False)
+
+    def _on_device(self, fn, batch):
+        torch = self.torch
+        if len(batch) == 0:
+            return torch.zeros((0, self.dim), dtype=torch.float32, device=self.device)
         with (
             torch.inference_mode(),
             torch.autocast(
@@ -223,8 +233,7 @@ class ClipEncoder:
             ),
         ):
             out = fn(batch.to(self.device, non_blocking=True)).float()
-        out = torch.nn.functional.normalize(out, dim=-1)
-        return out.cpu().numpy().astype(np.float32, copy=False)
+        return torch.nn.functional.normalize(out, dim=-1)
 
 
 def _trimmable_text(model) -> bool:

@@ -287,13 +287,13 @@ class ShardEmbedder(Processor):
                 failed.update(reasons)
                 for name in ("sample_id", "caption", "url"):
                     batch[name] = batch[name][keep]
-            images.append(enc.encode_images(pixels))
+            images.append(enc.embed_images(pixels))  # on the device until the shard is done
             ids += batch["sample_id"].tolist()
             captions += [c if isinstance(c, str) else None for c in batch["caption"].tolist()]
             urls += batch["url"].tolist()
         limit = self.limits.max_caption_chars
         txt = enc.encode_texts([for_tokenizer(c, limit) for c in captions])
-        img = np.concatenate(images) if images else np.zeros((0, enc.dim), np.float32)
+        img = enc.torch.cat(images).cpu().numpy() if images else np.zeros((0, enc.dim), np.float32)
         raw = RawRows(ids, captions, urls, item.source, img, txt, 0)
         dropped = Counter(counts["dropped"]) + failed
         stats = store_rows(raw, item.part, self.dtype, self.out_dir, dict(dropped), unit=True)

@@ -4,9 +4,10 @@
 tensor Pillow already preprocessed or a plain JPEG's bytes. The JPEGs are decoded together by
 torchvision's `decode_jpeg` on the device, then resized, cropped and normalised there with the
 geometry open_clip's transform uses (the shorter side to the model's size, a centre crop; or a
-squash); the rows Pillow made are copied over from pinned memory. A batch the device decoder
-refuses is decoded image by image, and an image it still refuses goes to Pillow, which may drop
-it by reason. Callable without Ray: `bench/device_check.py` times it as is.
+squash); the rows Pillow made are copied over from pinned memory. On a GPU each batch is
+decoded on a stream of its own, beside the encoder's work on the batch before. A batch the
+device decoder refuses is decoded image by image, and an image it still refuses goes to
+Pillow, which may drop it by reason. Callable without Ray: `bench/device_check.py` times it as is.
 
 On a CPU the same code runs with torchvision's CPU decoder (`embed.model.decode: device`), which
 is how it is tested here. Pixels differ from Pillow's within the decoders' and resamplers'
@@ -58,9 +59,23 @@ class DevicePixels:
         self.mean = torch.tensor(cfg["mean"], device=device).view(3, 1, 1)
         self.std = torch.tensor(cfg["std"], device=device).view(3, 1, 1)
         self.cuda = device.startswith("cuda")
+        # On a GPU, batches are decoded on a stream of their own, beside the encoder's work on
+        # the batch before (the encoder's results stay on the device until its shard is done).
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
 
     def __call__(self, rows: list) -> tuple[object, np.ndarray, dict[str, int]]:
         """(pixels on the device, indices of the rows kept, drop counts of the rows refused)."""
+        if self.stream is None:
+            return self._batch(rows)
+        torch = self.torch
+        with torch.cuda.stream(self.stream):
+            pixels, keep, dropped = self._batch(rows)
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self.stream)  # the encoder starts once the pixels are there
+        pixels.record_stream(current)  # and their memory is not reused before it is done
+        return pixels, keep, dropped
+
+    def _batch(self, rows: list) -> tuple[object, np.ndarray, dict[str, int]]:
         torch = self.torch
         jpegs = [i for i, r in enumerate(rows) if isinstance(r, bytes | bytearray)]
         decoded = self._decode([rows[i] for i in jpegs])
