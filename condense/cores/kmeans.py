@@ -216,22 +216,30 @@ def _on_torch(device: str) -> bool:
     return device.startswith("cuda") or device == "torch-cpu"
 
 
-def screen_error(precision: str, dim: int, row_norm: float, centroid_norm: float) -> float:
+def screen_error(
+    precision: str, dim: int, row_norm: float, centroid_norm: float, faiss: bool = False
+) -> float:
     """A rigorous bound on the error of a screened score s_j (the squared distance up to a
-    constant per row: ||c_j||^2 - 2 x.c_j, or faiss's ||x||^2 + ||c_j||^2 - 2 x.c_j) for rows
-    of norm <= row_norm and centroids of norm <= centroid_norm.
+    constant per row: ||c_j||^2 - 2 x.c_j, faiss's ||x||^2 + ||c_j||^2 - 2 x.c_j, or faiss's
+    sum (x_i - c_ji)^2 on small queries) for rows of norm <= row_norm and centroids of norm <=
+    centroid_norm.
 
     The product's error is `screen_bound` scaled by the norms (taken as at least 1, which also
     covers its subnormal term); ||c_j||^2 is off by at most (gamma_d + u) ||c||^2 (faiss sums
     it in fp32; here it is rounded once from float64), and the two or three fp32 additions by
-    u (||x|| + ||c||)^2 each. 1% on top covers the arithmetic of the bound."""
-    from condense.cores.screen import screen_bound
+    u (||x|| + ||c||)^2 each; with `faiss`, also its sum of squared differences, by (gamma_d +
+    3u) (||x|| + ||c||)^2. The bound is the sum of them; 1% on top covers its own arithmetic."""
+    from condense.cores.screen import SUM_ERROR, screen_bound
 
     a, b = max(1.0, row_norm), max(1.0, centroid_norm)
-    u = 2.0**-24
+    u = SUM_ERROR
     gamma = dim * u / (1 - dim * u)
     product = 2.0 * screen_bound(precision, dim) * a * b
-    return 1.01 * (product + (gamma + u) * b * b + 3 * u * (a + b) ** 2)
+    pairwise = (gamma + 3 * u) * (a + b) ** 2 if faiss else 0.0
+    return 1.01 * (product + (gamma + u) * b * b + 3 * u * (a + b) ** 2 + pairwise)
+
+
+FP16_PRODUCTS = 16_384.0  # |x| |c| above this: fp16 products may overflow, the screen is fp32
 
 
 def exact_error(dim: int, row_norm: float, centroid_norm: float) -> float:
@@ -269,16 +277,19 @@ def _nearest(x: np.ndarray, prepared: Centroids, device: str, screen: str) -> np
     if _on_torch(device):
         return _nearest_torch(x, prepared, device, screen, row_norm)
     scores, cand = _screen_cpu(x, prepared)
-    margin = 2 * screen_error("fp32", d, row_norm, prepared.norm_max)
+    margin = 2 * screen_error("fp32", d, row_norm, prepared.norm_max, prepared.index is not None)
     best = cand[:, 0].copy()
-    unsure = np.flatnonzero(scores[:, 1] - scores[:, 0] <= margin)
+    unsure = np.flatnonzero(~(scores[:, 1] - scores[:, 0] > margin))  # NaN: unsure
     if not len(unsure):
         return best
     m = scores.shape[1]
     # A window closes when the screen's last candidate lies beyond it (BLAS keeps no ids but
     # the best's, so its windows never do): the answer is then among the candidates inside.
-    closed = (cand[unsure, -1] >= 0) & (
-        (m == k) | (scores[unsure, -1] > scores[unsure, 0] + margin)
+    finite = np.isfinite(scores[unsure]).all(axis=1)
+    closed = (
+        finite
+        & (cand[unsure, -1] >= 0)
+        & ((m == k) | (scores[unsure, -1] > scores[unsure, 0] + margin))
     )
     rows = unsure[closed]
     for start in range(0, len(rows), CPU_WINDOW_ROWS):
@@ -318,18 +329,24 @@ def _settle(exact, cand, x: np.ndarray, prepared: Centroids, row_norm: float) ->
 
 def _exact_tie(x: np.ndarray, cand: np.ndarray, prepared: Centroids) -> int:
     """Among candidates whose float64 scores tie within rounding: the smallest exact score
-    sum(c_i^2 - 2 x_i c_i), each term exact in float64 and summed by math.fsum (correctly
-    rounded), ties to the lower id."""
+    sum(c_i^2 - 2 x_i c_i), ties to the lower id. Every term is exact in float64 and a multiple
+    of 2^-298, so the sign of math.fsum over one candidate's terms minus another's is the sign
+    of the exact difference (a nonzero sum of such terms never rounds to zero)."""
     import math
 
     x64 = x.astype(np.float64)
-    best = None
-    for j in sorted(int(j) for j in cand):
+
+    def terms(j: int) -> np.ndarray:
         c = prepared.c64[j]
-        value = math.fsum(np.concatenate([c * c, -2.0 * x64 * c]).tolist())
-        if best is None or value < best[0]:
-            best = (value, j)
-    return best[1]
+        return np.concatenate([c * c, -2.0 * x64 * c])
+
+    ids = sorted(int(j) for j in cand)
+    best, best_terms = ids[0], terms(ids[0])
+    for j in ids[1:]:
+        t = terms(j)
+        if math.fsum(np.concatenate([t, -best_terms]).tolist()) < 0:
+            best, best_terms = j, t
+    return best
 
 
 def _screen_cpu(x: np.ndarray, prepared: Centroids) -> tuple[np.ndarray, np.ndarray]:
@@ -363,6 +380,8 @@ def _nearest_torch(x, prepared: Centroids, device: str, screen: str, row_norm: f
 
     device = "cpu" if device == "torch-cpu" else device
     k, d = prepared.c.shape
+    if screen == "fp16" and max(1.0, row_norm) * max(1.0, prepared.norm_max) > FP16_PRODUCTS:
+        screen = "fp32"  # products beyond fp16's range would be inf
     c, half_c, c64, c_sq64 = prepared.torch_tensors(device, screen)
     xt = torch.from_numpy(x).to(device)
     scores = half_c[None, :] - screened_matmul(xt.to(screen_dtype(screen)), c.T, screen).float()
@@ -371,11 +390,13 @@ def _nearest_torch(x, prepared: Centroids, device: str, screen: str, row_norm: f
     vals = 2.0 * vals.double()
     margin = 2 * screen_error(screen, d, row_norm, prepared.norm_max)
     best = cand[:, 0].cpu().numpy().astype(np.int64)
-    unsure = torch.nonzero(vals[:, 1] - vals[:, 0] <= margin).flatten()
+    unsure = torch.nonzero(~(vals[:, 1] - vals[:, 0] > margin)).flatten()  # NaN: unsure
     if not len(unsure):
         return best
     # A window closes when the screen's last candidate lies beyond it: the answer is inside.
-    closed = (vals[unsure, -1] > vals[unsure, 0] + margin) | (m == k)
+    # A row with a score that is not finite never closes one (it is scored in full).
+    finite = torch.isfinite(vals[unsure]).all(dim=1)
+    closed = finite & ((vals[unsure, -1] > vals[unsure, 0] + margin) | (m == k))
     rows = unsure[closed]
     if len(rows):
         ids = cand[rows]

@@ -11,32 +11,37 @@ from __future__ import annotations
 
 import math
 
-# Unit roundoffs of each screen: (inputs rounded to, output rounded to). Products of two inputs
-# of these formats are exact in fp32, where they are summed (fp32 unit roundoff 2^-24).
+# Worst-case relative errors of each screen: (inputs converted to, output converted to). They
+# allow for truncation, not only round-to-nearest: tensor cores may truncate when they convert
+# to tf32 and when they accumulate (Fasi, Higham, Mikaitis and Pranesh, 2021), so each is one
+# unit in the last place, twice the unit roundoff. Products of two inputs of these formats are
+# exact in fp32, where they are summed.
 PRECISIONS = {
     "fp32": (0.0, 0.0),
-    "tf32": (2.0**-11, 0.0),  # 10-bit mantissas in, fp32 out
-    "bf16": (2.0**-8, 2.0**-8),  # 7-bit mantissas in and out
-    "fp16": (2.0**-11, 2.0**-11),
+    "tf32": (2.0**-10, 0.0),  # 10-bit mantissas in, fp32 out
+    "bf16": (2.0**-7, 2.0**-7),  # 7-bit mantissas in and out
+    "fp16": (2.0**-10, 2.0**-10),  # 10-bit mantissas in and out
 }
+SUM_ERROR = 2.0**-23  # per fp32 addition, truncating or not
 SUBNORMAL = {"fp32": 0.0, "tf32": 2.0**-149, "bf16": 2.0**-133, "fp16": 2.0**-24}
 
 
 def screen_bound(precision: str, dim: int) -> float:
     """A rigorous bound on |screened dot - exact dot| for two unit float32 vectors of `dim`.
 
-    With inputs rounded to unit roundoff u (and below the format's subnormal spacing s at most
-    s/2 absolutely), sums in fp32 (gamma_d = d 2^-24 / (1 - d 2^-24), any order, FMA or not)
-    and the output rounded to unit roundoff w: the inputs contribute (2u + u^2) sum|x_i y_i|
-    <= 2u + u^2 (Cauchy-Schwarz) plus sqrt(d) s for subnormals, the sum gamma_d (1 + u)^2, the
-    output w times the result's magnitude (at most 1 + the rest). The bound only decides which
-    pairs are rechecked, never a decision; 1% on top covers the arithmetic of the bound."""
+    With inputs converted with relative error at most u (and below the format's subnormal
+    spacing s at most s absolutely), sums in fp32 with error at most v = 2^-23 each (gamma_d =
+    d v / (1 - d v), any order, FMA or not, truncating or not) and the output converted with
+    relative error at most w: the inputs contribute (2u + u^2) sum|x_i y_i| <= 2u + u^2
+    (Cauchy-Schwarz) plus 2 sqrt(d) s for subnormals, the sum gamma_d (1 + u)^2, the output w
+    times the result's magnitude (at most 1 + the rest). The bound only decides which pairs
+    are rechecked, never a decision; 1% on top covers the arithmetic of the bound."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     u, w = PRECISIONS[precision]
-    v = 2.0**-24
+    v = SUM_ERROR
     gamma = dim * v / (1 - dim * v)
-    inputs = 2 * u + u * u + math.sqrt(dim) * SUBNORMAL[precision]
+    inputs = 2 * u + u * u + 2 * math.sqrt(dim) * SUBNORMAL[precision]
     summed = gamma * (1 + u) ** 2
     # The stored vectors' norms are 1 within float32 rounding: allow |x| |y| <= 1 + 1e-6.
     return 1.01 * (1 + 1e-6) * (inputs + summed + w * (1 + inputs + summed))

@@ -217,11 +217,18 @@ class Loader:
             return
         from collections import deque
 
-        queue: deque = deque()
+        queue: deque = deque()  # futures of this worker's samples, None for the others'
+        pending = 0  # futures in the queue: the stream runs ahead until `depth` are in flight
         for position, sample in enumerate(stream):
-            queue.append(self.pool.submit(_loader_prepare, sample) if wanted(position) else None)
-            if len(queue) > self.depth:
-                yield queue.popleft()
+            if wanted(position):
+                queue.append(self.pool.submit(_loader_prepare, sample))
+                pending += 1
+            else:
+                queue.append(None)
+            while queue and (queue[0] is None or pending > self.depth):
+                item = queue.popleft()
+                pending -= item is not None
+                yield item
         while queue:
             yield queue.popleft()
 

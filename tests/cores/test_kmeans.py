@@ -117,6 +117,47 @@ def test_a_tie_within_float64_rounding_is_decided_by_exact_sums():
     # ||c_j||^2 - 2 x.c_j: c_0 -> 1 + 1e-16 - 2(1 - 1e-16), c_1 -> 1 + 1e-16 - 2(1 + 1e-16)
     assert _exact_tie(x, np.array([0, 1]), prepared) == 1
     assert _exact_tie(x, np.array([2, 1]), prepared) == 1  # c_1 == c_2: the lower id
+    # Scores 1 + 2^-200 and 1 round to the same float64: the exact comparison still tells.
+    c = np.zeros((2, 64), np.float32)
+    c[:, 0], c[0, 1] = 1.0, 2.0**-100
+    got = assign(np.zeros((3, 64), np.float32), c)
+    assert got.cluster_id.tolist() == [1, 1, 1]
+
+
+def test_large_rows_on_a_tie_get_the_exact_answer_alone_in_a_chunk_and_on_the_gpu_code():
+    """Rows of norm 1e5 on the bisector of two centroids: faiss scores small queries as sums of
+    squared differences and large ones with BLAS, torch in fp32 or (out of fp16's range) not in
+    fp16; every path, one row at a time or 192 at once, gives the exact nearest centroid."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(5)
+    d = 768
+    c = rng.normal(size=(2, d))
+    c = (c / np.linalg.norm(c, axis=1, keepdims=True)).astype(np.float32)
+    c64 = c.astype(np.float64)
+    w = c64[1] - c64[0]
+    target = (c64[1] @ c64[1] - c64[0] @ c64[0]) / 2
+    x = np.abs(rng.normal(size=(64, d))) * (1e5 / np.sqrt(d))
+    x = (x - ((x @ w - target) / (w @ w))[:, None] * w[None]).astype(np.float32)
+
+    def exact(row):
+        s = [
+            sum(
+                Fraction(float(b)) * (Fraction(float(b)) - 2 * Fraction(float(a)))
+                for a, b in zip(row, cj, strict=True)
+            )
+            for cj in c
+        ]
+        return 0 if s[0] <= s[1] else 1
+
+    want = [exact(row) for row in x[:16]]
+    one = [int(assign(x[i : i + 1], c).cluster_id[0]) for i in range(16)]
+    many = assign(np.tile(x, (3, 1)), c).cluster_id[:16].tolist()
+    gpu = [
+        assign(x, c, device="torch-cpu", screen=s).cluster_id[:16].tolist()
+        for s in ("fp32", "fp16")
+    ]
+    assert one == many == gpu[0] == gpu[1] == want
 
 
 def test_the_torch_trainer_finds_the_blobs_faiss_finds():
@@ -140,3 +181,29 @@ def test_the_torch_trainer_finds_the_blobs_faiss_finds():
     assert np.abs(cent).max() < 100 and len(np.unique(assign(x, cent).cluster_id)) == 4
     spherical = train_kmeans(x, 4, niter=5, seed=3, spherical=True, device="torch-cpu")
     assert np.allclose(np.linalg.norm(spherical, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [4, 200])  # faiss: sums of squared differences / BLAS
+def test_the_screens_error_stays_within_its_bound(rows):
+    """What a comparison of two screened scores sees (the spread of their errors over a row's
+    centroids) against twice screen_error, for rows of norm 1 to 1e5 at d = 64 and 768."""
+    from condense.cores.kmeans import prepare_centroids, screen_error
+
+    rng = np.random.default_rng(2)
+    worst = 0.0
+    for d in (64, 768):
+        c = rng.normal(size=(256, d)).astype(np.float32)
+        c /= np.linalg.norm(c, axis=1, keepdims=True)
+        prepared = prepare_centroids(c)
+        for scale in (1.0, 1e3, 1e5):
+            x = np.abs(rng.normal(size=(rows, d))) * scale / np.sqrt(d) + 0.37 * scale / 1e5
+            x = x.astype(np.float32)
+            dist, ids = prepared.index.search(x, 256)
+            x64 = x.astype(np.float64)
+            exact = ((x64[:, None, :] - c.astype(np.float64)[None]) ** 2).sum(-1)
+            error = dist - np.take_along_axis(exact, ids, 1)
+            norms = np.sqrt((x64**2).sum(1))
+            bound = [screen_error("fp32", d, r, prepared.norm_max, faiss=True) for r in norms]
+            margin = 2 * np.array(bound)
+            worst = max(worst, float(((error.max(1) - error.min(1)) / margin).max()))
+    assert 0 < worst <= 1.0

@@ -109,6 +109,9 @@ def test_captions_in_length_order_with_each_batch_cut_give_the_full_context_embe
     rng = np.random.default_rng(1)
     words = ("photo", "of", "a", "red", "house", "by", "the", "lake")
     captions = [" ".join(rng.choice(words, rng.integers(1, 30))) for _ in range(10)] + [""]
+    # Token 0 is padding but also a real token ("!" before another piece): these captions
+    # hold zeros before their end, and must not be cut there.
+    captions += ['wow!" he said!"!"!"!"', '!!"!"', 'a "quote!"!" in the middle']
     got = encoder.encode_texts(captions)
     with torch.inference_mode():
         full = encoder.model.encode_text(encoder.tokenizer(captions), normalize=True).numpy()

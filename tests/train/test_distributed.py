@@ -320,3 +320,30 @@ def test_each_worker_reads_only_the_images_of_its_share(tmp_path, monkeypatch):
     ]
     share0 = partial(_is_mine, 0, 16, 2, 0, 2)
     assert [i for b in schedule[0] if b for i in b] == [p for p in range(120) if share0(p)]
+
+
+def test_the_loader_keeps_its_own_samples_in_flight_whatever_the_worker():
+    """loader_workers with several training workers: the stream runs ahead until `depth` of
+    this worker's own samples are being prepared, however many of the others' lie between."""
+    from functools import partial
+
+    from condense.train.loop import Loader, _is_mine
+
+    class Pool:  # records what is submitted, and hands the sample back as its "future"
+        def __init__(self):
+            self.submitted = []
+
+        def submit(self, fn, sample):
+            self.submitted.append(sample)
+            return sample
+
+    for rank in range(4):
+        loader = Loader.__new__(Loader)  # its pool replaced by the recording one
+        loader.pool, loader.depth = Pool(), 6
+        submitted = loader.pool.submitted
+        share = partial(_is_mine, 0, 64, 2, rank, 4)
+        out = loader.ahead(iter(range(1000)), share)
+        first = next(item for item in out if item is not None)
+        assert first == submitted[0] and len(submitted) == 7  # itself and 6 more in flight
+        rest = [item for item in out if item is not None]
+        assert [first, *rest] == [p for p in range(1000) if share(p)]

@@ -182,12 +182,19 @@ class ClipEncoder:
         if not self.trim:
             return self._batches(self.model.encode_text, tokens)
         torch = self.torch
-        lengths = (tokens != 0).sum(dim=1)
+        # Each caption's length is its last nonzero token's position + 1: id 0 pads, but it is
+        # also a real token (a "!" before another piece, as in "!\"").
+        nonzero = (tokens != 0).int()
+        lengths = torch.where(
+            nonzero.any(dim=1),
+            tokens.shape[1] - nonzero.flip(dims=[1]).argmax(dim=1),
+            torch.zeros(len(tokens), dtype=torch.long),
+        )
         order = torch.argsort(lengths, stable=True)
         out = np.empty((len(tokens), self.dim), dtype=np.float32)
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            cut = int(lengths[rows].max())
+            cut = max(1, int(lengths[rows].max()))
             out[rows.numpy()] = self._encode(self._text_prefix, tokens[rows, :cut])
         return out
 
@@ -238,11 +245,16 @@ class ClipEncoder:
 
 def _trimmable_text(model) -> bool:
     """Whether the model's text tower is open_clip's causal transformer pooled at the end-of-text
-    token (or the first): then the padding after a batch's longest caption changes nothing."""
+    token (or the first): then the padding after a batch's longest caption changes nothing.
+    Older open_clip releases pool with another signature: they get the full context."""
+    import inspect
+
     from open_clip.model import CLIP
+    from open_clip.transformer import text_global_pool
 
     return (
         type(model) is CLIP
         and getattr(model, "attn_mask", None) is not None
         and getattr(model, "text_pool_type", None) in ("argmax", "eos", "first")
+        and "eos_token_id" in inspect.signature(text_global_pool).parameters
     )
