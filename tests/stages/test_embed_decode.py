@@ -117,3 +117,35 @@ def test_captions_in_length_order_with_each_batch_cut_give_the_full_context_embe
         full = encoder.model.encode_text(encoder.tokenizer(captions), normalize=True).numpy()
     assert np.allclose(got, full, atol=2e-6)
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+
+
+def test_read_ahead_keeps_the_order_raises_where_the_reader_failed_and_stops_with_the_reader():
+    """The GPU actor's read-ahead thread: batches in order, a reader's error raised at its
+    batch, and a consumer that stops early stops the thread."""
+    import threading
+
+    from condense.stages.embed.pixels import read_ahead
+
+    assert list(read_ahead(iter(range(50)), depth=2)) == list(range(50))
+
+    def failing():
+        yield from range(3)
+        raise ValueError("bad shard")
+
+    got = []
+    with pytest.raises(ValueError, match="bad shard"):
+        for batch in read_ahead(failing(), depth=2):
+            got.append(batch)
+    assert got == [0, 1, 2]
+    made = []
+
+    def endless():
+        while True:
+            made.append(len(made))
+            yield made[-1]
+
+    stream = read_ahead(endless(), depth=2)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()  # the consumer stops: the thread ends, having read at most depth + 2 more
+    assert not any(t.name == "condense-read-ahead" for t in threading.enumerate())
+    assert len(made) <= 3 + 2 + 2
