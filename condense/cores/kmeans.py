@@ -254,7 +254,7 @@ def exact_error(dim: int, row_norm: float, centroid_norm: float) -> float:
 DEVICE_CANDIDATES = 32  # centroids per row a torch screen keeps (top-k on the device)
 OPEN_ROWS = 256  # rows scored against every centroid at once in float64 on a device
 CPU_CANDIDATES = 8  # centroids per row faiss keeps on CPUs (a window of near ties fits)
-CPU_WINDOW_ROWS = 512  # rows whose windows are scored in float64 at once on CPUs
+WINDOW_ROWS = 512  # rows whose candidate windows are scored in float64 at once
 
 
 def _nearest(x: np.ndarray, prepared: Centroids, device: str, screen: str) -> np.ndarray:
@@ -266,8 +266,8 @@ def _nearest(x: np.ndarray, prepared: Centroids, device: str, screen: str) -> np
     2. the other rows are scored in float64, on the candidates the screen could not rule out
        (all centroids where the screen kept too few), and settled where the best float64 score
        beats the next by more than twice its own error bound;
-    3. what is left are ties within float64 rounding: each candidate's score is summed
-       exactly (math.fsum of the exact float64 products), ties to the lower id.
+    3. what is left are ties within float64 rounding, compared exactly (`_exact_tie`), ties to
+       the lower id.
 
     No step depends on the chunk, the device or the screen, so neither does the answer."""
     k, d = prepared.c.shape
@@ -279,51 +279,77 @@ def _nearest(x: np.ndarray, prepared: Centroids, device: str, screen: str) -> np
     scores, cand = _screen_cpu(x, prepared)
     margin = 2 * screen_error("fp32", d, row_norm, prepared.norm_max, prepared.index is not None)
     best = cand[:, 0].copy()
-    unsure = np.flatnonzero(~(scores[:, 1] - scores[:, 0] > margin))  # NaN: unsure
+    return _refine(
+        best,
+        scores,
+        cand,
+        x,
+        lambda r: x[r].astype(np.float64),
+        (prepared.c64, prepared.c_sq, np.arange(k)),
+        margin,
+        prepared,
+        row_norm,
+        np,
+    )
+
+
+def _refine(best, scores, cand, x, rows64, exact_c, margin, prepared, row_norm, xp):
+    """Steps 2 and 3 of `_nearest` for one chunk, on the screen's arrays: numpy (`xp` = np) or
+    torch tensors on their device (`xp` = torch). `scores` ascending with their centroids
+    `cand` (-1: an id the screen did not keep), `rows64(r)` the rows r in float64 there,
+    `exact_c` the float64 centroids, their squared norms and every centroid's id there."""
+    c64, c_sq, everyone = exact_c
+    k, m = len(prepared.c), scores.shape[1]
+    unsure = xp.where(~(scores[:, 1] - scores[:, 0] > margin))[0]  # NaN: unsure
     if not len(unsure):
         return best
-    m = scores.shape[1]
-    # A window closes when the screen's last candidate lies beyond it (BLAS keeps no ids but
-    # the best's, so its windows never do): the answer is then among the candidates inside.
-    finite = np.isfinite(scores[unsure]).all(axis=1)
+    # A window closes when the screen's last candidate lies beyond it: the answer is then among
+    # the candidates inside. A row with a score that is not finite, or whose screen kept no
+    # ids past the best (BLAS), never closes one: it is scored against every centroid.
+    s = scores[unsure]
     closed = (
-        finite
-        & (cand[unsure, -1] >= 0)
-        & ((m == k) | (scores[unsure, -1] > scores[unsure, 0] + margin))
+        xp.isfinite(s).all(1) & (cand[unsure, -1] >= 0) & ((s[:, -1] > s[:, 0] + margin) | (m == k))
     )
-    rows = unsure[closed]
-    for start in range(0, len(rows), CPU_WINDOW_ROWS):
-        r = rows[start : start + CPU_WINDOW_ROWS]
+    rows, wide = unsure[closed], unsure[~closed]
+    for start in range(0, len(rows), WINDOW_ROWS):
+        r = rows[start : start + WINDOW_ROWS]
         ids = cand[r]
-        dots = np.einsum("rd,rmd->rm", x[r].astype(np.float64), prepared.c64[ids])
-        exact = np.where(
-            scores[r] <= (scores[r, :1] + margin), prepared.c_sq[ids] - 2.0 * dots, np.inf
-        )
-        best[r] = _settle(exact, ids, x[r], prepared, row_norm)
-    wide = unsure[~closed]
-    if len(wide):  # every centroid, in one float64 product
-        exact = prepared.c_sq[None, :] - 2.0 * (x[wide].astype(np.float64) @ prepared.c64.T)
-        everyone = np.broadcast_to(np.arange(k), exact.shape)
-        best[wide] = _settle(exact, everyone, x[wide], prepared, row_norm)
+        exact = c_sq[ids] - 2.0 * xp.einsum("rd,rmd->rm", rows64(r), c64[ids])
+        exact = xp.where(scores[r] <= scores[r, :1] + margin, exact, float("inf"))
+        host = _host(r)
+        best[host] = _settle(exact, ids, x[host], prepared, row_norm)
+    for start in range(0, len(wide), OPEN_ROWS):  # every centroid, a few rows at a time
+        r = wide[start : start + OPEN_ROWS]
+        exact = c_sq[None, :] - 2.0 * (rows64(r) @ c64.T)
+        host = _host(r)
+        best[host] = _settle(exact, everyone, x[host], prepared, row_norm)
     return best
 
 
+def _host(a) -> np.ndarray:
+    """A numpy array as it is; a torch tensor copied to the host."""
+    return a if isinstance(a, np.ndarray) else a.cpu().numpy()
+
+
 def _settle(exact, cand, x: np.ndarray, prepared: Centroids, row_norm: float) -> np.ndarray:
-    """Steps 2 and 3 for rows with float64 scores `exact` of their candidates `cand` (inf where
-    a row has fewer): numpy arrays, or torch tensors on their device (only ties come back)."""
+    """Steps 2 and 3 for rows with float64 scores `exact` of their candidates `cand` (per row,
+    inf where a row has fewer; or one list shared by every row): numpy arrays, or torch tensors
+    on their device (only ties come back)."""
     if isinstance(exact, np.ndarray):
-        rows, host = np.arange(len(exact)), np.asarray
+        rows = np.arange(len(exact))
     else:
         import torch
 
-        rows, host = torch.arange(len(exact), device=exact.device), lambda t: t.cpu().numpy()
+        rows = torch.arange(len(exact), device=exact.device)
     win = exact.argmin(1)
     low = exact[rows, win]
     margin = 2 * exact_error(prepared.c.shape[1], row_norm, prepared.norm_max)
     near = exact <= (low + margin)[:, None]
-    out = host(cand[rows, win]).astype(np.int64)
-    for r in np.flatnonzero(host(near.sum(1)) > 1):
-        out[r] = _exact_tie(x[r], host(cand[r][near[r]]), prepared)
+    shared = cand.ndim == 1
+    out = _host(cand[win] if shared else cand[rows, win]).astype(np.int64)
+    for r in np.flatnonzero(_host(near.sum(1)) > 1):
+        tied = cand[near[r]] if shared else cand[r][near[r]]
+        out[r] = _exact_tie(x[r], _host(tied), prepared)
     return out
 
 
@@ -373,7 +399,7 @@ def _screen_cpu(x: np.ndarray, prepared: Centroids) -> tuple[np.ndarray, np.ndar
 def _nearest_torch(x, prepared: Centroids, device: str, screen: str, row_norm: float):
     """`_nearest` with steps 1 and 2 on a torch device (the GPU path; "torch-cpu" runs it on
     the CPU to test it): the screen at `screen`, top-DEVICE_CANDIDATES candidates per row, the
-    float64 scores of the rows it leaves open computed there too."""
+    float64 scores of the rows it leaves open computed there too (`_refine` on tensors)."""
     import torch
 
     from condense.cores.screen import screen_dtype, screened_matmul
@@ -389,28 +415,17 @@ def _nearest_torch(x, prepared: Centroids, device: str, screen: str, row_norm: f
     vals, cand = torch.topk(scores, k=m, dim=1, largest=False)  # ascending
     vals = 2.0 * vals.double()
     margin = 2 * screen_error(screen, d, row_norm, prepared.norm_max)
-    best = cand[:, 0].cpu().numpy().astype(np.int64)
-    unsure = torch.nonzero(~(vals[:, 1] - vals[:, 0] > margin)).flatten()  # NaN: unsure
-    if not len(unsure):
-        return best
-    # A window closes when the screen's last candidate lies beyond it: the answer is inside.
-    # A row with a score that is not finite never closes one (it is scored in full).
-    finite = torch.isfinite(vals[unsure]).all(dim=1)
-    closed = finite & ((vals[unsure, -1] > vals[unsure, 0] + margin) | (m == k))
-    rows = unsure[closed]
-    if len(rows):
-        ids = cand[rows]
-        x64 = xt[rows].double()
-        exact = c_sq64[ids] - 2.0 * torch.einsum("rd,rmd->rm", x64, c64[ids])
-        inside = vals[rows] <= vals[rows, :1] + margin
-        exact = torch.where(inside, exact, torch.full_like(exact, float("inf")))
-        host = rows.cpu().numpy()
-        best[host] = _settle(exact, ids, x[host], prepared, row_norm)
+    best = _host(cand[:, 0]).astype(np.int64)
     everyone = torch.arange(k, device=device)
-    wide = unsure[~closed].cpu().numpy()
-    for start in range(0, len(wide), OPEN_ROWS):  # every centroid, a few rows at a time
-        host = wide[start : start + OPEN_ROWS]
-        exact = c_sq64[None, :] - 2.0 * (torch.from_numpy(x[host]).to(device).double() @ c64.T)
-        ids = everyone.expand(len(host), k)
-        best[host] = _settle(exact, ids, x[host], prepared, row_norm)
-    return best
+    return _refine(
+        best,
+        vals,
+        cand,
+        x,
+        lambda r: xt[r].double(),
+        (c64, c_sq64, everyone),
+        margin,
+        prepared,
+        row_norm,
+        torch,
+    )
