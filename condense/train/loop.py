@@ -194,9 +194,10 @@ class Loader:
     not wait for images. Items come back in the stream's order, whatever the workers' speed,
     and their skip counts are added here: the batches and counts are the same either way."""
 
-    def __init__(self, cfg: TrainConfig, tokenizer, image_size: int, mean, std, skipped):
+    def __init__(self, cfg: TrainConfig, tokenizer, image_size: int, vision, skipped):
+        mean, std = getattr(vision, "mean", None), getattr(vision, "std", None)
         self.args = (cfg, tokenizer, image_size, mean, std)
-        self.skipped, self.pool = skipped, None
+        self.cfg, self.skipped, self.pool = cfg, skipped, None
         self.depth = max(4 * cfg.loader_workers, 2 * cfg.per_device_batch)  # items ahead
         if cfg.loader_workers:
             import multiprocessing
@@ -209,6 +210,21 @@ class Loader:
                 initializer=_loader_init,
                 initargs=self.args,
             )
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def micro_batches(self, samples, skip: int, parallel):
+        """This worker's micro-batches of one epoch from stream position `skip`, as
+        `_micro_batches` deals them; with several workers, `samples` is asked for this
+        worker's share only."""
+        span, size = self.cfg.global_batch, self.cfg.per_device_batch
+        share = partial(_is_mine, skip, span, size, parallel.rank, parallel.world)
+        stream = samples(share) if parallel.world > 1 else samples()
+        return _micro_batches(self.ahead(stream, share), skip, span, size, parallel, self.take)
 
     def ahead(self, stream, wanted):
         """The stream, this worker's samples (wanted(position)) handed to the pool early."""
@@ -426,7 +442,6 @@ def train(
     skipped: Counter = Counter()
     window = StepWindow()
     dummy = _dummy_batch(tokenizer, image_size)
-    mean, std = getattr(model.vision, "mean", None), getattr(model.vision, "std", None)
     state = {"parallel": parallel, "model": model, "opt": opt, "sched": sched}  # checkpointed
     state.update(names=trainable.names, global_batch=cfg.global_batch, seed=cfg.seed)
     start = time.perf_counter()
@@ -439,14 +454,9 @@ def train(
     def stop() -> bool:
         return cfg.max_steps is not None and result.steps >= cfg.max_steps
 
-    loader = Loader(cfg, tokenizer, image_size, mean, std, skipped)
-    try:
+    with Loader(cfg, tokenizer, image_size, model.vision, skipped) as loader:
         for epoch in range(first_epoch, cfg.epochs):
-            span, size = cfg.global_batch, cfg.per_device_batch
-            share = partial(_is_mine, skip, span, size, parallel.rank, parallel.world)
-            epoch_samples = samples(share) if parallel.world > 1 else samples()
-            ahead = loader.ahead(epoch_samples, share)
-            stream = _micro_batches(ahead, skip, span, size, parallel, loader.take)
+            stream = loader.micro_batches(samples, skip, parallel)
             skip = 0
             for batch, end, count in stream:
                 last, weight = end is not None, parallel.world / full
@@ -467,8 +477,6 @@ def train(
                     break
             if stop():
                 break
-    finally:
-        loader.close()
     progress.close()
     return _finish(result, time.perf_counter() - start, first_tokens, skipped, parallel)
 

@@ -178,24 +178,24 @@ class ClipEncoder:
         open_clip's causal text tower (whose pooled token sees nothing after it), each batch is
         cut after its longest caption's last token: the padding it drops changes no embedding
         beyond float rounding, and a short caption no longer costs a full context."""
-        tokens = self.tokenizer(list(captions))
-        if not self.trim:
-            return self._batches(self.model.encode_text, tokens)
         torch = self.torch
-        # Each caption's length is its last nonzero token's position + 1: id 0 pads, but it is
-        # also a real token (a "!" before another piece, as in "!\"").
-        nonzero = (tokens != 0).int()
-        lengths = torch.where(
-            nonzero.any(dim=1),
-            tokens.shape[1] - nonzero.flip(dims=[1]).argmax(dim=1),
-            torch.zeros(len(tokens), dtype=torch.long),
-        )
-        order = torch.argsort(lengths, stable=True)
+        tokens = self.tokenizer(list(captions))
+        order, lengths, fn = torch.arange(len(tokens)), None, self.model.encode_text
+        if self.trim:
+            # A caption's length is its last nonzero token's position + 1: id 0 pads, but it
+            # is also a real token (a "!" before another piece, as in "!\"").
+            nonzero = (tokens != 0).int()
+            lengths = torch.where(
+                nonzero.any(dim=1),
+                tokens.shape[1] - nonzero.flip(dims=[1]).argmax(dim=1),
+                torch.zeros(len(tokens), dtype=torch.long),
+            )
+            order, fn = torch.argsort(lengths, stable=True), self._text_prefix
         out = np.empty((len(tokens), self.dim), dtype=np.float32)
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            cut = max(1, int(lengths[rows].max()))
-            out[rows.numpy()] = self._encode(self._text_prefix, tokens[rows, :cut])
+            cut = tokens.shape[1] if lengths is None else max(1, int(lengths[rows].max()))
+            out[rows.numpy()] = self._encode(fn, tokens[rows, :cut])
         return out
 
     def _text_prefix(self, tokens):
@@ -215,17 +215,8 @@ class ClipEncoder:
             return m.text_projection(x)
         return x @ m.text_projection if m.text_projection is not None else x
 
-    def _batches(self, fn, batch) -> np.ndarray:
-        parts = [
-            self._encode(fn, batch[i : i + self.batch_size])
-            for i in range(0, len(batch), self.batch_size)
-        ]
-        return np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
-
     def _encode(self, fn, batch) -> np.ndarray:
-        if len(batch) == 0:
-            return np.zeros((0, getattr(self, "dim", 0)), dtype=np.float32)
-        return self._on_device(fn, batch).cpu().numpy().astype(np.float32, copy=False)
+        return self._on_device(fn, batch).cpu().numpy()
 
     def _on_device(self, fn, batch):
         torch = self.torch

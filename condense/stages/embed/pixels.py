@@ -22,19 +22,13 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-DEVICE_RESIZE_MODES = ("shortest", "squash")  # open_clip resize modes done on the device
-
 
 def device_decode_supported(cfg: dict) -> bool:
-    """Whether a model's preprocessing (a `preprocess_config`) can run on the device: the
-    `longest` mode pads with open_clip's own transform and stays with Pillow."""
-    size = cfg["size"]
-    if cfg["resize_mode"] == "shortest":
-        return size[0] == size[1]
-    return cfg["resize_mode"] in DEVICE_RESIZE_MODES and cfg["interpolation"] in (
-        "bicubic",
-        "bilinear",
-    )
+    """Whether a model's preprocessing (a `preprocess_config`) can run on the device: a squash,
+    or the shorter side to a square size and a centre crop. The `longest` mode pads with
+    open_clip's own transform and stays with Pillow."""
+    mode, size = cfg["resize_mode"], cfg["size"]
+    return mode == "squash" or (mode == "shortest" and size[0] == size[1])
 
 
 class DevicePixels:
