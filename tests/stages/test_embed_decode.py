@@ -59,6 +59,7 @@ def test_device_decode_gives_pillows_embeddings_on_the_demo_photos(thumbnail):
     pixels, keep, dropped = device(data)
     assert keep.tolist() == list(range(len(data))) and dropped == {}
     assert pixels.shape == pil.shape
+    assert not torch.equal(pixels, pil)  # torchvision decoded and resized them, not Pillow
     from condense.stages.embed.clip import preprocess_config
 
     std = min(preprocess_config(model)["std"])

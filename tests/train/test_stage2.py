@@ -398,6 +398,7 @@ def test_compiled_layers_train_as_the_eager_ones(tmp_path):
 
     from condense.train.data import json_samples
     from condense.train.loop import train
+    from condense.train.model import decoder_layers
     from condense.train.tokenizers import byte_tokenizer
 
     path, images = llava_json(tmp_path)
@@ -411,20 +412,33 @@ def test_compiled_layers_train_as_the_eager_ones(tmp_path):
             model, lambda: data, len(data), byte_tokenizer(), 32, cfg, log=lambda _: None
         )
         runs[compiled] = (result.losses, model.state_dict())
+        layers = [*decoder_layers(model.llm), model.vision]
+        assert all((m._compiled_call_impl is not None) == compiled for m in layers)
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
     assert list(runs[True][1]) == list(runs[False][1])
     for k, v in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][k], v, rtol=1e-3, atol=1e-3)
 
 
-def test_loader_workers_give_the_same_batches_and_counts(tmp_path):
+def test_loader_workers_give_the_same_batches_and_counts(tmp_path, monkeypatch):
     """train.loader_workers: samples decoded and tokenised in worker processes come back in
     the stream's order with their skip counts: the same losses, bit for bit, and counts."""
     from collections import Counter
+    from concurrent.futures import Future
 
+    from condense.train import loop
     from condense.train.data import json_samples
     from condense.train.loop import train
     from condense.train.tokenizers import byte_tokenizer
+
+    taken = Counter()  # what the loop takes: samples to prepare here, or the pool's futures
+    take = loop.Loader.take
+
+    def counting_take(self, sample):
+        taken["future" if isinstance(sample, Future) else "here"] += 1
+        return take(self, sample)
+
+    monkeypatch.setattr(loop.Loader, "take", counting_take)
 
     path, images = llava_json(tmp_path)
     data = list(json_samples(path, images, Counter()))
@@ -439,3 +453,4 @@ def test_loader_workers_give_the_same_batches_and_counts(tmp_path):
         )
     assert runs[2].losses == runs[0].losses and runs[2].steps == runs[0].steps
     assert runs[2].skipped == runs[0].skipped and runs[0].skipped["corrupt_image"] == 2
+    assert taken["here"] == taken["future"] == 2 * len(data)  # each run's two epochs
