@@ -10,7 +10,10 @@ every stage on a local Ray with the driver in this process, and prints:
 
 - each stage's seconds, and per part and per cluster where the stage's work is cut that way;
 - the driver's peak memory during the run (the kernel's high-water mark, reset before the run);
-- the dedup scatter's index bytes and the files each dedup task opened, against their bounds.
+- the dedup scatter's index bytes and the files each dedup task opened, against their bounds;
+- the bytes each stage moved through the storage layer per input row (its `_stage.json`
+  counters), and the vectors among them in units of one float16 vector of the run's dimension
+  (2 x dim bytes: 1,536 at LAION's 768).
 
 `--json FILE` also writes the figures as JSON (docs/scale.md's capacity plan reads them).
 """
@@ -63,7 +66,7 @@ def scale_config(
     return config_from_dict(
         {
             "input": {"kind": "embeddings", "path": str(corpus)},
-            "embed": {"rows_per_part": -(-rows // parts)},
+            "embed": {"rows_per_part": -(-rows // parts), "dtype": "float16"},  # the recipe's
             "cluster": {"k": k, "niter": niter, "sample_size": min(rows, 4 * k)},
             "dedup": {"thresholds": [0.8, 0.86, 0.9], **dedup},
             "sample": {"n": max(1, rows // 20)},
@@ -113,6 +116,10 @@ def measure(
                 "tasks",
                 "clusters",
                 "scatter",
+                "bytes_read",
+                "bytes_written",
+                "vector_bytes_read",
+                "vector_bytes_written",
             )
             if mark.get(key) is not None
         }
@@ -149,6 +156,7 @@ def report(figures: dict) -> None:
         per_cluster = f"{1e6 * secs / k:>12.0f}" if name in ("cluster", "dedup") else f"{'':>12}"
         print(f"{name:<15}{secs:>10.1f}{per_part:>10.1f}{per_cluster}  {', '.join(notes)}")
     print(f"whole run: {figures['run_seconds']} s")
+    print(bytes_table(figures))
     print(f"driver peak memory: {figures['driver_peak_bytes'] / 2**20:,.0f} MiB")
     scatter = figures["stages"]["dedup"].get("scatter")
     if scatter:
@@ -158,6 +166,26 @@ def report(figures: dict) -> None:
             f"{8 * (k + 1) * parts:,}); at most {scatter['max_files_per_task']} files read by "
             "one task"
         )
+
+
+def bytes_table(figures: dict) -> str:
+    """Bytes each stage moved per input row, and the vectors among them in float16 units."""
+    rows, unit = figures["rows"], 2 * figures["dim"]
+    lines = [
+        f"{'stage':<15}{'read B/row':>12}{'written B/row':>15}{'vector units r + w':>20}",
+    ]
+    total_units = 0.0
+    for name, s in figures["stages"].items():
+        if "bytes_read" not in s:
+            continue
+        units = (s["vector_bytes_read"] + s["vector_bytes_written"]) / rows / unit
+        total_units += units
+        lines.append(
+            f"{name:<15}{s['bytes_read'] / rows:>12,.1f}{s['bytes_written'] / rows:>15,.1f}"
+            f"{s['vector_bytes_read'] / rows / unit:>10.2f} + {s['vector_bytes_written'] / rows / unit:<7.2f}"
+        )
+    lines.append(f"vector units moved per input row, input to coreset: {total_units:.2f}")
+    return "\n".join(lines)
 
 
 def main() -> None:

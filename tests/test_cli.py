@@ -93,7 +93,14 @@ def test_synth_run_report(ray_session, tmp_path, capsys):
         "dropped",
         "seconds",
         "rows/s",
+        "read",
+        "B/row",
+        "written",
+        "B/row",
     ]
+    # Every stage moved bytes through the storage layer, and embed read both vectors per row.
+    assert all(r["bytes_read"] > 0 and r["bytes_written"] > 0 for r in rows)
+    assert rows[0]["vector_bytes_read"] >= 1200 * 2 * 2  # at least 2 bytes a float, 2 vectors
 
 
 def test_errors_name_the_problem_and_exit_2(ray_session, tmp_path, capsys):

@@ -36,6 +36,7 @@ def funnel(run_dir: str | Path) -> list[dict]:
                 "dropped": mark.get("dropped", {}),
                 "seconds": mark.get("seconds"),
                 "rows_per_second": mark.get("rows_per_second"),
+                **{key: mark.get(key) for key in BYTE_FIELDS},
             }
         )
     if not rows:
@@ -45,13 +46,33 @@ def funnel(run_dir: str | Path) -> list[dict]:
     return rows
 
 
+BYTE_FIELDS = ("bytes_read", "bytes_written", "vector_bytes_read", "vector_bytes_written")
+
+
+def _per_row(r: dict, key: str) -> str:
+    """A stage's bytes per row entering it (runs made before the meter have none)."""
+    if r.get(key) is None or not r["rows_in"]:
+        return "-"
+    return f"{r[key] / r['rows_in']:,.0f}"
+
+
 def format_funnel(rows: list[dict]) -> str:
     """A plain-text table of `funnel` rows."""
-    header = ("stage", "rows in", "rows out", "kept %", "dropped", "seconds", "rows/s")
+    header = (
+        "stage",
+        "rows in",
+        "rows out",
+        "kept %",
+        "dropped",
+        "seconds",
+        "rows/s",
+        "read B/row",
+        "written B/row",
+    )
     lines = [header]
     for r in rows:
         if r["status"] != "complete":
-            lines.append((r["stage"], "-", "-", "-", r["status"], "-", "-"))
+            lines.append((r["stage"], "-", "-", "-", r["status"], "-", "-", "-", "-"))
             continue
         dropped = ", ".join(f"{k}={v:,}" for k, v in r["dropped"].items()) or "-"
         lines.append(
@@ -63,6 +84,8 @@ def format_funnel(rows: list[dict]) -> str:
                 dropped,
                 f"{r['seconds']:.1f}",
                 f"{r['rows_per_second']:,.0f}" if r["rows_per_second"] else "-",
+                _per_row(r, "bytes_read"),
+                _per_row(r, "bytes_written"),
             )
         )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]

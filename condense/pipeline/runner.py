@@ -24,6 +24,7 @@ from condense.stages.dedup import DedupStage
 from condense.stages.embed import EmbedStage
 from condense.stages.export import ExportStage
 from condense.stages.sample import SampleStage
+from condense.storage import meter
 from condense.storage.files import atomic_write_bytes
 from condense.storage.parts import part_files, read_schema
 from condense.storage.rundir import CONFIG, RunDir, RunLock, claim, manifest_entry
@@ -149,8 +150,10 @@ def compute_stage(ctx: StageContext, stage: Stage, fp: str, resume: bool) -> Non
     ctx.resumed = run.start_stage(stage.name, fp, resume)
     ctx.log(f"[{stage.name}] running")
     start = time.perf_counter()
+    io_before = meter.snapshot() + ctx.executor.worker_io()
     result = stage.compute(ctx)
     seconds = time.perf_counter() - start
+    io = meter.snapshot() + ctx.executor.worker_io() - io_before
     dropped_total = sum(result.dropped.values())
     if result.rows_in != result.rows_out + dropped_total:
         raise StageError(
@@ -171,6 +174,7 @@ def compute_stage(ctx: StageContext, stage: Stage, fp: str, resume: bool) -> Non
         "seconds": round(seconds, 3),
         "rows_per_second": round(result.rows_in / seconds, 1) if seconds > 0 else None,
         "parts": len(parts),
+        **io.record(),
         "schema": schema,
         "config_hash": fp,
         "versions": versions(),

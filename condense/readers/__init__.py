@@ -185,7 +185,7 @@ def _strings(column, name: str, path: str) -> list[str | None]:
 
 def read_parquet_rows(path: str, start: int, stop: int):
     """Rows [start, stop) of a Parquet file, reading only the row groups that overlap them."""
-    from condense.storage.parts import parquet_file
+    from condense.storage.parts import parquet_file, read_groups
 
     f = parquet_file(path)
     groups, offset, first = [], 0, None
@@ -197,7 +197,7 @@ def read_parquet_rows(path: str, start: int, stop: int):
         offset += n
     if not groups:
         return f.schema_arrow.empty_table()
-    table = f.read_row_groups(groups)
+    table = read_groups(f, groups, None)
     return table.slice(start - first, stop - start)
 
 

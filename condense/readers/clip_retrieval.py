@@ -19,6 +19,7 @@ from condense.readers import (
     plan_items,
     read_parquet_rows,
 )
+from condense.storage import meter
 from condense.storage.fs import file_size, is_url, location, relative
 from condense.storage.parts import npy_header, parquet_file
 
@@ -77,13 +78,16 @@ def npy_rows(path: str, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a 2-d .npy file: memory-mapped on a local disk, one byte-range
     read in an object store."""
     if not is_url(path):
-        return np.asarray(np.load(path, mmap_mode="r")[start:stop])
-    with location(path).open("rb") as f:
-        shape, dtype, offset = npy_header(f)
-        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        f.seek(offset + start * row_bytes)
-        data = f.read((stop - start) * row_bytes)
-    return np.frombuffer(data, dtype=dtype).reshape((stop - start, *shape[1:]))
+        rows = np.asarray(np.load(path, mmap_mode="r")[start:stop])
+    else:
+        with location(path).open("rb") as f:
+            shape, dtype, offset = npy_header(f)
+            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            f.seek(offset + start * row_bytes)
+            data = f.read((stop - start) * row_bytes)
+        rows = np.frombuffer(data, dtype=dtype).reshape((stop - start, *shape[1:]))
+    meter.count(read=rows.nbytes, kind=meter.VECTORS)
+    return rows
 
 
 class ClipRetrievalReader:

@@ -46,6 +46,7 @@ from typing import BinaryIO
 from pydantic import Field
 
 from condense.errors import InputError
+from condense.storage import meter
 from condense.strict import StrictModel
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
@@ -189,6 +190,7 @@ class ShardFile:
             try:
                 data = self._f.read(size)
                 self.pos += len(data)
+                meter.count(read=len(data))
                 return data
             except OSError as exc:
                 if attempt == self.retries:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from condense.runtime.processor import Processor
+from condense.storage.meter import IOCount
 
 NODE = "local"  # the node name results carry
 
@@ -37,6 +38,10 @@ class LocalExecutor:
             except AttributeError:  # not Linux
                 self._cpus = os.cpu_count() or 1
         return self._cpus
+
+    def worker_io(self) -> IOCount:
+        """Nothing beyond this process: its items' bytes are metered here, with the driver's."""
+        return IOCount()
 
     def gpus(self) -> int:
         if self._gpus is None:

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+from condense.storage.meter import IOCount
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -86,6 +88,10 @@ class Executor(Protocol):
 
     def map(self, processor: Processor, items: list) -> Iterator[tuple[Any, Any, str]]:
         """(item, result, node) for every item, in completion order."""
+        ...
+
+    def worker_io(self) -> IOCount:
+        """Bytes metered by workers in other processes, summed over every item so far."""
         ...
 
 

@@ -18,6 +18,8 @@ from condense import faults
 from condense.errors import StageError
 from condense.runtime import RayConfig
 from condense.runtime.processor import Processor, Resources
+from condense.storage import meter
+from condense.storage.meter import IOCount
 
 
 def _fault_env() -> dict:
@@ -109,10 +111,12 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _run_item(processor_ref: list, index: int, item: Any) -> tuple[int, Any, str]:
-    """One item as a Ray task: the processor (fetched once per worker process), set up, run."""
-    processor = _fetch(processor_ref[0])
-    return index, processor.process(item), _node_id()
+def _run_item(processor_ref: list, index: int, item: Any) -> tuple[int, Any, str, IOCount]:
+    """One item as a Ray task: the processor (fetched once per worker process), set up, run;
+    with the bytes it moved through the storage layer."""
+    before = meter.snapshot()
+    result = _fetch(processor_ref[0]).process(item)
+    return index, result, _node_id(), meter.snapshot() - before
 
 
 _TASK_PROCESSORS: dict[Any, Any] = {}  # processors a task worker has set up, by object ref
@@ -137,8 +141,8 @@ class _Worker:
     same on its retried call, with nothing of it kept in a constructor argument, which Ray
     could not restore (ray-project/ray#53727)."""
 
-    def process(self, processor_ref: list, index: int, item: Any) -> tuple[int, Any, str]:
-        return index, _fetch(processor_ref[0]).process(item), _node_id()
+    def process(self, processor_ref: list, index: int, item: Any) -> tuple[int, Any, str, IOCount]:
+        return _run_item(processor_ref, index, item)
 
 
 def _stop(running: list, actors: list) -> None:
@@ -168,6 +172,11 @@ class RayExecutor:
 
     def __init__(self) -> None:
         self._remote: dict[tuple, Any] = {}  # remote functions, registered once each
+        self._io = IOCount()  # what the workers metered, summed over every item so far
+
+    def worker_io(self) -> IOCount:
+        """Bytes the workers moved through the storage layer, over every item run so far."""
+        return self._io
 
     def cpus(self) -> int:
         return max(1, int(cluster_resources()["CPU"]))
@@ -225,7 +234,8 @@ class RayExecutor:
                     return
                 done, _ = ray.wait(list(pending), num_returns=1, fetch_local=False)
                 free.append(pending.pop(done[0]))
-                index, result, node = ray.get(done[0])
+                index, result, node, io = ray.get(done[0])
+                self._io += io
                 yield items[index], result, node
         finally:
             _stop(list(pending), actors)

@@ -19,20 +19,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from condense.storage import meter
 from condense.storage.fs import file_size, filesystem, is_url, location, relative, sizes_under
 
 
 @contextmanager
-def atomic_file(path: Path) -> Iterator[BinaryIO]:
+def atomic_file(path: Path, counted: bool = True) -> Iterator[BinaryIO]:
     """Open a temporary file next to `path` for writing; on success it replaces `path`
     (fsynced first), so readers see either the old file or the whole new one. In an object
-    store the temporary file is local and uploaded under `path` on success."""
+    store the temporary file is local and uploaded under `path` on success. Its bytes are
+    metered as `other` unless `counted` is False (the caller counts them by kind)."""
     if is_url(path):
         with tempfile.NamedTemporaryFile(prefix=".condense-", suffix=".tmp") as tmp:
             yield tmp
             tmp.flush()
             fs, inner = filesystem(path)
             fs.put_file(tmp.name, inner)
+            if counted:
+                meter.count(written=tmp.tell())
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,19 +46,24 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+            if counted:
+                meter.count(written=f.tell())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (see `atomic_file`)."""
+def atomic_write_bytes(path: Path, data: bytes, kind: str | None = meter.OTHER) -> None:
+    """Write `data` to `path` atomically (see `atomic_file`), metered as `kind` (None: the
+    caller has metered it)."""
+    if kind is not None:
+        meter.count(written=len(data), kind=kind)
     if is_url(path):  # one upload of bytes already in memory
         fs, inner = filesystem(path)
         fs.pipe_file(inner, data)
         return
-    with atomic_file(path) as f:
+    with atomic_file(path, counted=False) as f:
         f.write(data)
 
 
@@ -66,6 +75,7 @@ def create_once(path: Path, data: bytes) -> bool:
     if not is_url(path):
         raise ValueError(f"create_once writes to object stores, not to {path}")
     fs, inner = filesystem(path)
+    meter.count(written=len(data))
     try:
         with fs.open(inner, "xb") as f:
             f.write(data)
@@ -95,13 +105,16 @@ def atomic_write_npy(path: Path, array) -> None:
 
     buf = io.BytesIO()
     np.save(buf, array)
-    atomic_write_bytes(path, buf.getvalue())
+    vectors = array.ndim == 2 and array.dtype.kind == "f"  # centroids; records are `other`
+    atomic_write_bytes(path, buf.getvalue(), meter.VECTORS if vectors else meter.OTHER)
 
 
 def read_json(path: Path) -> Any | None:
     """A JSON file's value; None when it is missing, truncated or not JSON."""
     try:
-        return json.loads(location(path).read_bytes())
+        data = location(path).read_bytes()
+        meter.count(read=len(data))
+        return json.loads(data)
     except FileNotFoundError:
         return None
     except (ValueError, UnicodeDecodeError):

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from condense.storage import meter
 from condense.storage.files import (
     atomic_file,
     atomic_write_bytes,
@@ -66,8 +67,18 @@ def _source(path):
 
 
 def parquet_file(path) -> pq.ParquetFile:
-    """A Parquet file opened for footer and row-group reads (by byte ranges in a store)."""
-    return pq.ParquetFile(_source(path))
+    """A Parquet file opened for footer and row-group reads (by byte ranges in a store); its
+    footer is metered here, the row groups by `read_groups`."""
+    f = pq.ParquetFile(_source(path))
+    meter.count_parquet(f.metadata, [], None)
+    return f
+
+
+def read_groups(f: pq.ParquetFile, groups: list[int], columns: list[str] | None) -> pa.Table:
+    """Row groups of an open Parquet file (metered by their column chunks' stored bytes)."""
+    table = f.read_row_groups(groups, columns=columns, use_threads=False)
+    meter.count_parquet(f.metadata, groups, columns, footer=False)
+    return table
 
 
 def write_part(table: pa.Table, folder: Path, part: str, row_group_rows: int | None = None) -> Path:
@@ -90,7 +101,12 @@ def write_part(table: pa.Table, folder: Path, part: str, row_group_rows: int | N
         row_group_size=row_group_rows,
     )
     path = part_path(folder, part)
-    atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    meta = pq.ParquetFile(pa.BufferReader(data)).metadata
+    vectors = meter.parquet_bytes(meta, range(meta.num_row_groups), None)[0]
+    meter.count(written=vectors, kind=meter.VECTORS)
+    meter.count(written=len(data) - vectors)
+    atomic_write_bytes(path, data, kind=None)  # metered above, by column kind
     return path
 
 
@@ -118,9 +134,20 @@ def _each(fn, items: list, remote: bool) -> list:
 def write_scratch(path: Path, tables: Iterator[pa.Table] | list[pa.Table], schema: pa.Schema):
     """Write tables to one uncompressed Arrow IPC file, atomically: the stages' scratch format
     (memory-mappable, so readers page in only the slices they touch)."""
-    with atomic_file(path) as f, pa.ipc.new_file(f, schema) as writer:
-        for table in tables:
-            writer.write_table(table)
+    with atomic_file(path, counted=False) as f:
+        vectors = 0
+        with pa.ipc.new_file(f, schema) as writer:
+            for table in tables:
+                writer.write_table(table)
+                vectors += _vector_bytes(table)
+        meter.count(written=vectors, kind=meter.VECTORS)
+        meter.count(written=f.tell() - vectors)
+
+
+def _vector_bytes(table: pa.Table) -> int:
+    return sum(
+        table.column(i).nbytes for i, f in enumerate(table.schema) if meter.is_vector_type(f.type)
+    )
 
 
 def read_scratch(path: Path | str, first: int = 0, stop: int | None = None) -> pa.Table:
@@ -128,9 +155,11 @@ def read_scratch(path: Path | str, first: int = 0, stop: int | None = None) -> p
     (zero-copy: only the pages of those batches are ever read)."""
     reader = pa.ipc.open_file(open_random_access(path))
     stop = reader.num_record_batches if stop is None else stop
-    return pa.Table.from_batches(
+    table = pa.Table.from_batches(
         [reader.get_batch(i) for i in range(first, stop)], schema=reader.schema
     )
+    meter.count_table(table)
+    return table
 
 
 class ScratchFiles:
@@ -162,9 +191,11 @@ class ScratchFiles:
         def batches(r):
             i, first, stop = r
             reader = self._reader(i)
-            return pa.Table.from_batches(
+            table = pa.Table.from_batches(
                 [reader.get_batch(b) for b in range(first, stop)], schema=reader.schema
             )
+            meter.count_table(table)
+            return table
 
         return _each(batches, ranges, True)
 
@@ -178,7 +209,7 @@ def iter_row_groups(path: str | Path, columns: list[str]) -> Iterator[pa.Table]:
     n = f.metadata.num_row_groups
 
     def read(g: int) -> pa.Table:
-        return f.read_row_group(g, columns=columns, use_threads=False)
+        return read_groups(f, [g], columns)
 
     with ThreadPoolExecutor(max_workers=1) as io:
         pending = io.submit(read, 0) if n else None
@@ -246,17 +277,17 @@ def commit_part(folder: Path, stats: dict) -> dict:
 def read_table(path: Path | str | list, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file (a part, a shard index), a list of them, or a stage folder's parts."""
     paths = path if isinstance(path, list) else [path]
-    if not any(is_url(p) for p in paths):
-        return pq.read_table(path, columns=columns)
     if len(paths) == 1 and location(paths[0]).suffix != ".parquet":  # a stage folder
         paths = part_files(paths[0])
-    fs, _ = arrow_filesystem(paths[0])
-    inner = [arrow_filesystem(p)[1] for p in paths]
-    return pq.read_table(
-        inner if isinstance(path, list) or len(inner) > 1 else inner[0],
-        columns=columns,
-        filesystem=fs,
-    )
+        if not paths:
+            raise FileNotFoundError(f"{path}: no part files")
+
+    def read(p) -> pa.Table:
+        f = parquet_file(p)
+        return read_groups(f, list(range(f.metadata.num_row_groups)), columns)
+
+    tables = _each(read, paths, remote=any(is_url(p) for p in paths))
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
 def write_table(table: pa.Table, path: Path | str) -> None:
@@ -267,7 +298,7 @@ def write_table(table: pa.Table, path: Path | str) -> None:
 
 def read_schema(path: Path | str) -> pa.Schema:
     """The schema of a Parquet file (its footer only)."""
-    return pq.read_schema(_source(path))
+    return parquet_file(path).schema_arrow
 
 
 def read_rows(path: Path | str, rows: np.ndarray, columns: list[str]) -> pa.Table:
@@ -278,7 +309,7 @@ def read_rows(path: Path | str, rows: np.ndarray, columns: list[str]) -> pa.Tabl
     groups = np.unique(np.searchsorted(starts, rows, side="right") - 1)
     if not len(groups):
         return f.schema_arrow.empty_table().select(columns)
-    table = f.read_row_groups(groups.tolist(), columns=columns, use_threads=False)
+    table = read_groups(f, groups.tolist(), columns)
     read_starts = np.concatenate([[0], np.cumsum([sizes[g] for g in groups])])
     group_of = np.searchsorted(groups, np.searchsorted(starts, rows, side="right") - 1)
     positions = read_starts[group_of] + (rows - starts[groups[group_of]])
@@ -289,8 +320,13 @@ def read_array(path: Path | str, mmap: bool = False) -> np.ndarray:
     """A `.npy` file a stage wrote (memory-mapped on request, on a local disk); nothing is
     unpickled."""
     if is_url(path):
-        return np.load(io.BytesIO(location(path).read_bytes()), allow_pickle=False)
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        data = location(path).read_bytes()
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    else:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    vectors = array.ndim == 2 and array.dtype.kind == "f"
+    meter.count(read=array.nbytes, kind=meter.VECTORS if vectors else meter.OTHER)
+    return array
 
 
 def npy_header(f) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -307,7 +343,9 @@ def npy_header(f) -> tuple[tuple[int, ...], np.dtype, int]:
 def array_shape(path: Path | str) -> tuple[int, ...]:
     """The shape of a `.npy` file from its header alone (one small read in a store)."""
     with location(path).open("rb") as f:
-        return npy_header(f)[0]
+        shape, _dtype, offset = npy_header(f)
+    meter.count(read=offset)
+    return shape
 
 
 def scratch_schema(path: Path | str) -> pa.Schema:

@@ -10,6 +10,9 @@ from condense.pipeline.runner import STAGE_NAMES, run_pipeline
 from tests.conftest import make_config, quiet_log
 
 TIMING = ("finished", "nodes", "node", "rows_per_second", "duration", "start_time", "end_time")
+# All bytes moved include the part records', which hold seconds and node ids; the vector
+# bytes (vector_bytes_read, vector_bytes_written) are compared exactly.
+TIMING += ("bytes_read", "bytes_written")
 
 
 TIMED_FILES = ("_parts/", "_stats.json")  # files that record seconds (their sizes vary)
@@ -65,6 +68,9 @@ def test_local_and_ray_executors_write_the_same_run_on_planted_data(ray_session,
     assert assert_same_run(tmp_path / "ray", tmp_path / "local") > 20
     manifest = json.loads((tmp_path / "local" / "manifest.json").read_text())
     assert manifest["stages"]["sample"]["rows_out"] == 50
+    # The Ray workers' bytes reach the driver's records: the same vectors moved as locally.
+    ray_embed = json.loads((tmp_path / "ray" / "embed" / "_stage.json").read_text())
+    assert ray_embed["vector_bytes_read"] == 3000 * 2 * 32 * 2  # img + txt, float16 input
 
 
 def test_local_and_ray_executors_write_the_same_run_on_the_image_demo(demo_run, tmp_path):
