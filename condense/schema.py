@@ -13,6 +13,7 @@ SAMPLE_ID = "sample_id"
 CAPTION = "caption"
 URL = "url"
 SOURCE = "source"  # where a row came from: the input file (or shard) it was read from
+SOURCE_ROW = "source_row"  # its row in that file (embed/ keeping no copy: where its vectors are)
 IMG_EMB = "img_emb"
 TXT_EMB = "txt_emb"
 CLIP_SCORE = "clip_score"
@@ -43,19 +44,24 @@ def embedding_type(dim: int, dtype: str) -> pa.DataType:
     return pa.list_(pa.field("item", _FLOAT_TYPES[dtype], nullable=False), dim)
 
 
-def embed_schema(dim: int, dtype: str) -> pa.Schema:
-    """Schema of `embed/part-*.parquet`."""
+def embed_schema(dim: int, dtype: str, vectors: bool = True) -> pa.Schema:
+    """Schema of `embed/part-*.parquet`: with the vectors, or (precomputed embeddings read in
+    place) with each row's `source_row` instead."""
     vec = embedding_type(dim, dtype)
+    where = (
+        [pa.field(IMG_EMB, vec, nullable=False), pa.field(TXT_EMB, vec, nullable=False)]
+        if vectors
+        else [pa.field(SOURCE_ROW, pa.int64(), nullable=False)]
+    )
     return pa.schema(
         [
             (SAMPLE_ID, pa.string()),
             (CAPTION, pa.string()),
             (URL, pa.string()),
             (SOURCE, pa.string()),
-            pa.field(IMG_EMB, vec, nullable=False),
-            pa.field(TXT_EMB, vec, nullable=False),
-            (CLIP_SCORE, pa.float32()),
         ]
+        + where
+        + [(CLIP_SCORE, pa.float32())]
     )
 
 

@@ -92,6 +92,14 @@ class Reader(Protocol):
 
     def read(self, item: InputSlice) -> RawRows: ...
 
+    def source(self, item: InputSlice) -> str:
+        """The `source` its rows carry: the path of the item's file below the input folder."""
+        ...
+
+    def image_files(self) -> dict[str, tuple[str, str]]:
+        """{source: (path, "npy" | "parquet")}: the file holding each source's image vectors."""
+        ...
+
 
 def open_reader(cfg: InputConfig) -> Reader:
     """Pick the reader for `cfg` and validate the input's layout (synth input: call `resolve_input` first)."""

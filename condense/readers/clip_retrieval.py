@@ -90,6 +90,47 @@ def npy_rows(path: str, start: int, stop: int) -> np.ndarray:
     return rows
 
 
+GAP_BYTES = 1 << 20  # rows this close in a store are fetched in one request (cheaper than two)
+
+
+def row_runs(rows: np.ndarray, gap: int = 1) -> list[tuple[int, int]]:
+    """Sorted distinct rows as [start, stop) runs; rows fewer than `gap` apart share a run."""
+    if not len(rows):
+        return []
+    cuts = np.flatnonzero(np.diff(rows) > gap) + 1
+    starts = np.concatenate([[0], cuts])
+    stops = np.concatenate([cuts, [len(rows)]])
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops, strict=True)]
+
+
+def npy_take(path: str, rows: np.ndarray) -> np.ndarray:
+    """The given rows (sorted, distinct) of a 2-d .npy file. Locally they are picked out of a
+    memory map (only their pages are read); in a store, rows less than GAP_BYTES apart are
+    fetched as one byte range and the ranges concurrently, so only what is wanted crosses
+    the wire, in few requests."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if not is_url(path):
+        out = np.asarray(np.load(path, mmap_mode="r")[rows])
+        meter.count(read=out.nbytes, kind=meter.VECTORS)
+        return out
+    from condense.storage.fs import filesystem
+
+    with location(path).open("rb") as f:
+        shape, dtype, offset = npy_header(f)
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    runs = row_runs(rows, gap=max(1, GAP_BYTES // row_bytes))
+    fs, inner = filesystem(path)
+    blobs = fs.cat_ranges(
+        [inner] * len(runs),
+        [offset + a * row_bytes for a, _ in runs],
+        [offset + b * row_bytes for _, b in runs],
+    )
+    meter.count(read=sum(len(b) for b in blobs), kind=meter.VECTORS)
+    fetched = np.concatenate([np.arange(a, b) for a, b in runs]) if runs else rows
+    data = np.frombuffer(b"".join(blobs), dtype=dtype).reshape((-1, *shape[1:]))
+    return data[np.searchsorted(fetched, rows)]
+
+
 class ClipRetrievalReader:
     """Plans (file number, row range) items and reads them with memory-mapped .npy files."""
 
@@ -158,6 +199,12 @@ class ClipRetrievalReader:
     def plan(self, rows_per_part: int) -> list[InputSlice]:
         return plan_items(self.files, rows_per_part)
 
+    def source(self, item: InputSlice) -> str:
+        return relative(item.path, self.root)
+
+    def image_files(self) -> dict[str, tuple[str, str]]:
+        return {relative(f["path"], self.root): (f["img"], "npy") for f in self.files}
+
     def read(self, item: InputSlice) -> RawRows:
         start, stop = item.start, item.stop
         img = npy_rows(item.img, start, stop)
@@ -167,7 +214,7 @@ class ClipRetrievalReader:
             sample_id=id_strings(meta, self.id_column, item.path),
             caption=optional_strings(meta, self.cfg.caption_column, item.path),
             url=optional_strings(meta, self.cfg.url_column, item.path),
-            source=relative(item.path, self.root),
+            source=self.source(item),
             img=img,
             txt=txt,
             first_row=start,

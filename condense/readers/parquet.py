@@ -101,6 +101,12 @@ class ParquetEmbeddingReader:
     def plan(self, rows_per_part: int) -> list[InputSlice]:
         return plan_items(self.files, rows_per_part)
 
+    def source(self, item: InputSlice) -> str:
+        return relative(item.path, self.root)
+
+    def image_files(self) -> dict[str, tuple[str, str]]:
+        return {relative(f["path"], self.root): (f["path"], "parquet") for f in self.files}
+
     def read(self, item: InputSlice) -> RawRows:
         path = item.path
         table = read_parquet_rows(path, item.start, item.stop)
@@ -110,7 +116,7 @@ class ParquetEmbeddingReader:
             sample_id=id_strings(table, self.id_column, path),
             caption=optional_strings(table, self.cfg.caption_column, path),
             url=optional_strings(table, self.cfg.url_column, path),
-            source=relative(path, self.root),
+            source=self.source(item),
             img=img,
             txt=txt,
             first_row=item.start,
@@ -136,3 +142,11 @@ def _vectors(table: pa.Table, column: str, path: str, dim: int) -> np.ndarray:
             f"{path}: column {column!r} has dimension {vecs.shape[-1]}, expected {dim}"
         )
     return vecs if vecs.dtype in (np.float16, np.float32) else vecs.astype(np.float32)
+
+
+def parquet_take(path: str, rows: np.ndarray, column: str, dim: int) -> np.ndarray:
+    """The vectors of `column` at the given rows (sorted) of a Parquet file, reading only the
+    row groups that hold them."""
+    from condense.storage.parts import read_rows
+
+    return _vectors(read_rows(path, np.asarray(rows, np.int64), [column]), column, path, dim)

@@ -12,7 +12,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -34,14 +33,13 @@ from condense.schema import (
 from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
 from condense.stages.embed import EmbedStage
 from condense.stages.embed.ids import id_hash_file
+from condense.stages.embed.store import EMBED_ROW_GROUP
+from condense.stages.embed.vectors import EmbedVectors
 from condense.storage.files import atomic_write_npy
-from condense.storage.fs import location
 from condense.storage.parts import (
-    iter_row_groups,
-    part_path,
     part_rows,
+    read_ahead,
     read_array,
-    read_rows,
     write_part,
 )
 from condense.strict import StrictModel
@@ -98,7 +96,7 @@ class Assigner(Processor):
 
     stage = "cluster"
     centroids: np.ndarray
-    embed_dir: str
+    vectors: EmbedVectors  # where embed/'s image vectors are
     out_dir: str
     device: str  # cpu, cuda, or auto (a GPU worker uses its GPU if it can)
     threads: int  # faiss/BLAS threads
@@ -128,17 +126,20 @@ class Assigner(Processor):
 
     def process(self, item: SourcePart) -> dict:
         start = time.perf_counter()
-        # Row group by row group, the next one read while this one is assigned; zero-copy views.
-        ids, results = [], []
-        path = part_path(self.embed_dir, item.source)
+        # Chunk by chunk (row groups of embed/, or runs of the input's rows), each the next one
+        # read while this one is assigned; the results put back in the part's order.
+        ids, positions, results = [], [], []
+        chunks = self.vectors.chunks(item.source, [SAMPLE_ID, IMG_EMB], EMBED_ROW_GROUP)
         with threadpool_limits(self.threads):  # BLAS threads of the CPU search
-            for group in iter_row_groups(path, [SAMPLE_ID, IMG_EMB]):
+            for where, group in read_ahead(chunks):
                 vectors = to_unit_float32(arrow_to_vectors(group.column(IMG_EMB)))
                 results.append(
                     assign(vectors, self.prepared, device=self.device, screen=self.screen)
                 )
                 ids.append(group.column(SAMPLE_ID))
+                positions.append(where)
         n = sum(len(r.cluster_id) for r in results)
+        order = np.argsort(_concat(positions), kind="stable")  # the identity for embed's row groups
         out = pa.Table.from_arrays(
             [
                 pa.chunked_array([c for chunk in ids for c in chunk.chunks], type=pa.string()),
@@ -148,6 +149,8 @@ class Assigner(Processor):
             ],
             schema=CLUSTER_SCHEMA,
         )
+        if not np.array_equal(order, np.arange(n)):
+            out = out.take(pa.array(order))
         path = write_part(out, self.out_dir, item.part)
         return {
             "part": item.part,
@@ -204,7 +207,7 @@ class KMeansTrainer(Processor):
 
     stage = "cluster"
     parts: list[str]  # embed's parts
-    embed_dir: str
+    vectors: EmbedVectors  # where embed/'s image vectors are
     rows: int  # rows in embed/
     k: int
     niter: int
@@ -219,7 +222,7 @@ class KMeansTrainer(Processor):
 
     def process(self, item: TrainRound) -> tuple[np.ndarray, float]:
         started = time.perf_counter()
-        sample = draw_sample(self.parts, location(self.embed_dir), self.rows, item.size, item.seed)
+        sample = draw_sample(self.parts, self.vectors, self.rows, item.size, item.seed)
         sample_seconds = time.perf_counter() - started
         if len(sample) < self.k:
             raise StageError(
@@ -244,7 +247,8 @@ class KMeansTrainer(Processor):
 class ClusterStage(Stage):
     name = "cluster"
     version = 2  # 2: training samples are windows of the id-hash ring
-    reads = {EmbedStage.name: (SAMPLE_ID, IMG_EMB)}
+    # The image vectors come through EmbedVectors: embed/'s parts, or the input in place.
+    reads = {EmbedStage.name: (SAMPLE_ID,)}
     writes = tuple(CLUSTER_SCHEMA.names)
 
     def settings(self, config):
@@ -284,7 +288,7 @@ class ClusterStage(Stage):
         t1 = time.perf_counter()
         assigner = Assigner(
             centroids,
-            str(embed_dir),
+            EmbedVectors.of(embed_dir),
             str(out_dir),
             device=cfg.device if use_gpu else "cpu",
             threads=1 if use_gpu else cfg.threads_per_worker,
@@ -308,7 +312,7 @@ class ClusterStage(Stage):
         size = min(cfg.sample_size, rows)
         trainer = KMeansTrainer(
             [item.source for item in items],
-            str(ctx.run.stage_dir(EmbedStage.name)),
+            EmbedVectors.of(ctx.run.stage_dir(EmbedStage.name)),
             rows,
             cfg.k,
             cfg.niter,
@@ -340,14 +344,17 @@ def window_start(seed: int) -> int:
     return int(hash_ids([f"condense-sample-{seed}"], seed)[0])
 
 
-def draw_sample(parts: list[str], embed_dir: Path, rows: int, size: int, seed: int) -> np.ndarray:
+def draw_sample(
+    parts: list[str], vectors: EmbedVectors, rows: int, size: int, seed: int
+) -> np.ndarray:
     """The training sample of one seed, as unit float32 vectors.
 
     It is the `size` rows that follow window_start(seed) on the ring of id hashes (ties by
     sample_id): a uniform random sample, the same however the rows are split into parts.
     Embed parts are stored in id-hash order, so each part's share of the window is a run of
-    rows and only the row groups holding it are read (a 1% sample reads ~1% of embed/). The
-    window is set a few standard deviations wider than needed, then trimmed.
+    rows and only the row groups holding it are read (a 1% sample reads ~1% of embed/); read
+    in place, the input's rows at those positions are fetched. The window is set a few
+    standard deviations wider than needed, then trimmed.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -357,7 +364,7 @@ def draw_sample(parts: list[str], embed_dir: Path, rows: int, size: int, seed: i
         width = RING if fraction >= 1.0 else int(fraction * float(RING))
 
         with ThreadPoolExecutor(max_workers=4) as pool:  # overlap the parts' disk reads
-            got = list(pool.map(lambda p, w=width: _window_of_part(embed_dir, p, start, w), parts))
+            got = list(pool.map(lambda p, w=width: _window_of_part(vectors, p, start, w), parts))
         keys = np.concatenate([g[0] for g in got]) if got else np.zeros(0, np.uint64)
         if len(keys) >= size or fraction >= 1.0:
             break
@@ -367,11 +374,11 @@ def draw_sample(parts: list[str], embed_dir: Path, rows: int, size: int, seed: i
     return to_unit_float32(np.concatenate([g[2] for g in got])[order])
 
 
-def _window_of_part(embed_dir: Path, part: str, start: int, width: int):
+def _window_of_part(vectors: EmbedVectors, part: str, start: int, width: int):
     """Ring keys, ids and stored vectors of one part's rows inside [start, start + width)."""
-    hashes = read_array(id_hash_file(embed_dir, part), mmap=True)["hash"]
+    hashes = read_array(id_hash_file(vectors.embed_dir, part), mmap=True)["hash"]
     picked = _window_rows(hashes, start, width)
-    table = read_rows(part_path(embed_dir, part), picked, [SAMPLE_ID, IMG_EMB])
+    table = vectors.read(part, [SAMPLE_ID, IMG_EMB], picked)
     vectors = arrow_to_vectors(table.column(IMG_EMB))
     return (
         ring_offset(np.asarray(hashes[picked]), start),

@@ -56,6 +56,7 @@ from condense.schema import (
 from condense.stages.base import Stage, StageContext, StageResult, write_parts
 from condense.stages.cluster import CENTROIDS, ClusterStage
 from condense.stages.embed import EmbedStage
+from condense.stages.embed.vectors import EmbedVectors
 from condense.storage.files import atomic_write_json, read_json
 from condense.storage.fs import location
 from condense.storage.parts import (
@@ -209,7 +210,7 @@ class ClusterScatter(Processor):
     into one scatter file, each task's rows in record batches of their own."""
 
     stage = "dedup"
-    embed_dir: str
+    vectors: EmbedVectors  # where embed/'s image vectors are
     cluster_dir: str
     out_dir: str  # dedup/_by_cluster
     task_of: np.ndarray  # the task of every cluster (int32, -1: empty cluster)
@@ -258,9 +259,7 @@ class ClusterScatter(Processor):
         }
 
     def _joined(self, name: str) -> pa.Table:
-        embed = read_table(
-            part_path(self.embed_dir, name), columns=[SAMPLE_ID, CLIP_SCORE, IMG_EMB]
-        )
+        embed = self.vectors.read(name, [SAMPLE_ID, CLIP_SCORE, IMG_EMB])
         cluster = read_table(part_path(self.cluster_dir, name))
         if not embed.column(SAMPLE_ID).equals(cluster.column(SAMPLE_ID)):
             raise StageError(
@@ -427,7 +426,7 @@ class DedupStage(Stage):
     name = "dedup"
     version = 1
     reads = {
-        EmbedStage.name: (SAMPLE_ID, CLIP_SCORE, IMG_EMB),
+        EmbedStage.name: (SAMPLE_ID, CLIP_SCORE),  # and the image vectors, via EmbedVectors
         ClusterStage.name: (SAMPLE_ID, CLUSTER_ID, CENTROID_DIST, CENTROID_COS),
     }
     writes = (
@@ -495,7 +494,7 @@ class DedupStage(Stage):
         for t, clusters in enumerate(tasks):
             task_of[clusters] = t
         scatter = ClusterScatter(
-            str(ctx.run.stage_dir(EmbedStage.name)),
+            EmbedVectors.of(ctx.run.stage_dir(EmbedStage.name)),
             str(cluster_dir),
             str(scatter_dir),
             task_of,

@@ -201,23 +201,26 @@ class ScratchFiles:
 
 
 def iter_row_groups(path: str | Path, columns: list[str]) -> Iterator[pa.Table]:
-    """Yield a part file's row groups in order, reading the next one while the caller works on
-    the current (Arrow and numpy release the GIL, so disk and CPU overlap in one worker)."""
+    """Yield a part file's row groups in order (wrap in `read_ahead` to overlap disk and CPU)."""
+    f = parquet_file(path)
+    for g in range(f.metadata.num_row_groups):
+        yield read_groups(f, [g], columns)
+
+
+def read_ahead(items: Iterator) -> Iterator:
+    """Yield what `items` yields, producing the next one in a thread while the caller works on
+    the current (Arrow and numpy release the GIL, so a worker's reads and its CPU overlap)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    f = parquet_file(path)
-    n = f.metadata.num_row_groups
-
-    def read(g: int) -> pa.Table:
-        return read_groups(f, [g], columns)
-
+    done = object()
     with ThreadPoolExecutor(max_workers=1) as io:
-        pending = io.submit(read, 0) if n else None
-        for g in range(n):
-            table = pending.result()
-            if g + 1 < n:
-                pending = io.submit(read, g + 1)
-            yield table
+        pending = io.submit(next, items, done)
+        while True:
+            item = pending.result()
+            if item is done:
+                return
+            pending = io.submit(next, items, done)
+            yield item
 
 
 def record_part(folder: Path, part: str, stats: dict) -> None:

@@ -16,6 +16,9 @@ TIMING += ("bytes_read", "bytes_written")
 
 
 TIMED_FILES = ("_parts/", "_stats.json")  # files that record seconds (their sizes vary)
+# Files that name the input: where each run's own copy of a generated corpus lies, and when
+# it was written (embed/_vectors.json); what they point at is compared through the vectors.
+TIMED_FILES += ("_vectors.json",)
 
 
 def untimed(value):
@@ -39,7 +42,7 @@ def stage_files(run: Path) -> dict[str, Path]:
     for stage in STAGE_NAMES:
         for path in sorted((run / stage).rglob("*")):
             rel = path.relative_to(run)
-            if path.is_file() and "_parts" not in rel.parts:
+            if path.is_file() and "_parts" not in rel.parts and path.name not in TIMED_FILES:
                 out[str(rel)] = path
     return out
 

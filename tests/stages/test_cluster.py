@@ -33,7 +33,10 @@ def corpus(tmp_path_factory):
 def test_kmeans_finds_the_planted_topics(corpus, tmp_path):
     # 6 topics + the giant near-identical cluster = 7 planted clusters; k = 14 leaves room for
     # random initialisation to split a topic, but no cluster may mix two topics.
-    cfg = make_config(corpus, cluster={"k": 14, "niter": 20, "seed": 0})
+    # The copy of the vectors in embed/ is what this test checks the clusters against.
+    cfg = make_config(
+        corpus, cluster={"k": 14, "niter": 20, "seed": 0}, embed={"store_vectors": True}
+    )
     run(cfg, tmp_path)
     df = cluster_table(tmp_path).merge(
         pq.read_table(corpus / "truth.parquet").to_pandas(), on="sample_id"
@@ -94,14 +97,16 @@ def test_spherical_and_warm_started_rounds(corpus, tmp_path):
 
 def test_training_sample_does_not_depend_on_parts(corpus, tmp_path):
     from condense.stages.cluster import draw_sample, ring_offset, window_start
+    from condense.stages.embed.vectors import EmbedVectors
 
     samples = []
     for rows_per_part in (4000, 700):
-        cfg = make_config(corpus, embed={"rows_per_part": rows_per_part})
+        cfg = make_config(corpus, embed={"rows_per_part": rows_per_part, "store_vectors": True})
         run(cfg, tmp_path / str(rows_per_part), until="embed")
         embed_dir = tmp_path / str(rows_per_part) / "embed"
         parts = [p.stem.removeprefix("part-") for p in sorted(embed_dir.glob("part-*.parquet"))]
-        samples.append([draw_sample(parts, embed_dir, 4000, 321, seed) for seed in (9, 10)])
+        vectors = EmbedVectors.of(embed_dir)
+        samples.append([draw_sample(parts, vectors, 4000, 321, seed) for seed in (9, 10)])
     assert samples[0][0].shape == (321, 64)
     assert np.array_equal(samples[0][0], samples[1][0])
     assert np.array_equal(samples[0][1], samples[1][1])

@@ -40,7 +40,9 @@ def test_bad_vectors_are_dropped_and_counted(tmp_path):
     files[0]["img"][12] = 1e-30  # its float32 squares underflow: 0/0
     files[0]["txt"][13, 4] = 1e20  # its square overflows: x/inf would store a zero vector
     write_clip_retrieval(tmp_path / "in", files, dtype=np.float32)
-    cfg = make_config(tmp_path / "in", embed={"rows_per_part": 7}, sample={"n": 1000})
+    cfg = make_config(
+        tmp_path / "in", embed={"rows_per_part": 7, "store_vectors": True}, sample={"n": 1000}
+    )
     run(cfg, tmp_path / "run")
     mark = __import__("json").loads((tmp_path / "run" / "embed" / "_stage.json").read_text())
     assert mark["dropped"] == {
@@ -74,7 +76,8 @@ def test_bad_vectors_are_dropped_and_counted(tmp_path):
 def test_float16_storage_scores_what_is_stored(tmp_path):
     rng = np.random.default_rng(1)
     write_clip_retrieval(tmp_path / "in", [_clean(rng, 30, 0, dim=16)])
-    run(make_config(tmp_path / "in", embed={"dtype": "float16"}), tmp_path / "run", until="embed")
+    cfg = make_config(tmp_path / "in", embed={"dtype": "float16", "store_vectors": True})
+    run(cfg, tmp_path / "run", until="embed")
     df = read_stage(tmp_path / "run", "embed")
     img = np.stack(df.img_emb.to_numpy())
     assert img.dtype == np.float16

@@ -21,6 +21,7 @@ from condense.stages.embed.clip import ModelConfig
 from condense.stages.embed.ids import check_unique_ids
 from condense.stages.embed.images import GUARD, ShardEmbedder
 from condense.stages.embed.store import EmbedPartWriter
+from condense.stages.embed.vectors import vector_files, write_vector_record
 from condense.storage.files import content_digest
 from condense.storage.fs import location
 from condense.storage.parts import finished_parts, part_files, read_schema
@@ -33,8 +34,13 @@ class EmbedConfig(StrictModel):
     """How embeddings are stored in embed/."""
 
     dim: int | None = None  # expected embedding dimension; None: taken from the input
-    # Stored precision; float16 halves the disk (later stages re-normalise after the upcast).
+    # Precision the vectors are used at (and stored at, when they are stored); float16 halves
+    # the bytes (later stages re-normalise after the upcast).
     dtype: Literal["float16", "float32"] = "float32"
+    # Precomputed embeddings: also copy the vectors into embed/ (needed to delete or move the
+    # input after embed); false: later stages read them from the input, where they are.
+    # Image inputs always store the vectors they compute.
+    store_vectors: bool = False
     rows_per_part: int = 100_000  # rows per output part file (and per unit of work / resume)
     check_duplicate_ids: bool = True  # fail when a sample_id occurs twice (rows are joined by id)
     model: ModelConfig = ModelConfig()  # CLIP model for image inputs (webdataset, urls)
@@ -121,12 +127,21 @@ class Downloader(Processor):
         return run_download(self.input, item.out)
 
 
+def vectors_in_place(config) -> bool:
+    """Whether embed/ keeps no copy of the vectors (precomputed ones, read where they are)."""
+    return config.input.kind not in IMAGE_KINDS and not config.embed.store_vectors
+
+
 class EmbedStage(Stage):
     name = "embed"
     # 2: rows stored in id-hash order, with _ids/ side files; 3: the bad-input rules; 4: images
-    # decoded, encoded and written by one actor (no second normalisation), captions trimmed
-    version = 4
+    # decoded, encoded and written by one actor (no second normalisation), captions trimmed;
+    # 5: precomputed vectors read in place (embed.store_vectors)
+    version = 5
     writes = tuple(embed_schema(1, "float32").names)
+
+    def columns(self, config) -> tuple[str, ...]:
+        return tuple(embed_schema(1, "float32", vectors=not vectors_in_place(config)).names)
 
     def settings(self, config):
         listing = [
@@ -152,8 +167,14 @@ class EmbedStage(Stage):
         if not items:
             raise InputError(f"{input_cfg.path}: the input holds no rows")
         out_dir = ctx.run.stage_dir(self.name)
-        writer = EmbedPartWriter(reader, cfg.embed.dtype, str(out_dir), cfg.embed.workers)
+        in_place = vector_files(reader.image_files()) if vectors_in_place(cfg) else None
+        writer = EmbedPartWriter(
+            reader, cfg.embed.dtype, str(out_dir), cfg.embed.workers, in_place=in_place
+        )
         stats = write_parts(ctx, writer, items)
+        if in_place is not None:
+            parts = {item.part: reader.source(item) for item in items}
+            write_vector_record(out_dir, cfg.embed.dtype, reader.dim, parts, in_place)
         rows_out = sum(s["rows_out"] for s in stats)
         if cfg.embed.check_duplicate_ids:
             check_unique_ids(ctx.executor, out_dir, [i.part for i in items], rows_out)

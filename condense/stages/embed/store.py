@@ -24,6 +24,7 @@ from condense.readers import InputSlice, Reader
 from condense.runtime.processor import Processor, Resources
 from condense.schema import embed_schema, vectors_to_arrow
 from condense.stages.embed.ids import ID_HASH_SEED, write_id_hashes
+from condense.stages.embed.vectors import VectorFile, check_version
 from condense.storage.fs import location
 from condense.storage.parts import write_part
 
@@ -32,13 +33,16 @@ EMBED_ROW_GROUP = 8192  # rows per Parquet row group: the unit a partial read (a
 
 @dataclass
 class EmbedPartWriter(Processor):
-    """Reads one input slice, drops unusable rows by reason, writes one part file."""
+    """Reads one input slice, drops unusable rows by reason, writes one part file: with the
+    vectors, or (`in_place` holds the image files' versions) with the rows' places in the
+    input, which later stages read (`vectors.py`)."""
 
     stage = "embed"
     reader: Reader
     dtype: str  # embed.dtype
     out_dir: str  # embed/
     workers: int | None = None  # embed.workers
+    in_place: dict[str, VectorFile] | None = None  # source -> its image file, as first seen
 
     @property
     def resources(self) -> Resources:
@@ -46,15 +50,28 @@ class EmbedPartWriter(Processor):
 
     def process(self, item: InputSlice) -> dict:
         start = time.perf_counter()
-        stats = store_rows(self.reader.read(item), item.part, self.dtype, self.out_dir, {})
+        vf = self.in_place[self.reader.source(item)] if self.in_place else None
+        if vf:  # what is read here is the version later stages will read
+            check_version(vf)
+        raw = self.reader.read(item)
+        if vf:
+            check_version(vf)
+        stats = store_rows(raw, item.part, self.dtype, self.out_dir, {}, vectors=vf is None)
         return {**stats, "seconds": time.perf_counter() - start}
 
 
 def store_rows(
-    raw, part: str, dtype: str, out_dir: str, dropped_before: dict[str, int], unit: bool = False
+    raw,
+    part: str,
+    dtype: str,
+    out_dir: str,
+    dropped_before: dict[str, int],
+    unit: bool = False,
+    vectors: bool = True,
 ) -> dict:
     """Drop unusable rows by reason, normalise (unless `unit`: the vectors left the model
-    normalised), store in id-hash order, write one part."""
+    normalised), store in id-hash order, write one part: with the vectors, or (not `vectors`)
+    with each row's row in its source, where later stages read them."""
     n = len(raw.img)
     ids = np.asarray(raw.sample_id, dtype=object)
     problems = [id_problem(i) for i in ids.tolist()]
@@ -81,17 +98,21 @@ def store_rows(
     img, txt = as_stored(img, dtype), as_stored(txt, dtype)
     # Scored from the stored vectors, exactly as later stages will see them.
     score = clip_scores(to_unit_float32(img), to_unit_float32(txt))
+    where = (
+        [vectors_to_arrow(img), vectors_to_arrow(txt)]
+        if vectors
+        else [pa.array(raw.first_row + idx, type=pa.int64())]
+    )
     table = pa.Table.from_arrays(
         [
             pa.array(ids[idx].tolist(), type=pa.string()),
             pa.array([raw.caption[i] for i in idx], type=pa.string()),
             pa.array([raw.url[i] for i in idx], type=pa.string()),
             pa.array([raw.source] * len(idx), type=pa.string()),
-            vectors_to_arrow(img),
-            vectors_to_arrow(txt),
+            *where,
             pa.array(score, type=pa.float32()),
         ],
-        schema=embed_schema(raw.img.shape[1], dtype),
+        schema=embed_schema(raw.img.shape[1], dtype, vectors),
     )
     ids_path = write_id_hashes(location(out_dir), part, hashes[order], raw.first_row + idx)
     path = write_part(table, out_dir, part, row_group_rows=EMBED_ROW_GROUP)
