@@ -1,5 +1,9 @@
-"""k-means training (faiss, or torch on a GPU without faiss-gpu) and exact nearest-centroid
-assignment.
+"""k-means training (faiss, or exact Lloyd iterations that split over workers) and exact
+nearest-centroid assignment.
+
+Lloyd iterations (`lloyd_partial`, `lloyd_update`) assign rows exactly and sum them in fixed
+point (int64 units of 2^-32), so partial sums from any number of workers, split any way, add
+up to the same integers and the same centroids.
 
 Assignment gives bit-identical answers whatever the batch a row arrives in, the device and the
 precision of its products: the candidate search is a screen (faiss or BLAS in fp32 on CPUs,
@@ -32,7 +36,7 @@ def train_kmeans(
 
     `init_centroids` warm-starts training (the recipe's rounds over fresh samples). On CPUs and
     with faiss-gpu, faiss trains; `device='cuda'` without faiss-gpu (or 'torch-cpu', to test
-    that path here) trains with torch (`_train_torch`, the same Lloyd iterations).
+    that path here) trains with `lloyd_train` on that device (the same Lloyd iterations).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
@@ -46,7 +50,10 @@ def train_kmeans(
         faiss = None
     use_gpu = device.startswith("cuda")
     if device == "torch-cpu" or (use_gpu and (faiss is None or faiss.get_num_gpus() == 0)):
-        return _train_torch(x, k, niter, seed, spherical, init_centroids, device)
+        init = init_centroids
+        if init is None:  # k seeded random rows
+            init = x[np.random.default_rng(seed).permutation(n)[:k]]
+        return lloyd_train(x, init, niter=niter, spherical=spherical, device=device)
     if faiss is None:
         raise ImportError(
             "k-means needs faiss: pip install 'condense[cpu]' (faiss-cpu) or 'condense[gpu]' (faiss-gpu)"
@@ -70,38 +77,112 @@ def train_kmeans(
     return np.ascontiguousarray(km.centroids, dtype=np.float32)
 
 
-def _train_torch(x, k, niter, seed, spherical, init_centroids, device) -> np.ndarray:
-    """Lloyd's k-means in torch (a GPU without faiss-gpu): start from `init_centroids` or k
-    seeded random rows, then `niter` times assign every row to its nearest centroid (in chunks
-    of 4,096 rows) and move each centroid to its rows' mean (sums in float64). An empty cluster
-    takes half of the largest one, as faiss does: both centroids moved a little apart."""
+FIXED_POINT = 2.0**32  # Lloyd sums: training rows' components in units of 2^-32, as int64
+MAX_TRAIN_ROWS = 2**30  # so sums of unit components stay well inside int64 (2^30 x 2^32)
+SUM_ROWS = 16_384  # rows quantised and summed at once (their int64 copy: 100 MB at d = 768)
+EMPTY_NUDGE = 1.0 / 1024  # an empty cluster and the one it splits move this far apart
+
+
+@dataclass(frozen=True)
+class LloydPartial:
+    """One worker's share of a Lloyd iteration: per centroid, the sum of its nearest rows in
+    fixed point and their count; and the sum of their squared distances, also in fixed point.
+    Integers add exactly in any order, so partials combine to the same bits however the rows
+    were split."""
+
+    sums: np.ndarray  # int64 (k, d): sum of round(x * 2^32) over each centroid's rows
+    counts: np.ndarray  # int64 (k,)
+    objective: int  # sum of round(||x - c||^2 * 2^32)
+
+    def __add__(self, other: LloydPartial) -> LloydPartial:
+        return LloydPartial(
+            self.sums + other.sums, self.counts + other.counts, self.objective + other.objective
+        )
+
+
+def lloyd_partial(
+    x: np.ndarray, centroids: Centroids, *, device: str = "cpu", screen: str = "fp32"
+) -> LloydPartial:
+    """Assign unit rows to their nearest centroids (exactly: `assign`) and sum them per
+    centroid in fixed point: on a torch device with its integer index_add, else in numpy."""
+    k, d = centroids.c.shape
+    sums = np.zeros((k, d), np.int64)
+    counts = np.zeros(k, np.int64)
+    objective = 0
+    for lo in range(0, len(x), SUM_ROWS):
+        xs = np.ascontiguousarray(x[lo : lo + SUM_ROWS], dtype=np.float32)
+        a = assign(xs, centroids, device=device, screen=screen)
+        dist = a.centroid_dist.astype(np.float64)
+        objective += int(np.rint(dist * dist * FIXED_POINT).astype(np.int64).sum())
+        counts += np.bincount(a.cluster_id, minlength=k)
+        if _on_torch(device):
+            sums += _fixed_sums_torch(xs, a.cluster_id, k, device)
+        else:
+            sums += _fixed_sums(xs, a.cluster_id, k)
+    return LloydPartial(sums, counts, objective)
+
+
+def _fixed_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """Per-label sums of round(x * 2^32) in int64 (each product is exact in float64)."""
+    q = np.rint(x.astype(np.float64) * FIXED_POINT).astype(np.int64)
+    order = np.argsort(labels, kind="stable")
+    sorted_labels = labels[order]
+    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+    out = np.zeros((k, x.shape[1]), np.int64)
+    if len(x):
+        out[sorted_labels[starts]] = np.add.reduceat(q[order], starts, axis=0)
+    return out
+
+
+def _fixed_sums_torch(x: np.ndarray, labels: np.ndarray, k: int, device: str) -> np.ndarray:
+    """`_fixed_sums` on a torch device: integer atomic adds, exact in any order."""
     import torch
 
     where = "cpu" if device == "torch-cpu" else device
-    rng = np.random.default_rng(seed)
-    xt = torch.from_numpy(x).to(where)
-    if init_centroids is not None:
-        c = torch.from_numpy(np.ascontiguousarray(init_centroids, np.float32)).to(where)
-    else:
-        c = xt[torch.from_numpy(rng.permutation(len(x))[:k]).to(where)].clone()
+    q = torch.round(torch.from_numpy(x).to(where).double() * FIXED_POINT).long()
+    out = torch.zeros((k, x.shape[1]), dtype=torch.int64, device=where)
+    out.index_add_(0, torch.from_numpy(labels.astype(np.int64)).to(where), q)
+    return out.cpu().numpy()
+
+
+def lloyd_update(total: LloydPartial, previous: np.ndarray, spherical: bool) -> np.ndarray:
+    """The next centroids from the combined partials: each cluster's mean; an empty cluster
+    (in id order) takes half of the largest one, both moved a little apart as faiss does; a
+    function of the combined integers only, so the same at any worker count."""
+    counts = total.counts.copy()
+    means = total.sums.astype(np.float64) / FIXED_POINT / np.maximum(counts, 1)[:, None]
+    c = np.where(counts[:, None] > 0, means, previous).astype(np.float32)
+    for empty in np.flatnonzero(total.counts == 0).tolist():
+        big = int(np.argmax(counts))
+        c[empty] = c[big] * np.float32(1 + EMPTY_NUDGE)
+        c[big] = c[big] * np.float32(1 - EMPTY_NUDGE)
+        counts[empty] = counts[big] // 2
+        counts[big] -= counts[empty]
+    if spherical:
+        norms = np.linalg.norm(c.astype(np.float64), axis=1)
+        c = (c / np.maximum(norms, 1e-12)[:, None]).astype(np.float32)
+    return np.ascontiguousarray(c)
+
+
+def lloyd_train(
+    x: np.ndarray,
+    init: np.ndarray,
+    *,
+    niter: int,
+    spherical: bool = False,
+    device: str = "cpu",
+    screen: str = "fp32",
+) -> np.ndarray:
+    """Lloyd's k-means in one process from `init`: `niter` exact assignments and fixed-point
+    means. The distributed trainer (stages/cluster.py) computes the same iterations split over
+    workers, and gives these very bits."""
+    if len(x) > MAX_TRAIN_ROWS:
+        raise ValueError(f"Lloyd training takes at most {MAX_TRAIN_ROWS:,} rows, got {len(x):,}")
+    c = np.ascontiguousarray(init, dtype=np.float32)
     for _ in range(niter):
-        half = 0.5 * (c * c).sum(dim=1)
-        labels = torch.cat(
-            [(half[None, :] - xt[i : i + 4096] @ c.T).argmin(dim=1) for i in range(0, len(x), 4096)]
-        )
-        sums = torch.zeros((k, x.shape[1]), dtype=torch.float64, device=where)
-        sums.index_add_(0, labels, xt.double())
-        counts = torch.bincount(labels, minlength=k)
-        c = (sums / counts.clamp(min=1)[:, None]).float()
-        for empty in torch.nonzero(counts == 0).flatten().tolist():
-            big = int(torch.argmax(counts))
-            nudge = 1.0 / 1024
-            c[empty], c[big] = c[big] * (1 + nudge), c[big] * (1 - nudge)
-            counts[empty] = counts[big] // 2
-            counts[big] -= counts[empty]
-        if spherical:
-            c = c / c.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    return np.ascontiguousarray(c.cpu().numpy(), dtype=np.float32)
+        partial = lloyd_partial(x, prepare_centroids(c), device=device, screen=screen)
+        c = lloyd_update(partial, c, spherical)
+    return c
 
 
 @dataclass(frozen=True)

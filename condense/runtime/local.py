@@ -14,6 +14,7 @@ import copy
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from condense.runtime.processor import Processor
@@ -52,6 +53,10 @@ class LocalExecutor:
                 self._gpus = torch.cuda.device_count()
         return self._gpus
 
+    @contextmanager
+    def pool(self, processor: Processor, workers: int) -> Iterator[LocalPool]:
+        yield LocalPool([copy.copy(processor) for _ in range(workers)])
+
     def map(self, processor: Processor, items: list) -> Iterator[tuple[Any, Any, str]]:
         if not items:
             return
@@ -59,3 +64,22 @@ class LocalExecutor:
         processor.setup()
         for item in items:
             yield item, processor.process(item), NODE
+
+
+class LocalPool:
+    """Workers of a local pool: copies of the processor in this process, each set up once."""
+
+    def __init__(self, workers: list[Processor]):
+        self.workers, self.size, self._ready = workers, len(workers), False
+
+    def run(self, items: list) -> list:
+        if len(items) != self.size:
+            raise ValueError(f"{len(items)} items for {self.size} workers")
+        if not self._ready:
+            for worker in self.workers:
+                worker.setup()
+            self._ready = True
+        return [worker.process(item) for worker, item in zip(self.workers, items, strict=True)]
+
+    def broadcast(self, item: Any) -> list:
+        return self.run([item] * self.size)

@@ -21,6 +21,7 @@ run as tasks (a worker per item, reused by the runtime) or on long-lived actors.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -92,6 +93,25 @@ class Executor(Protocol):
 
     def worker_io(self) -> IOCount:
         """Bytes metered by workers in other processes, summed over every item so far."""
+        ...
+
+    def pool(self, processor: Processor, workers: int) -> AbstractContextManager[WorkerPool]:
+        """`workers` long-lived workers of `processor`, each set up once, that keep their
+        state between calls (a share of a training sample held across iterations)."""
+        ...
+
+
+class WorkerPool(Protocol):
+    """Workers that keep their state: call them again and again, each with its own item."""
+
+    size: int
+
+    def run(self, items: list) -> list:
+        """Worker i processes items[i]; their results, in the workers' order."""
+        ...
+
+    def broadcast(self, item: Any) -> list:
+        """Every worker processes the same item (sent once); their results, in order."""
         ...
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from condense import faults
@@ -240,6 +241,18 @@ class RayExecutor:
         finally:
             _stop(list(pending), actors)
 
+    @contextmanager
+    def pool(self, processor: Processor, workers: int) -> Iterator[RayPool]:
+        """`workers` actors of `processor` (its resources each), killed when the pool closes."""
+        import ray
+
+        self._pool_size(processor, workers)  # a worker the cluster cannot hold: an error now
+        actors = self._actors(processor, workers)
+        try:
+            yield RayPool(self, [ray.put(processor)], actors)
+        finally:
+            _stop([], actors)
+
     def _actors(self, processor: Processor, n: int) -> list:
         """n actors of `processor`, each restarted (and its item retried) `retries` times;
         returned once every one has started, so the CPUs and GPUs they hold are theirs."""
@@ -278,3 +291,31 @@ class RayExecutor:
             }
             self._remote[key] = ray.remote(**options)(fn)
         return self._remote[key]
+
+
+class RayPool:
+    """Actors that keep their processor (set up on the first call) and its state."""
+
+    def __init__(self, executor: RayExecutor, ref: list, actors: list):
+        self.executor, self.ref, self.actors, self.size = executor, ref, actors, len(actors)
+
+    def run(self, items: list) -> list:
+        if len(items) != self.size:
+            raise ValueError(f"{len(items)} items for {self.size} workers")
+        import ray
+
+        calls = [
+            a.process.remote(self.ref, i, item)
+            for i, (a, item) in enumerate(zip(self.actors, items, strict=True))
+        ]
+        results = []
+        for _index, result, _node, io in ray.get(calls):
+            self.executor._io += io
+            results.append(result)
+        return results
+
+    def broadcast(self, item: Any) -> list:
+        import ray
+
+        ref = ray.put(item)  # one copy in the object store, whatever the number of workers
+        return self.run([ref] * self.size)

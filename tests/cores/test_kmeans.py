@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from condense.cores.kmeans import assign, train_kmeans
+from condense.cores.kmeans import (
+    FIXED_POINT,
+    assign,
+    lloyd_partial,
+    lloyd_train,
+    lloyd_update,
+    prepare_centroids,
+    train_kmeans,
+)
 
 
 def test_assign_hand_computed():
@@ -207,3 +215,57 @@ def test_the_screens_error_stays_within_its_bound(rows):
             margin = 2 * np.array(bound)
             worst = max(worst, float(((error.max(1) - error.min(1)) / margin).max()))
     assert 0 < worst <= 1.0
+
+
+def blobs(rng, n: int = 3000, k: int = 12, d: int = 24, labels: bool = False):
+    centres = rng.standard_normal((k, d))
+    blob = rng.integers(0, k, n)
+    x = centres[blob] + 0.3 * rng.standard_normal((n, d))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return (x, blob) if labels else x
+
+
+def test_lloyd_partials_add_up_to_the_same_bits_however_the_rows_are_split():
+    rng = np.random.default_rng(3)
+    x = blobs(rng)
+    c = prepare_centroids(x[:12])
+    whole = lloyd_partial(x, c)
+    assert whole.counts.sum() == len(x)
+    for workers in (2, 4, 7):
+        cuts = np.sort(rng.choice(np.arange(1, len(x)), workers - 1, replace=False))
+        order = rng.permutation(len(x))  # any rows to any worker, in any order
+        parts = [lloyd_partial(x[idx], c) for idx in np.split(order, cuts)]
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        assert np.array_equal(total.sums, whole.sums)
+        assert np.array_equal(total.counts, whole.counts)
+        assert total.objective == whole.objective
+        assert np.array_equal(lloyd_update(total, c.c, False), lloyd_update(whole, c.c, False))
+    # The torch path (a GPU's, run here on the CPU) sums the same integers.
+    on_torch = lloyd_partial(x, c, device="torch-cpu")
+    assert np.array_equal(on_torch.sums, whole.sums) and on_torch.objective == whole.objective
+    # Fixed point: each sum is within half a unit per row of the exact float64 sum.
+    exact = np.zeros_like(c.c64)
+    np.add.at(exact, assign(x, c).cluster_id, x.astype(np.float64))
+    assert np.abs(whole.sums / FIXED_POINT - exact).max() <= 0.5 * whole.counts.max() / FIXED_POINT
+
+
+def test_an_empty_cluster_takes_half_of_the_largest():
+    x = np.array([[1, 0], [1, 0], [1, 0], [0, 1]], np.float32)
+    c = np.array([[1, 0], [0, 1], [-1, 0]], np.float32)  # nobody is nearest to centroid 2
+    total = lloyd_partial(x, prepare_centroids(c))
+    assert total.counts.tolist() == [3, 1, 0]
+    new = lloyd_update(total, c, spherical=False)
+    assert np.allclose(new[2], [1 + 1 / 1024, 0]) and np.allclose(new[0], [1 - 1 / 1024, 0])
+    assert np.array_equal(new[1], [0, 1])
+
+
+def test_lloyd_reaches_faiss_fixed_point_from_the_same_start():
+    rng = np.random.default_rng(5)
+    x, blob = blobs(rng, n=4000, k=10, d=32, labels=True)
+    init = x[[np.flatnonzero(blob == b)[0] for b in range(10)]]  # no cluster empties
+    ours = lloyd_train(x, init, niter=25)
+    theirs = train_kmeans(x, 10, niter=25, seed=0, init_centroids=init)
+    assert np.abs(ours - theirs).max() < 1e-4
+    assert np.array_equal(lloyd_train(x, init, niter=25), ours)

@@ -67,14 +67,22 @@ def test_kmeans_finds_the_planted_topics(corpus, tmp_path):
 
 
 def test_same_output_at_1_2_4_blocks_and_any_worker_count(ray_session, corpus, tmp_path):
-    # The training sample (1,500 of 4,000 rows) and the assignment must not see the split.
+    # The training sample (1,500 of 4,000 rows), Lloyd's iterations over 1, 2 or 4 workers and
+    # the assignment must not see the split.
     tables, centroids = [], []
-    for i, (rows_per_part, workers) in enumerate([(4000, 1), (2000, 2), (1000, 1)]):
+    shapes = [(4000, 1, 1), (2000, 2, 2), (1000, 1, 4)]
+    for i, (rows_per_part, workers, train_workers) in enumerate(shapes):
         cfg = make_config(  # two workers: on Ray
             corpus,
             executor="ray" if workers > 1 else "local",
             embed={"rows_per_part": rows_per_part},
-            cluster={"k": 10, "sample_size": 1500, "workers": workers},
+            cluster={
+                "k": 10,
+                "sample_size": 1500,
+                "rounds": 2,
+                "workers": workers,
+                "train_workers": train_workers,
+            },
         )
         run(cfg, tmp_path / str(i))
         parts = sorted((tmp_path / str(i) / "cluster").glob("part-*.parquet"))
@@ -84,6 +92,33 @@ def test_same_output_at_1_2_4_blocks_and_any_worker_count(ray_session, corpus, t
     for table, cent in zip(tables[1:], centroids[1:], strict=True):
         assert np.array_equal(cent, centroids[0])
         pd.testing.assert_frame_equal(table, tables[0], check_exact=True)
+
+
+def test_lloyd_over_workers_is_lloyd_in_one_process(corpus, tmp_path):
+    """The distributed trainer gives the bits of `lloyd_train` on the seed's sample, started
+    from its first k rows, and near faiss's fixed point from the same start."""
+    from condense.cores.kmeans import lloyd_train, train_kmeans
+    from condense.stages.cluster.sample import draw_sample
+    from condense.stages.embed.vectors import EmbedVectors
+
+    cfg = make_config(
+        corpus,
+        embed={"rows_per_part": 700},
+        cluster={"k": 6, "sample_size": 2500, "niter": 12, "seed": 3, "train_workers": 3},
+    )
+    run(cfg, tmp_path, until="cluster")
+    got = np.load(tmp_path / "cluster" / "centroids.npy")
+    vectors = EmbedVectors.of(tmp_path / "embed")
+    parts = sorted(
+        p.stem.removeprefix("part-") for p in (tmp_path / "embed").glob("part-*.parquet")
+    )
+    sample = draw_sample(parts, vectors, 4000, 2500, seed=3)
+    assert np.array_equal(got, lloyd_train(sample, sample[:6], niter=12))
+    faiss = train_kmeans(sample, 6, niter=12, seed=0, init_centroids=sample[:6])
+    assert np.abs(got - faiss).max() < 1e-5  # 1.2e-7 here: one float32 ulp
+    mark = json.loads((tmp_path / "cluster" / "_stage.json").read_text())
+    objective = mark["train_rounds"][0]["objective"]
+    assert len(objective) == 12 and objective[-1] <= objective[0]
 
 
 def test_spherical_and_warm_started_rounds(corpus, tmp_path):
@@ -96,7 +131,7 @@ def test_spherical_and_warm_started_rounds(corpus, tmp_path):
 
 
 def test_training_sample_does_not_depend_on_parts(corpus, tmp_path):
-    from condense.stages.cluster import draw_sample, ring_offset, window_start
+    from condense.stages.cluster.sample import draw_sample, ring_offset, window_start
     from condense.stages.embed.vectors import EmbedVectors
 
     samples = []

@@ -1,14 +1,14 @@
-"""Stage `cluster`: faiss k-means on a seeded sample of image embeddings, then every row assigned
+"""Stage `cluster`: k-means on seeded samples of the image embeddings, then every row assigned
 to its nearest centroid by Ray workers (centroids sent once per worker).
 
 Writes cluster/part-*.parquet (sample_id, cluster_id, centroid_dist, centroid_cos), one per
-embed part, and centroids.npy. The driver holds only the centroids: each training task draws
-its own sample from embed/, reading only the row groups its window of the id-hash ring needs.
+embed part, and centroids.npy. Training (`cluster.trainer`) is exact Lloyd iterations on every
+worker (`lloyd.py`: bit-identical centroids at any worker count), or faiss on one worker. The
+driver holds only centroids: the workers draw the sample from embed/ themselves (`sample.py`).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -19,7 +19,6 @@ import pyarrow as pa
 from pydantic import Field
 from threadpoolctl import threadpool_limits
 
-from condense.cores.hashing import hash_ids, smallest_hash_order
 from condense.cores.kmeans import assign, prepare_centroids, train_kmeans
 from condense.cores.vectors import to_unit_float32
 from condense.errors import StageError
@@ -31,8 +30,9 @@ from condense.schema import (
     arrow_to_vectors,
 )
 from condense.stages.base import SourcePart, Stage, StageContext, StageResult, write_parts
+from condense.stages.cluster.lloyd import LloydWorker, split_parts, train_round
+from condense.stages.cluster.sample import draw_sample
 from condense.stages.embed import EmbedStage
-from condense.stages.embed.ids import id_hash_file
 from condense.stages.embed.store import EMBED_ROW_GROUP
 from condense.stages.embed.vectors import EmbedVectors
 from condense.storage.files import atomic_write_npy
@@ -45,7 +45,6 @@ from condense.storage.parts import (
 from condense.strict import StrictModel
 
 CENTROIDS = "centroids.npy"  # in cluster/: the trained centroids (dedup reads k from them)
-RING = 1 << 64  # id hashes are points on a ring of this size
 
 
 class ClusterConfig(StrictModel):
@@ -56,7 +55,11 @@ class ClusterConfig(StrictModel):
     sample_size: int = Field(1_000_000, ge=1)  # training rows drawn per round (all rows when fewer)
     rounds: int = Field(1, ge=1)  # fresh samples, each warm-started from the last centroids
     spherical: bool = False  # re-normalise centroids after each iteration (cosine k-means)
-    seed: int = 0  # seeds the training samples and faiss
+    seed: int = 0  # seeds the training samples (and faiss)
+    # lloyd: exact Lloyd iterations on every worker, the same centroids at any worker count;
+    # faiss: faiss.Kmeans on one worker (one GPU)
+    trainer: Literal["lloyd", "faiss"] = "lloyd"
+    train_workers: int | None = Field(None, ge=1)  # lloyd workers; None: one per GPU, or per CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: GPUs when the Ray cluster has them
     # Precision of a GPU's assignment products: a screen whose undecided rows are settled in
     # float64, so every precision gives the same assignment (CPUs search in fp32).
@@ -66,28 +69,8 @@ class ClusterConfig(StrictModel):
     train_threads: int | None = None  # faiss training threads; None: the node's CPUs
 
     runtime_fields = frozenset(
-        {"device", "screen", "workers", "threads_per_worker", "train_threads"}
+        {"device", "screen", "workers", "threads_per_worker", "train_threads", "train_workers"}
     )
-
-
-def ring_offset(hashes: np.ndarray, start: int) -> np.ndarray:
-    """(hash - start) mod 2^64: a row's position on the id-hash ring counted from `start`."""
-    with np.errstate(over="ignore"):
-        return np.asarray(hashes, dtype=np.uint64) - np.uint64(start)
-
-
-def _window_rows(sorted_hashes: np.ndarray, start: int, width: int) -> np.ndarray:
-    """Rows whose hash lies in [start, start + width) on the ring (width 2^64: every row)."""
-    n = len(sorted_hashes)
-    if width >= RING:
-        return np.arange(n)
-    lo = int(np.searchsorted(sorted_hashes, np.uint64(start), side="left"))
-    end = start + width
-    if end <= RING - 1:
-        hi = int(np.searchsorted(sorted_hashes, np.uint64(end), side="left"))
-        return np.arange(lo, hi)
-    hi = int(np.searchsorted(sorted_hashes, np.uint64(end - RING), side="left"))
-    return np.concatenate([np.arange(lo, n), np.arange(0, hi)])
 
 
 @dataclass
@@ -110,12 +93,7 @@ class Assigner(Processor):
         return Resources(cpus=float(self.threads), gpus=gpus, actor=self.gpu, workers=self.workers)
 
     def setup(self) -> None:
-        if self.device == "auto":  # a GPU was requested for this actor; use it if we can
-            self.device = "cuda" if gpu_available() else "cpu"
-        elif self.device == "cuda" and not gpu_available():
-            raise StageError(
-                "cluster.device is cuda but this worker has neither faiss-gpu nor torch with CUDA"
-            )
+        self.device = worker_device(self.device, self.stage)
         try:
             import faiss
 
@@ -167,6 +145,17 @@ def _cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def worker_device(device: str, stage: str) -> str:
+    """The device a worker computes on: auto takes its GPU if it can use one."""
+    if device == "auto":
+        return "cuda" if gpu_available() else "cpu"
+    if device == "cuda" and not gpu_available():
+        raise StageError(
+            f"{stage}.device is cuda but this worker has neither faiss-gpu nor torch with CUDA"
+        )
+    return device
 
 
 def gpu_available() -> bool:
@@ -228,9 +217,7 @@ class KMeansTrainer(Processor):
             raise StageError(
                 f"cluster: the training sample has {len(sample)} rows, fewer than k={self.k}"
             )
-        device = self.device
-        if device == "auto":  # faiss-gpu where installed, else torch on the GPU
-            device = "cuda" if gpu_available() else "cpu"
+        device = worker_device(self.device, self.stage)  # faiss-gpu, else Lloyd on the GPU
         centroids = train_kmeans(
             sample,
             self.k,
@@ -246,7 +233,7 @@ class KMeansTrainer(Processor):
 
 class ClusterStage(Stage):
     name = "cluster"
-    version = 2  # 2: training samples are windows of the id-hash ring
+    version = 3  # 2: training samples are windows of the id-hash ring; 3: the Lloyd trainer
     # The image vectors come through EmbedVectors: embed/'s parts, or the input in place.
     reads = {EmbedStage.name: (SAMPLE_ID,)}
     writes = tuple(CLUSTER_SCHEMA.names)
@@ -308,11 +295,63 @@ class ClusterStage(Stage):
         return StageResult(rows_in, rows_in, {}, extra)
 
     def _train(self, ctx: StageContext, items: list[SourcePart], rows: int, use_gpu: bool):
+        """The rounds of training; returns the centroids and a record of each round."""
         cfg = ctx.config.cluster
         size = min(cfg.sample_size, rows)
+        vectors = EmbedVectors.of(ctx.run.stage_dir(EmbedStage.name))
+        if cfg.trainer == "faiss":
+            return self._train_faiss(ctx, items, rows, size, vectors, use_gpu)
+        gpus, cpus = ctx.executor.gpus(), ctx.executor.cpus()
+        workers = cfg.train_workers or (gpus if use_gpu else max(1, cpus // cfg.threads_per_worker))
+        worker = LloydWorker(
+            vectors,
+            device=cfg.device if use_gpu else "cpu",
+            screen=cfg.screen,
+            threads=1 if use_gpu else cfg.threads_per_worker,
+            cpus=1.0 if cpus >= 2 else 0.5,
+            gpu=use_gpu,
+        )
+        shares = split_parts({item.source: item.rows for item in items}, workers)
+        centroids, rounds = None, []
+        with ctx.executor.pool(worker, workers) as pool:
+            for r in range(cfg.rounds):
+                t = time.perf_counter()
+                label = f"round {r + 1}/{cfg.rounds}"
+                ctx.log(
+                    f"[cluster] {label}: k-means k={cfg.k:,} on {size:,} rows, "
+                    f"{workers} worker{'s' * (workers > 1)}"
+                )
+                result = train_round(
+                    pool,
+                    shares,
+                    rows=rows,
+                    size=size,
+                    seed=cfg.seed + r,
+                    k=cfg.k,
+                    niter=cfg.niter,
+                    spherical=cfg.spherical,
+                    init=centroids,
+                    log=ctx.log,
+                    label=label,
+                )
+                centroids = result.centroids
+                rounds.append(
+                    {
+                        "rows": size,
+                        "workers": workers,
+                        "objective": [round(o, 9) for o in result.objective],
+                        "sample_seconds": round(result.sample_seconds, 3),
+                        "seconds": round(time.perf_counter() - t, 3),
+                    }
+                )
+        return centroids, rounds
+
+    def _train_faiss(self, ctx, items, rows: int, size: int, vectors, use_gpu: bool):
+        """faiss.Kmeans, one round after the other on one worker."""
+        cfg = ctx.config.cluster
         trainer = KMeansTrainer(
             [item.source for item in items],
-            EmbedVectors.of(ctx.run.stage_dir(EmbedStage.name)),
+            vectors,
             rows,
             cfg.k,
             cfg.niter,
@@ -325,7 +364,9 @@ class ClusterStage(Stage):
         rounds = []
         for r in range(cfg.rounds):
             t = time.perf_counter()
-            ctx.log(f"[cluster] round {r + 1}/{cfg.rounds}: k-means k={cfg.k} on {size:,} rows")
+            ctx.log(
+                f"[cluster] round {r + 1}/{cfg.rounds}: faiss k-means k={cfg.k} on {size:,} rows"
+            )
             work = TrainRound(part=f"round-{r}", size=size, seed=cfg.seed + r, init=centroids)
             centroids, sample_seconds = run_one(ctx.executor, trainer, work)
             seconds = time.perf_counter() - t
@@ -337,51 +378,3 @@ class ClusterStage(Stage):
                 }
             )
         return centroids, rounds
-
-
-def window_start(seed: int) -> int:
-    """Where a seed's sample starts on the id-hash ring."""
-    return int(hash_ids([f"condense-sample-{seed}"], seed)[0])
-
-
-def draw_sample(
-    parts: list[str], vectors: EmbedVectors, rows: int, size: int, seed: int
-) -> np.ndarray:
-    """The training sample of one seed, as unit float32 vectors.
-
-    It is the `size` rows that follow window_start(seed) on the ring of id hashes (ties by
-    sample_id): a uniform random sample, the same however the rows are split into parts.
-    Embed parts are stored in id-hash order, so each part's share of the window is a run of
-    rows and only the row groups holding it are read (a 1% sample reads ~1% of embed/); read
-    in place, the input's rows at those positions are fetched. The window is set a few
-    standard deviations wider than needed, then trimmed.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    fraction = 1.0 if size >= rows else min(1.0, (size + 6 * math.sqrt(size) + 64) / rows)
-    start = window_start(seed)
-    while True:
-        width = RING if fraction >= 1.0 else int(fraction * float(RING))
-
-        with ThreadPoolExecutor(max_workers=4) as pool:  # overlap the parts' disk reads
-            got = list(pool.map(lambda p, w=width: _window_of_part(vectors, p, start, w), parts))
-        keys = np.concatenate([g[0] for g in got]) if got else np.zeros(0, np.uint64)
-        if len(keys) >= size or fraction >= 1.0:
-            break
-        fraction = min(1.0, fraction * 2)  # a rare shortfall: widen the window and read again
-    ids = np.asarray([i for g in got for i in g[1]], dtype=object)
-    order = smallest_hash_order(keys, ids)[:size]
-    return to_unit_float32(np.concatenate([g[2] for g in got])[order])
-
-
-def _window_of_part(vectors: EmbedVectors, part: str, start: int, width: int):
-    """Ring keys, ids and stored vectors of one part's rows inside [start, start + width)."""
-    hashes = read_array(id_hash_file(vectors.embed_dir, part), mmap=True)["hash"]
-    picked = _window_rows(hashes, start, width)
-    table = vectors.read(part, [SAMPLE_ID, IMG_EMB], picked)
-    vectors = arrow_to_vectors(table.column(IMG_EMB))
-    return (
-        ring_offset(np.asarray(hashes[picked]), start),
-        table.column(SAMPLE_ID).to_pylist(),
-        vectors,
-    )
