@@ -57,6 +57,35 @@ def test_tasks_and_actor_pool_give_the_same_results(executor):
 
 
 @dataclass
+class Tally(Processor):
+    """Adds what it is sent to what it holds: a worker whose state outlives a call."""
+
+    stage = "test"
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=0.5, actor=True)
+
+    def setup(self) -> None:
+        self.total, self.pid = 0, os.getpid()
+
+    def process(self, item):
+        self.total += item.n
+        return self.total, self.pid
+
+
+def test_a_pool_keeps_each_workers_state_between_calls(executor):
+    with executor.pool(Tally(), 2) as pool:
+        assert [t for t, _ in pool.run([Number(part="a", n=1), Number(part="b", n=5)])] == [1, 5]
+        again = pool.broadcast(Number(part="c", n=10))
+        assert [t for t, _ in again] == [11, 15]  # each worker its own total
+        with pytest.raises(ValueError, match="1 items for 2 workers"):
+            pool.run([Number(part="d", n=1)])
+    if isinstance(executor, RayExecutor):  # two actors, set up once each
+        assert len({pid for _, pid in again}) == 2
+
+
+@dataclass
 class TaskName(Processor):
     stage = "test"
     actor: bool = False
