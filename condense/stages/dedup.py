@@ -2,15 +2,14 @@
 
 Three steps, on Ray workers, none gathering rows on the driver:
 
-1. **Plan.** Workers count the rows of every cluster from cluster/'s `cluster_id` columns; the
-   driver adds those k-vectors and packs the clusters into tasks of about `rows_per_task` rows
-   (a big cluster alone in its task, the tasks with the most similarity work first). The plan
-   is kept in `dedup/_plan.json`.
-2. **Scatter.** Consecutive embed parts of about `scatter_rows` rows in all are joined with
-   their cluster parts (checked row by row on `sample_id`), sorted by (task, cluster) and
-   written to one scatter file `dedup/_by_cluster/<first part>.arrow` (Arrow IPC, uncompressed)
-   whose record batches never straddle two tasks; its footer lists each task's first batch.
-   A file's index is tasks + 1 numbers, whatever k is.
+1. **Plan.** The clusters are packed into tasks of about `rows_per_task` rows from the cluster
+   stage's sample sizes (a big cluster alone in its task, the tasks with the most similarity
+   work first; `stages/scatter.py`). The plan is kept in `dedup/_plan.json`.
+2. **Scatter.** Each row with its image vector, sorted by (task, cluster) into scatter files
+   (Arrow IPC, uncompressed) whose record batches never straddle two tasks. The cluster stage
+   writes them in the pass that assigns the rows (`cluster/.scatter/`); dedup writes its own
+   (`dedup/_by_cluster/`) from embed/ and cluster/ only when those are gone or were packed
+   for other settings, joining the two on `sample_id` row by row.
 3. **Components.** A task reads its own record batches from each scatter file that holds any
    (memory-mapped), orders them by (cluster, sample_id), runs the exact component search
    (`cores.components`, several thresholds in one pass) and the keep rule per cluster, and
@@ -18,16 +17,14 @@ Three steps, on Ray workers, none gathering rows on the driver:
 
 Writes dedup/part-*.parquet with one row per input row: sample_id, cluster_id, component_id,
 component_size, kept, max_sim, clip_score, centroid_cos, and `kept_<t>` for every extra
-threshold. The scatter folder is removed once the stage is complete.
+threshold. Both scatter folders are removed once the stage is complete.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -39,7 +36,7 @@ from condense.cores.components import components
 from condense.cores.keep import KeepRule, component_sizes, keep_mask
 from condense.cores.vectors import to_unit_float32
 from condense.errors import StageError
-from condense.runtime.processor import Processor, Resources, WorkItem, gather
+from condense.runtime.processor import Processor, Resources, WorkItem
 from condense.schema import (
     CENTROID_COS,
     CENTROID_DIST,
@@ -54,35 +51,38 @@ from condense.schema import (
     arrow_to_vectors,
 )
 from condense.stages.base import Stage, StageContext, StageResult, write_parts
-from condense.stages.cluster import CENTROIDS, ClusterStage
+from condense.stages.cluster import ClusterStage
 from condense.stages.embed import EmbedStage
 from condense.stages.embed.vectors import EmbedVectors
+from condense.stages.scatter import (
+    CLUSTER_SCATTER,
+    DEDUP_SCATTER,
+    SAMPLE_SIZES,
+    TASK_BATCHES,
+    PartGroup,
+    TaskPlan,
+    cluster_ids,
+    group_parts,
+    scatter_file,
+    scatter_ready,
+    write_scatter,
+)
 from condense.storage.files import atomic_write_json, read_json
-from condense.storage.fs import location
+from condense.storage.fs import remove_tree
 from condense.storage.parts import (
     ScratchFiles,
-    array_shape,
     discard_parts,
     discard_scratch,
     finished_parts,
     part_path,
     part_rows,
+    read_array,
     read_table,
     write_part,
-    write_scratch,
 )
 from condense.strict import StrictModel
 
-SCATTER_DIR = "_by_cluster"
-SIZE_ROWS = 5_000_000  # cluster rows counted per task (int32 ids: 20 MB)
-SCATTER_SLICE = 65_536  # rows per record batch of a scatter file, at most
 PLAN = "_plan.json"  # in dedup/: how the clusters were packed into tasks
-TASK_BATCHES = b"condense.task_batches"  # scatter file metadata: each task's first batch
-
-
-def scatter_file(folder: Path | str, source: str) -> Path:
-    """The scatter file whose first embed part is `source`."""
-    return location(folder) / f"{source}.arrow"
 
 
 class DedupConfig(StrictModel):
@@ -129,81 +129,6 @@ def kept_column(threshold: float) -> str:
     return "kept_" + f"{threshold:g}".replace(".", "_")
 
 
-def plan_tasks(sizes: np.ndarray, rows_per_task: int) -> list[list[int]]:
-    """Pack cluster ids into tasks, the most similarity work (sum of size^2) first.
-
-    Clusters are taken largest first (ties by id); one of rows_per_task rows or more gets a task
-    of its own, smaller ones fill a task until it holds rows_per_task rows. Deterministic in the
-    sizes, so a resumed run plans the same tasks.
-    """
-    ids = np.flatnonzero(sizes)
-    ids = ids[np.lexsort((ids, -sizes[ids]))]
-    tasks: list[list[int]] = []
-    current: list[int] = []
-    rows = 0
-    for c in ids.tolist():
-        current.append(c)
-        rows += int(sizes[c])
-        if rows >= rows_per_task:
-            tasks.append(current)
-            current, rows = [], 0
-    if current:
-        tasks.append(current)
-    work = [sum(int(sizes[c]) ** 2 for c in t) for t in tasks]
-    return [tasks[i] for i in sorted(range(len(tasks)), key=lambda i: (-work[i], i))]
-
-
-@dataclass(frozen=True, kw_only=True)
-class PartGroup(WorkItem):
-    """Consecutive parts of an upstream stage, handled by one worker."""
-
-    sources: list[str]
-
-
-def group_parts(rows: dict[str, int], group_rows: int, prefix: str) -> list[PartGroup]:
-    """Consecutive parts (in order) cut into groups of about `group_rows` rows each."""
-    groups: list[PartGroup] = []
-    current: list[str] = []
-    total = 0
-    for name, n in rows.items():
-        current.append(name)
-        total += n
-        if total >= group_rows:
-            groups.append(PartGroup(part=f"{prefix}{current[0]}", sources=current, rows=total))
-            current, total = [], 0
-    if current:
-        groups.append(PartGroup(part=f"{prefix}{current[0]}", sources=current, rows=total))
-    return groups
-
-
-@dataclass
-class ClusterSizes(Processor):
-    """Rows per cluster in some cluster parts (on a worker: the driver only adds k-vectors)."""
-
-    stage = "dedup"
-    cluster_dir: str
-    k: int
-
-    def process(self, item: PartGroup) -> np.ndarray:
-        sizes = np.zeros(self.k, np.int64)
-        for name in item.sources:
-            ids = read_table(part_path(self.cluster_dir, name), columns=[CLUSTER_ID])
-            sizes += np.bincount(
-                _cluster_ids(ids.column(CLUSTER_ID), self.k, name), minlength=self.k
-            )
-        return sizes
-
-
-def _cluster_ids(column: pa.ChunkedArray, k: int, part: str) -> np.ndarray:
-    ids = column.to_numpy()
-    if len(ids) and (ids.min() < 0 or ids.max() >= k):
-        raise StageError(
-            f"dedup: cluster/part-{part}.parquet holds cluster ids outside [0, {k}); "
-            "rerun the cluster stage"
-        )
-    return ids
-
-
 @dataclass
 class ClusterScatter(Processor):
     """Joins some embed parts with their cluster parts and writes them sorted by (task, cluster)
@@ -213,8 +138,7 @@ class ClusterScatter(Processor):
     vectors: EmbedVectors  # where embed/'s image vectors are
     cluster_dir: str
     out_dir: str  # dedup/_by_cluster
-    task_of: np.ndarray  # the task of every cluster (int32, -1: empty cluster)
-    tasks: int
+    task_of: np.ndarray  # the task of every cluster (int32)
     workers: int | None = None  # dedup.workers
 
     @property
@@ -224,37 +148,20 @@ class ClusterScatter(Processor):
     def process(self, item: PartGroup) -> dict:
         start = time.perf_counter()
         tables = [self._joined(name) for name in item.sources]
-        table = pa.concat_tables(tables)
         k = len(self.task_of)
-        cluster_id = (
-            np.concatenate(
-                [
-                    _cluster_ids(t.column(CLUSTER_ID), k, n)
-                    for t, n in zip(tables, item.sources, strict=True)
-                ]
-            )
-            if tables
-            else np.zeros(0, np.int32)
-        )
-        task = self.task_of[cluster_id]
-        order = np.lexsort((cluster_id, task))  # by task, then cluster (stable: input order)
-        bounds = np.searchsorted(task[order], np.arange(self.tasks + 1))
-        batches, first = [], [0]
-        for t in range(self.tasks):  # record batches of one task each, SCATTER_SLICE rows at most
-            for lo in range(int(bounds[t]), int(bounds[t + 1]), SCATTER_SLICE):
-                batches.append((lo, min(int(bounds[t + 1]), lo + SCATTER_SLICE)))
-            first.append(len(batches))
-        index = json.dumps(first, separators=(",", ":")).encode()
-        schema = table.schema.with_metadata({TASK_BATCHES: index})
-        # Sorted copies are taken a batch at a time: memory stays at the group plus one batch.
-        slices = (table.take(pa.array(order[lo:hi])) for lo, hi in batches)
+        ids = [
+            cluster_ids(t.column(CLUSTER_ID), k, n)
+            for t, n in zip(tables, item.sources, strict=True)
+        ]
         path = scatter_file(self.out_dir, item.sources[0])
-        write_scratch(path, slices, schema)
+        index_bytes = write_scatter(
+            pa.concat_tables(tables), np.concatenate(ids), self.task_of, path
+        )
         return {
             "part": item.part,
             "files": [str(path)],
-            "rows_in": len(table),
-            "index_bytes": len(index),
+            "rows_in": sum(len(t) for t in tables),
+            "index_bytes": index_bytes,
             "seconds": time.perf_counter() - start,
         }
 
@@ -284,7 +191,6 @@ class ClusterGroup(WorkItem):
 
     task: int  # its index in the plan (the scatter files' task index)
     clusters: list[int]
-    largest: int  # rows of its largest cluster
 
 
 @dataclass
@@ -319,10 +225,11 @@ class DedupWorker(Processor):
         # per worker. Locally the rows are mapped per task, and only from the files holding
         # some; in a store the files stay open (no map is held) and are read concurrently.
         self.files = ScratchFiles(self.scatter_paths)
+        schemas = self.files.schemas()
         self.first_batch = [
-            np.asarray(json.loads(schema.metadata[TASK_BATCHES]), np.int64)
-            for schema in self.files.schemas()
+            np.asarray(json.loads(schema.metadata[TASK_BATCHES]), np.int64) for schema in schemas
         ]
+        self.empty = schemas[0].empty_table()  # a task no row reached
 
     def task_rows(self, task: int) -> tuple[pa.Table, int]:
         """The task's rows from every scatter file, and how many files held some."""
@@ -331,6 +238,8 @@ class DedupWorker(Processor):
             for i, first in enumerate(self.first_batch)
             if first[task + 1] > first[task]
         ]
+        if not wanted:
+            return self.empty, 0
         return pa.concat_tables(self.files.read(wanted)), len(wanted)
 
     def process(self, item: ClusterGroup) -> dict:
@@ -347,8 +256,12 @@ class DedupWorker(Processor):
         bounds = np.searchsorted(rows.column(CLUSTER_ID).to_numpy(), item.clusters)
         sizes = np.searchsorted(rows.column(CLUSTER_ID).to_numpy(), item.clusters, "right") - bounds
         outputs, work = [], {"tiles_computed": 0, "tiles_total": 0, "entries": 0, "rechecked": 0}
+        # A plan packed from estimated sizes may hold clusters no row reached: skipped (a task
+        # with no row at all still writes its empty part).
+        present = [i for i, n in enumerate(sizes.tolist()) if n] or [0]
         with threadpool_limits(self.threads):  # BLAS threads for this task only
-            for cluster, lo, n in zip(item.clusters, bounds.tolist(), sizes.tolist(), strict=True):
+            for i in present:
+                cluster, lo, n = item.clusters[i], int(bounds[i]), int(sizes[i])
                 outputs.append(self._dedup_cluster(cluster, rows.slice(lo, n), work))
         n_rows = sum(len(t) for t in outputs)
         if n_rows != len(rows):
@@ -368,8 +281,8 @@ class DedupWorker(Processor):
             "files": [str(path)],
             "rows_in": n_rows,
             "kept": kept,
-            "clusters": len(item.clusters),
-            "largest_cluster": item.largest,
+            "clusters": int(np.count_nonzero(sizes)),
+            "largest_cluster": int(sizes.max(initial=0)),
             "scatter_files_read": files,
             "seconds": time.perf_counter() - start,
             **work,
@@ -424,7 +337,7 @@ def _torch_cuda() -> bool:
 
 class DedupStage(Stage):
     name = "dedup"
-    version = 1
+    version = 2  # 2: tasks packed from the cluster stage's sample sizes
     reads = {
         EmbedStage.name: (SAMPLE_ID, CLIP_SCORE),  # and the image vectors, via EmbedVectors
         ClusterStage.name: (SAMPLE_ID, CLUSTER_ID, CENTROID_DIST, CENTROID_COS),
@@ -449,68 +362,28 @@ class DedupStage(Stage):
     def compute(self, ctx: StageContext) -> StageResult:
         cfg = ctx.config.dedup
         out_dir = ctx.run.stage_dir(self.name)
-        scatter_dir = out_dir / SCATTER_DIR
-        cluster_dir = ctx.run.stage_dir(ClusterStage.name)
-        rows = part_rows(cluster_dir)
-        k = int(array_shape(cluster_dir / CENTROIDS)[0])
         gpus = ctx.executor.gpus()
         if cfg.device == "cuda" and gpus == 0:
             raise StageError("dedup.device is cuda but the Ray cluster has no GPUs")
         use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
 
         t0 = time.perf_counter()
-        counted = group_parts(rows, SIZE_ROWS, prefix="sizes-")
-        sizes = sum(
-            gather(ctx.executor, ClusterSizes(str(cluster_dir), k), counted), np.zeros(k, np.int64)
-        )
-        tasks = plan_tasks(sizes, cfg.rows_per_task)
-        plan = {  # what the dedup parts depend on; the scatter files also on scatter_rows
-            "k": k,
-            "rows_per_task": cfg.rows_per_task,
-            "tasks": len(tasks),
-            "sizes_sha256": hashlib.sha256(sizes.tobytes()).hexdigest(),
-        }
-        before = read_json(out_dir / PLAN) if ctx.resumed else None
-        if isinstance(before, dict) and before.pop("scatter_rows", None) != cfg.scatter_rows:
-            discard_scratch(out_dir, SCATTER_DIR, prefix="scatter-")  # cut otherwise
-        if ctx.resumed and before != plan:
-            # Kept parts were cut by another packing (rows_per_task changed).
-            ctx.log("[dedup] the task plan changed since the interrupted run: starting over")
-            discard_parts(out_dir)
-            discard_scratch(out_dir, SCATTER_DIR, prefix="scatter-")
-        atomic_write_json(out_dir / PLAN, {**plan, "scatter_rows": cfg.scatter_rows})
-        width = max(5, len(str(len(tasks))))
+        plan, groups = self._plan(ctx)
         items = [
             ClusterGroup(
-                part=f"{i:0{width}d}",
+                part=f"{i:0{max(5, len(str(len(plan.tasks))))}d}",
                 task=i,
                 clusters=clusters,
-                rows=int(sizes[clusters].sum()),
-                largest=int(sizes[clusters].max()),
+                rows=int(plan.sizes[clusters].sum()),
             )
-            for i, clusters in enumerate(tasks)
+            for i, clusters in enumerate(plan.tasks)
         ]
-        task_of = np.full(k, -1, np.int32)
-        for t, clusters in enumerate(tasks):
-            task_of[clusters] = t
-        scatter = ClusterScatter(
-            EmbedVectors.of(ctx.run.stage_dir(EmbedStage.name)),
-            str(cluster_dir),
-            str(scatter_dir),
-            task_of,
-            len(tasks),
-            cfg.workers,
-        )
-        groups = group_parts(rows, cfg.scatter_rows, prefix="scatter-")
-        index_bytes = 0
-        if len(finished_parts(out_dir, [i.part for i in items])) < len(items):
-            # (a run killed while removing the scatter, every part done, skips it)
-            index_bytes = sum(s["index_bytes"] for s in write_parts(ctx, scatter, groups))
+        scatter_paths, scatter = self._scatter(ctx, plan, groups, items)
         scatter_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         worker = DedupWorker(
-            [str(scatter_file(scatter_dir, g.sources[0])) for g in groups],
+            [str(p) for p in scatter_paths],
             str(out_dir),
             cfg.all_thresholds(),
             cfg.keep,
@@ -523,21 +396,19 @@ class DedupStage(Stage):
             workers=cfg.workers,
         )
         stats = write_parts(ctx, worker, items)
-        discard_scratch(out_dir, SCATTER_DIR, prefix="scatter-")
+        discard_scratch(out_dir, DEDUP_SCATTER, prefix="scatter-")
+        remove_tree(ctx.run.stage_dir(ClusterStage.name) / CLUSTER_SCATTER)
         rows_in = sum(s["rows_in"] for s in stats)
         kept = {str(t): sum(s["kept"][str(t)] for s in stats) for t in cfg.all_thresholds()}
         rows_out = kept[str(cfg.threshold)]
+        scatter["max_files_per_task"] = max((s["scatter_files_read"] for s in stats), default=0)
         extra = {
             "threshold": cfg.threshold,
             "kept_at": kept,
-            "clusters": int(np.count_nonzero(sizes)),
-            "largest_cluster": int(sizes.max(initial=0)),
+            "clusters": sum(s["clusters"] for s in stats),
+            "largest_cluster": max((s["largest_cluster"] for s in stats), default=0),
             "tasks": len(items),
-            "scatter": {
-                "files": len(groups),
-                "index_bytes": index_bytes,
-                "max_files_per_task": max((s["scatter_files_read"] for s in stats), default=0),
-            },
+            "scatter": scatter,
             "tiles_computed": sum(s["tiles_computed"] for s in stats),
             "tiles_total": sum(s["tiles_total"] for s in stats),
             "similarity_entries": sum(s["entries"] for s in stats),
@@ -548,3 +419,52 @@ class DedupStage(Stage):
             "device": "cuda" if use_gpu else "cpu",
         }
         return StageResult(rows_in, rows_out, {"duplicate": rows_in - rows_out}, extra)
+
+    def _plan(self, ctx: StageContext) -> tuple[TaskPlan, list[PartGroup]]:
+        """The clusters packed into tasks (from the cluster stage's sample sizes), and the
+        groups of parts a scatter file holds. A resumed run whose plan changed starts over."""
+        cfg = ctx.config.dedup
+        out_dir = ctx.run.stage_dir(self.name)
+        cluster_dir = ctx.run.stage_dir(ClusterStage.name)
+        rows = part_rows(cluster_dir)
+        sample_sizes = read_array(cluster_dir / SAMPLE_SIZES)
+        plan = TaskPlan.of(sample_sizes, sum(rows.values()), cfg.rows_per_task)
+        before = read_json(out_dir / PLAN) if ctx.resumed else None
+        if isinstance(before, dict) and before.pop("scatter_rows", None) != cfg.scatter_rows:
+            discard_scratch(out_dir, DEDUP_SCATTER, prefix="scatter-")  # cut otherwise
+        if ctx.resumed and before != plan.key():
+            # Kept parts were cut by another packing (rows_per_task changed).
+            ctx.log("[dedup] the task plan changed since the interrupted run: starting over")
+            discard_parts(out_dir)
+            discard_scratch(out_dir, DEDUP_SCATTER, prefix="scatter-")
+        atomic_write_json(out_dir / PLAN, {**plan.key(), "scatter_rows": cfg.scatter_rows})
+        return plan, group_parts(rows, cfg.scatter_rows, prefix="scatter-")
+
+    def _scatter(self, ctx: StageContext, plan: TaskPlan, groups, items) -> tuple[list, dict]:
+        """The scatter files: the cluster stage's, when it wrote them for this plan and these
+        groups; else written here from embed/ and cluster/ (skipped when every part is done)."""
+        cfg = ctx.config.dedup
+        out_dir = ctx.run.stage_dir(self.name)
+        cluster_dir = ctx.run.stage_dir(ClusterStage.name)
+        ready = scatter_ready(cluster_dir / CLUSTER_SCATTER, plan, groups)
+        if ready is not None:
+            ctx.log("[dedup] reading the scatter the cluster stage wrote with its assignment")
+            return ready["paths"], {
+                "files": len(groups),
+                "index_bytes": ready["index_bytes"],
+                "written_by": ClusterStage.name,
+            }
+        scatter_dir = out_dir / DEDUP_SCATTER
+        index_bytes = 0
+        if len(finished_parts(out_dir, [i.part for i in items])) < len(items):
+            # (a run killed while removing the scatter, every part done, skips it)
+            scatter = ClusterScatter(
+                EmbedVectors.of(ctx.run.stage_dir(EmbedStage.name)),
+                str(cluster_dir),
+                str(scatter_dir),
+                plan.task_of(),
+                cfg.workers,
+            )
+            index_bytes = sum(s["index_bytes"] for s in write_parts(ctx, scatter, groups))
+        paths = [scatter_file(scatter_dir, g.sources[0]) for g in groups]
+        return paths, {"files": len(groups), "index_bytes": index_bytes, "written_by": self.name}

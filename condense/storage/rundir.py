@@ -44,11 +44,12 @@ MARKS = (STAGE_MARK, PROGRESS_MARK)  # not listed among a stage's files
 
 
 def stage_files(folder: Path) -> dict[str, int]:
-    """Every file a finished stage holds (its marks and temporary files aside), with sizes."""
+    """Every file a finished stage holds, with sizes: its marks aside, and what lies under a
+    name that starts with a dot (temporary files, scratch a later stage reads and removes)."""
     out = {
         name: size
         for name, size in sizes_under(folder).items()
-        if not name.rsplit("/", 1)[-1].startswith(".") and name not in MARKS
+        if not any(p.startswith(".") for p in name.split("/")) and name not in MARKS
     }
     return dict(sorted(out.items()))
 

@@ -23,7 +23,8 @@ from condense.schema import (
     MAX_SIM,
     SAMPLE_ID,
 )
-from condense.stages.dedup import DedupStage, kept_column, plan_tasks
+from condense.stages.dedup import DedupStage, kept_column
+from condense.stages.scatter import TaskPlan, estimated_sizes, plan_tasks
 from tests.conftest import make_config
 from tests.stages.upstream import read_stage, run_stage, write_embed_and_cluster
 
@@ -212,6 +213,18 @@ def test_plan_tasks_packs_big_clusters_first():
     assert sorted(c for t in tasks for c in t) == [0, 2, 3, 4, 5, 6]  # every non-empty cluster
     assert plan_tasks(sizes, 50) == tasks  # deterministic
     assert all(sum(sizes[c] for c in t[:-1]) < 50 for t in tasks)
+
+
+def test_a_plan_from_a_sample_puts_every_cluster_in_one_task():
+    """Packed from the sample's sizes scaled to all rows, even a cluster the sample missed."""
+    sample = np.array([10, 0, 30, 0, 60])
+    assert estimated_sizes(sample, 1000).tolist() == [100, 1, 300, 1, 600]
+    plan = TaskPlan.of(sample, 1000, rows_per_task=350)
+    assert sorted(c for t in plan.tasks for c in t) == [0, 1, 2, 3, 4]
+    assert plan.tasks[0] == [4]  # the biggest alone and first
+    task_of = plan.task_of()
+    assert task_of.min() >= 0 and [task_of[c] for c in plan.tasks[1]] == [1] * len(plan.tasks[1])
+    assert plan.key() == TaskPlan.of(sample, 1000, 350).key() != TaskPlan.of(sample, 1000, 50).key()
 
 
 def interrupted_dedup(tmp_path):

@@ -137,3 +137,34 @@ def test_same_run_with_the_copy_on_ray(ray_session, corpus, tmp_path):
     run(make_config(corpus, executor="ray", **sections), tmp_path / "ray")
     run(make_config(corpus, **sections), tmp_path / "local")
     assert assert_same_run(tmp_path / "ray", tmp_path / "local") > 20
+
+
+def test_the_assignment_scatters_each_vector_in_the_same_read(corpus, tmp_path):
+    """cluster/ writes dedup's scatter as it assigns; dedup reads only that. With it gone (a
+    dedup rerun alone), dedup scatters from embed/ and cluster/ itself, to the same output."""
+    sections = dict(cluster={"k": 5}, dedup={"rows_per_task": 200}, sample={"n": 40})
+    cfg = make_config(corpus, embed={"rows_per_part": 128, "dtype": "float16"}, **sections)
+    run(cfg, tmp_path / "one-pass")
+    marks = {
+        stage: json.loads((tmp_path / "one-pass" / stage / "_stage.json").read_text())
+        for stage in ("embed", "cluster", "dedup")
+    }
+    assert marks["dedup"]["scatter"]["written_by"] == "cluster"
+    unit = 546 * 16 * 2  # one float16 image vector per kept row
+    assert marks["embed"]["vector_bytes_read"] == 2 * 550 * 16 * 2  # image and text, every row
+    assert marks["cluster"]["vector_bytes_read"] == 2 * unit  # the sample (every row) and all
+    centroids = (tmp_path / "one-pass" / "cluster" / "centroids.npy").stat().st_size
+    assert marks["cluster"]["vector_bytes_written"] == unit + centroids  # and the scatter
+    assert (
+        marks["dedup"]["vector_bytes_read"] == unit and marks["dedup"]["vector_bytes_written"] == 0
+    )
+    assert not (tmp_path / "one-pass" / "cluster" / ".scatter").exists()  # removed by dedup
+    # The same run, its scatter lost between the two stages.
+    run(cfg, tmp_path / "two-pass", until="cluster")
+    import shutil
+
+    shutil.rmtree(tmp_path / "two-pass" / "cluster" / ".scatter")
+    run(cfg, tmp_path / "two-pass")
+    mark = json.loads((tmp_path / "two-pass" / "dedup" / "_stage.json").read_text())
+    assert mark["scatter"]["written_by"] == "dedup"
+    assert stage_parts(tmp_path / "two-pass") == stage_parts(tmp_path / "one-pass")

@@ -63,6 +63,9 @@ def write_embed_and_cluster(run_dir: Path, rows: dict, k: int, parts: int, seed:
         )
     dim = rows[IMG_EMB].shape[1]
     np.save(run.stage_dir("cluster") / "centroids.npy", np.zeros((k, dim), np.float32))
+    # The cluster stage's sample: every row (dedup packs its tasks from these sizes).
+    sizes = np.bincount(np.asarray(rows[CLUSTER_ID], np.int64), minlength=k)
+    np.save(run.stage_dir("cluster") / "sample_sizes.npy", sizes)
 
 
 def write_dedup(run_dir: Path, rows: dict, parts: int, seed: int = 0):

@@ -73,7 +73,10 @@ def small(tmp_path_factory):
 
 
 def test_damaged_marks_and_records_mean_the_work_is_redone(small, tmp_path):
-    cfg = make_config(small, embed={"rows_per_part": 300}, cluster={"k": 4})
+    # Scatter groups of one part each: one cluster record per part.
+    cfg = make_config(
+        small, embed={"rows_per_part": 300}, cluster={"k": 4}, dedup={"scatter_rows": 300}
+    )
     run_pipeline(cfg, tmp_path, until="cluster", log=quiet_log, progress=False)
     run = RunDir(tmp_path)
     assert run.stage_mark("embed") and run.stage_mark("cluster")

@@ -24,6 +24,10 @@ from condense.cores.vectors import to_unit_float32
 from condense.errors import StageError
 from condense.runtime.processor import Processor, Resources, WorkItem, run_one
 from condense.schema import (
+    CENTROID_COS,
+    CENTROID_DIST,
+    CLIP_SCORE,
+    CLUSTER_ID,
     CLUSTER_SCHEMA,
     IMG_EMB,
     SAMPLE_ID,
@@ -35,8 +39,20 @@ from condense.stages.cluster.sample import draw_sample
 from condense.stages.embed import EmbedStage
 from condense.stages.embed.store import EMBED_ROW_GROUP
 from condense.stages.embed.vectors import EmbedVectors
-from condense.storage.files import atomic_write_npy
+from condense.stages.scatter import (
+    CLUSTER_SCATTER,
+    SAMPLE_SIZES,
+    PartGroup,
+    TaskPlan,
+    group_parts,
+    record_scatter,
+    scatter_file,
+    write_scatter,
+)
+from condense.storage.files import atomic_write_json, atomic_write_npy, read_json
+from condense.storage.fs import location, remove_tree
 from condense.storage.parts import (
+    discard_parts,
     part_rows,
     read_ahead,
     read_array,
@@ -44,7 +60,8 @@ from condense.storage.parts import (
 )
 from condense.strict import StrictModel
 
-CENTROIDS = "centroids.npy"  # in cluster/: the trained centroids (dedup reads k from them)
+CENTROIDS = "centroids.npy"  # in cluster/: the trained centroids
+SCATTER_INTENT = "_intent.json"  # in cluster/.scatter/: the packing its files are written for
 
 
 class ClusterConfig(StrictModel):
@@ -75,7 +92,9 @@ class ClusterConfig(StrictModel):
 
 @dataclass
 class Assigner(Processor):
-    """Assigns the rows of one embed part to their nearest centroids and writes a cluster part."""
+    """Assigns the rows of a group of embed parts to their nearest centroids and writes a
+    cluster part for each; with `task_of`, also the group's scatter file for dedup, from the
+    same read of the image vectors (`stages/scatter.py`)."""
 
     stage = "cluster"
     centroids: np.ndarray
@@ -86,6 +105,7 @@ class Assigner(Processor):
     gpu: bool = False  # a GPU per worker, on a long-lived actor (its index built once)
     workers: int | None = None  # cluster.workers
     screen: str = "fp16"  # cluster.screen (a GPU's product precision)
+    task_of: np.ndarray | None = None  # dedup's task of every cluster: write the scatter
 
     @property
     def resources(self) -> Resources:
@@ -102,41 +122,58 @@ class Assigner(Processor):
             pass
         self.prepared = prepare_centroids(self.centroids)  # once per worker, not per row group
 
-    def process(self, item: SourcePart) -> dict:
+    def process(self, item: PartGroup) -> dict:
         start = time.perf_counter()
-        # Chunk by chunk (row groups of embed/, or runs of the input's rows), each the next one
-        # read while this one is assigned; the results put back in the part's order.
-        ids, positions, results = [], [], []
-        chunks = self.vectors.chunks(item.source, [SAMPLE_ID, IMG_EMB], EMBED_ROW_GROUP)
-        with threadpool_limits(self.threads):  # BLAS threads of the CPU search
-            for where, group in read_ahead(chunks):
-                vectors = to_unit_float32(arrow_to_vectors(group.column(IMG_EMB)))
-                results.append(
-                    assign(vectors, self.prepared, device=self.device, screen=self.screen)
-                )
-                ids.append(group.column(SAMPLE_ID))
-                positions.append(where)
-        n = sum(len(r.cluster_id) for r in results)
-        order = np.argsort(_concat(positions), kind="stable")  # the identity for embed's row groups
-        out = pa.Table.from_arrays(
-            [
-                pa.chunked_array([c for chunk in ids for c in chunk.chunks], type=pa.string()),
-                pa.array(_concat(r.cluster_id for r in results), type=pa.int32()),
-                pa.array(_concat(r.centroid_dist for r in results), type=pa.float32()),
-                pa.array(_concat(r.centroid_cos for r in results), type=pa.float32()),
-            ],
-            schema=CLUSTER_SCHEMA,
-        )
-        if not np.array_equal(order, np.arange(n)):
-            out = out.take(pa.array(order))
-        path = write_part(out, self.out_dir, item.part)
+        files, scattered = [], []
+        for source in item.sources:
+            part, rows = self._assign(source)
+            files.append(str(write_part(part, self.out_dir, source)))
+            if rows is not None:
+                scattered.append(rows)
+        index_bytes = 0
+        if scattered:
+            table = pa.concat_tables(scattered)
+            path = scatter_file(location(self.out_dir) / CLUSTER_SCATTER, item.sources[0])
+            ids = table.column(CLUSTER_ID).to_numpy()
+            index_bytes = write_scatter(table, ids, self.task_of, path)
+            files.append(str(path))
         return {
             "part": item.part,
-            "files": [str(path)],
-            "rows_in": n,
-            "rows_out": n,
+            "files": files,
+            "rows_in": item.rows,
+            "rows_out": item.rows,
+            "index_bytes": index_bytes,
             "seconds": time.perf_counter() - start,
         }
+
+    def _assign(self, source: str) -> tuple[pa.Table, pa.Table | None]:
+        """One part's cluster columns in its order; with the scatter, its rows as dedup
+        reads them (any order: a dedup task sorts its rows)."""
+        # Chunk by chunk (row groups of embed/, or runs of the input's rows), each the next one
+        # read while this one is assigned; the results put back in the part's order.
+        columns = [SAMPLE_ID, IMG_EMB] if self.task_of is None else [SAMPLE_ID, CLIP_SCORE, IMG_EMB]
+        positions, results = [], []
+        with threadpool_limits(self.threads):  # BLAS threads of the CPU search
+            for where, group in read_ahead(self.vectors.chunks(source, columns, EMBED_ROW_GROUP)):
+                vectors = to_unit_float32(arrow_to_vectors(group.column(IMG_EMB)))
+                found = assign(vectors, self.prepared, device=self.device, screen=self.screen)
+                results.append(
+                    group.select(
+                        [SAMPLE_ID] + ([] if self.task_of is None else [CLIP_SCORE, IMG_EMB])
+                    )
+                    .append_column(CLUSTER_ID, pa.array(found.cluster_id, pa.int32()))
+                    .append_column(CENTROID_DIST, pa.array(found.centroid_dist, pa.float32()))
+                    .append_column(CENTROID_COS, pa.array(found.centroid_cos, pa.float32()))
+                )
+                positions.append(where)
+        rows = pa.concat_tables(results) if results else None
+        if rows is None:
+            return CLUSTER_SCHEMA.empty_table(), None
+        order = np.argsort(np.concatenate(positions), kind="stable")  # identity for row groups
+        if not np.array_equal(order, np.arange(len(order))):
+            rows = rows.take(pa.array(order))
+        part = rows.select(CLUSTER_SCHEMA.names).cast(CLUSTER_SCHEMA)
+        return part, (rows if self.task_of is not None else None)
 
 
 def _cpu_count() -> int:
@@ -175,11 +212,6 @@ def gpu_available() -> bool:
         return False
 
 
-def _concat(arrays) -> np.ndarray:
-    arrays = list(arrays)
-    return np.concatenate(arrays) if arrays else np.zeros(0)
-
-
 @dataclass(frozen=True, kw_only=True)
 class TrainRound(WorkItem):
     """One k-means round: a fresh sample of `size` rows, warm-started from `init`."""
@@ -209,7 +241,7 @@ class KMeansTrainer(Processor):
     def resources(self) -> Resources:
         return Resources(cpus=1.0, gpus=1.0 if self.gpu else 0.0, retries=0)
 
-    def process(self, item: TrainRound) -> tuple[np.ndarray, float]:
+    def process(self, item: TrainRound) -> tuple[np.ndarray, np.ndarray, float]:
         started = time.perf_counter()
         sample = draw_sample(self.parts, self.vectors, self.rows, item.size, item.seed)
         sample_seconds = time.perf_counter() - started
@@ -228,7 +260,9 @@ class KMeansTrainer(Processor):
             device=device,
             threads=self.threads or _cpu_count(),
         )
-        return centroids, sample_seconds
+        # The sample's rows per centroid, which pack dedup's tasks.
+        counts = np.bincount(assign(sample, centroids).cluster_id, minlength=self.k)
+        return centroids, counts, sample_seconds
 
 
 class ClusterStage(Stage):
@@ -252,27 +286,37 @@ class ClusterStage(Stage):
             raise StageError(
                 f"cluster.k={cfg.k} is larger than the {rows:,} rows in embed/; lower cluster.k"
             )
-        items = [
-            SourcePart(part=part, source=part, rows=n) for part, n in part_rows(embed_dir).items()
-        ]
+        parts = part_rows(embed_dir)
+        items = [SourcePart(part=part, source=part, rows=n) for part, n in parts.items()]
         out_dir = ctx.run.stage_dir(self.name)
-        centroids_path = out_dir / CENTROIDS
+        centroids_path, sizes_path = out_dir / CENTROIDS, out_dir / SAMPLE_SIZES
         gpus = ctx.executor.gpus()
         if cfg.device == "cuda" and gpus == 0:
             raise StageError("cluster.device is cuda but the Ray cluster has no GPUs")
         use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
 
         t0 = time.perf_counter()
-        if ctx.resumed and centroids_path.exists():
-            centroids = read_array(centroids_path)
+        if ctx.resumed and centroids_path.exists() and sizes_path.exists():
+            centroids, sample_sizes = read_array(centroids_path), read_array(sizes_path)
             ctx.log(f"[cluster] resuming with the trained centroids in {centroids_path}")
             rounds = []
         else:
-            centroids, rounds = self._train(ctx, items, rows, use_gpu)
+            centroids, sample_sizes, rounds = self._train(ctx, items, rows, use_gpu)
+            atomic_write_npy(sizes_path, np.asarray(sample_sizes, np.int64))
             atomic_write_npy(centroids_path, centroids)
         train_seconds = time.perf_counter() - t0
 
         t1 = time.perf_counter()
+        # Dedup's tasks are packed now, so the assignment scatters each row as it assigns it.
+        dedup = ctx.config.dedup
+        plan = TaskPlan.of(sample_sizes, rows, dedup.rows_per_task)
+        groups = group_parts(parts, dedup.scatter_rows, prefix="scatter-")
+        scatter_dir = out_dir / CLUSTER_SCATTER
+        intent = {**plan.key(), "groups": [g.part for g in groups]}
+        if ctx.resumed and read_json(scatter_dir / SCATTER_INTENT) != intent:
+            discard_parts(out_dir)  # its scatter files were packed for other settings
+            remove_tree(scatter_dir)
+        atomic_write_json(scatter_dir / SCATTER_INTENT, intent)
         assigner = Assigner(
             centroids,
             EmbedVectors.of(embed_dir),
@@ -282,8 +326,10 @@ class ClusterStage(Stage):
             gpu=use_gpu,
             workers=cfg.workers,
             screen=cfg.screen,
+            task_of=plan.task_of(),
         )
-        stats = write_parts(ctx, assigner, items)
+        stats = write_parts(ctx, assigner, groups)
+        record_scatter(scatter_dir, plan, groups, sum(s["index_bytes"] for s in stats))
         rows_in = sum(s["rows_in"] for s in stats)
         extra = {
             "k": cfg.k,
@@ -295,7 +341,8 @@ class ClusterStage(Stage):
         return StageResult(rows_in, rows_in, {}, extra)
 
     def _train(self, ctx: StageContext, items: list[SourcePart], rows: int, use_gpu: bool):
-        """The rounds of training; returns the centroids and a record of each round."""
+        """The rounds of training; returns the centroids, the last sample's rows per centroid
+        (to pack dedup's tasks) and a record of each round."""
         cfg = ctx.config.cluster
         size = min(cfg.sample_size, rows)
         vectors = EmbedVectors.of(ctx.run.stage_dir(EmbedStage.name))
@@ -334,7 +381,7 @@ class ClusterStage(Stage):
                     log=ctx.log,
                     label=label,
                 )
-                centroids = result.centroids
+                centroids, sample_sizes = result.centroids, result.counts
                 rounds.append(
                     {
                         "rows": size,
@@ -344,7 +391,7 @@ class ClusterStage(Stage):
                         "seconds": round(time.perf_counter() - t, 3),
                     }
                 )
-        return centroids, rounds
+        return centroids, sample_sizes, rounds
 
     def _train_faiss(self, ctx, items, rows: int, size: int, vectors, use_gpu: bool):
         """faiss.Kmeans, one round after the other on one worker."""
@@ -368,7 +415,7 @@ class ClusterStage(Stage):
                 f"[cluster] round {r + 1}/{cfg.rounds}: faiss k-means k={cfg.k} on {size:,} rows"
             )
             work = TrainRound(part=f"round-{r}", size=size, seed=cfg.seed + r, init=centroids)
-            centroids, sample_seconds = run_one(ctx.executor, trainer, work)
+            centroids, sample_sizes, sample_seconds = run_one(ctx.executor, trainer, work)
             seconds = time.perf_counter() - t
             rounds.append(
                 {
@@ -377,4 +424,4 @@ class ClusterStage(Stage):
                     "seconds": round(seconds, 3),
                 }
             )
-        return centroids, rounds
+        return centroids, sample_sizes, rounds
