@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FAISS_MIN_DIM = 64  # CPU candidate search: faiss from this dimension on, BLAS tiles below
+SCORE_BLOCK_BYTES = 1 << 22  # the BLAS search's scores per block of centroids (cache-sized)
 
 
 def train_kmeans(
@@ -205,6 +206,7 @@ class Centroids:
     c_sq: np.ndarray  # float64 squared norms
     index: object | None  # faiss.IndexFlatL2 over c (CPU search at FAISS_MIN_DIM and above)
     norm_max: float = 1.0  # the largest centroid norm (the screens' error bounds scale with it)
+    half_sq: np.ndarray | None = None  # float32 halves of the squared norms (the BLAS search)
     on_device: dict = field(default_factory=dict)  # (device, precision) -> torch tensors
 
     def torch_tensors(self, device: str, precision: str):
@@ -217,7 +219,7 @@ class Centroids:
             from condense.cores.screen import screen_dtype
 
             c = torch.from_numpy(self.c).to(device)
-            half = torch.from_numpy((0.5 * self.c_sq).astype(np.float32)).to(device)
+            half = torch.from_numpy(self.half_sq).to(device)
             c64 = torch.from_numpy(self.c64).to(device)
             self.on_device[key] = (
                 c.to(screen_dtype(precision)),
@@ -241,7 +243,8 @@ def prepare_centroids(centroids: np.ndarray) -> Centroids:
         except ImportError:
             pass
     c_sq = np.einsum("ij,ij->i", c64, c64)
-    return Centroids(c, c64, c_sq, index, float(np.sqrt(c_sq.max(initial=0.0))))
+    norm_max = float(np.sqrt(c_sq.max(initial=0.0)))
+    return Centroids(c, c64, c_sq, index, norm_max, half_sq=(0.5 * c_sq).astype(np.float32))
 
 
 def assign(
@@ -465,16 +468,29 @@ def _screen_cpu(x: np.ndarray, prepared: Centroids) -> tuple[np.ndarray, np.ndar
         dist, ids = prepared.index.search(x, min(CPU_CANDIDATES, k))
         return dist.astype(np.float64), ids.astype(np.int64)
     # Below FAISS_MIN_DIM dimensions faiss's top-k heap costs more than the products: BLAS
-    # scores and a two-pass minimum are faster (bench/bench_assign.py).
-    c, c_sq = prepared.c, prepared.c_sq
-    half = x @ c.T
-    np.subtract(0.5 * c_sq.astype(np.float32)[None, :], half, out=half)
-    best = np.argmin(half, axis=1)
-    rows = np.arange(len(x))
-    best_val = half[rows, best]
-    half[rows, best] = np.inf
-    scores = 2.0 * np.stack([best_val, half.min(axis=1)], axis=1).astype(np.float64)
-    return scores, np.stack([best, np.full(len(x), -1)], axis=1).astype(np.int64)
+    # scores and a two-pass minimum are faster (bench/bench_assign.py). Centroids are taken a
+    # block at a time, so the scores stay in cache at any k (1.5x at k = 100,000, d = 16), and
+    # each block's two best are folded into the running best and runner-up.
+    c, half_sq = prepared.c, prepared.half_sq
+    n = len(x)
+    rows = np.arange(n)
+    best = np.zeros(n, np.int64)
+    best_val = np.full(n, np.inf, np.float32)
+    second = np.full(n, np.inf, np.float32)
+    block = max(256, SCORE_BLOCK_BYTES // (4 * max(n, 1)))
+    for lo in range(0, len(c), block):
+        half = x @ c[lo : lo + block].T
+        np.subtract(half_sq[None, lo : lo + block], half, out=half)
+        top = np.argmin(half, axis=1)
+        top_val = half[rows, top]
+        half[rows, top] = np.inf
+        runner_up = half.min(axis=1)
+        better = top_val < best_val  # ties keep the earlier block: the lower id
+        second = np.where(better, np.minimum(best_val, runner_up), np.minimum(second, top_val))
+        best = np.where(better, top + lo, best)
+        best_val = np.where(better, top_val, best_val)
+    scores = 2.0 * np.stack([best_val, second], axis=1).astype(np.float64)
+    return scores, np.stack([best, np.full(n, -1)], axis=1)
 
 
 def _nearest_torch(x, prepared: Centroids, device: str, screen: str, row_norm: float):

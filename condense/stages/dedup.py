@@ -62,8 +62,8 @@ from condense.stages.scatter import (
     PartGroup,
     TaskPlan,
     cluster_ids,
-    group_parts,
     scatter_file,
+    scatter_groups,
     scatter_ready,
     write_scatter,
 )
@@ -438,7 +438,7 @@ class DedupStage(Stage):
             discard_parts(out_dir)
             discard_scratch(out_dir, DEDUP_SCATTER, prefix="scatter-")
         atomic_write_json(out_dir / PLAN, {**plan.key(), "scatter_rows": cfg.scatter_rows})
-        return plan, group_parts(rows, cfg.scatter_rows, prefix="scatter-")
+        return plan, scatter_groups(rows, cfg.scatter_rows, ctx.executor.cpus())
 
     def _scatter(self, ctx: StageContext, plan: TaskPlan, groups, items) -> tuple[list, dict]:
         """The scatter files: the cluster stage's, when it wrote them for this plan and these

@@ -137,6 +137,15 @@ def group_parts(rows: dict[str, int], group_rows: int, prefix: str) -> list[Part
     return groups
 
 
+def scatter_groups(rows: dict[str, int], scatter_rows: int, workers: int) -> list[PartGroup]:
+    """The groups of parts whose rows one scatter file holds: about `scatter_rows` rows, but
+    small enough that each of `workers` gets at least two (the cluster stage assigns and
+    scatters a group per item, so groups are also its unit of work)."""
+    total = sum(rows.values())
+    group_rows = max(1, min(scatter_rows, -(-total // (2 * max(1, workers)))))
+    return group_parts(rows, group_rows, prefix="scatter-")
+
+
 def cluster_ids(column: pa.ChunkedArray | pa.Array, k: int, part: str) -> np.ndarray:
     """A part's cluster ids, checked to lie in [0, k)."""
     ids = column.to_numpy()

@@ -44,9 +44,9 @@ from condense.stages.scatter import (
     SAMPLE_SIZES,
     PartGroup,
     TaskPlan,
-    group_parts,
     record_scatter,
     scatter_file,
+    scatter_groups,
     write_scatter,
 )
 from condense.storage.files import atomic_write_json, atomic_write_npy, read_json
@@ -310,7 +310,7 @@ class ClusterStage(Stage):
         # Dedup's tasks are packed now, so the assignment scatters each row as it assigns it.
         dedup = ctx.config.dedup
         plan = TaskPlan.of(sample_sizes, rows, dedup.rows_per_task)
-        groups = group_parts(parts, dedup.scatter_rows, prefix="scatter-")
+        groups = scatter_groups(parts, dedup.scatter_rows, ctx.executor.cpus())
         scatter_dir = out_dir / CLUSTER_SCATTER
         intent = {**plan.key(), "groups": [g.part for g in groups]}
         if ctx.resumed and read_json(scatter_dir / SCATTER_INTENT) != intent:
