@@ -120,6 +120,9 @@ def measure(
                 "bytes_written",
                 "vector_bytes_read",
                 "vector_bytes_written",
+                "train_rounds",
+                "pairs_rechecked",
+                "similarity_entries",
             )
             if mark.get(key) is not None
         }
