@@ -54,7 +54,7 @@ format: $(STAMP) ## ruff format and autofix
 
 bench: bench-cluster bench-assign bench-dedup bench-select bench-embed bench-train bench-bad-inputs bench-store bench-scale ## every benchmark (~2 h on 2 cores)
 
-bench-cluster: $(STAMP) ## cluster stage vs bare faiss on 1M x 768 rows (~10 min)
+bench-cluster: $(STAMP) ## Lloyd training at 1 and 2 workers, and the cluster stage, vs bare faiss (1M x 768, ~20 min)
 	$(BIN)/python bench/bench_cluster.py
 
 bench-assign: $(STAMP) ## the cluster stage's CPU assignment vs faiss's flat search (~1 min)

@@ -102,6 +102,9 @@ def write_inputs(root: Path, rows: dict, k: int) -> None:
         )
     dim = rows[IMG_EMB].shape[1]
     np.save(run.stage_dir("cluster") / "centroids.npy", np.zeros((k, dim), np.float32))
+    # The cluster stage's sample: every row (dedup packs its tasks from these sizes).
+    sizes = np.bincount(np.asarray(rows[CLUSTER_ID], np.int64), minlength=k)
+    np.save(run.stage_dir("cluster") / "sample_sizes.npy", sizes)
 
 
 def run_condense(root: Path) -> tuple[float, set[str]]:

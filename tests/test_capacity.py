@@ -30,7 +30,7 @@ def test_the_plan_reads_its_bytes_from_the_counters():
     # The scale run's vectors: embed reads image and text, the assignment reads the image and
     # scatters it, dedup reads the scatter.
     assert abs(m.units["embed"] - 2) < 0.01 and abs(m.units["dedup"] - 1) < 0.01
-    assert abs(m.units["cluster"] - m.sample_units - 2) < 0.01
+    assert abs(m.units["cluster"] - m.sample_units - 2) < 0.05  # and centroids.npy
     embed = next(s for s in capacity.stages(m) if s.name.startswith("embed"))
     assert embed.bytes >= capacity.ROWS * 2 * capacity.UNIT
 

@@ -102,56 +102,74 @@ class LloydPartial:
 
 
 def lloyd_partial(
-    x: np.ndarray, centroids: Centroids, *, device: str = "cpu", screen: str = "fp32"
+    x: np.ndarray,
+    centroids: Centroids,
+    *,
+    device: str = "cpu",
+    screen: str = "fp32",
+    scale: float = 1.0,
 ) -> LloydPartial:
-    """Assign unit rows to their nearest centroids (exactly: `assign`) and sum them per
-    centroid in fixed point: on a torch device with its integer index_add, else in numpy."""
+    """Assign rows to their nearest centroids (exactly: `assign`) and sum them per centroid in
+    fixed point, in units of scale x 2^-32: on a torch device with its integer index_add, else
+    in numpy. `scale`, a power of two, bounds every component (1 for unit rows)."""
     k, d = centroids.c.shape
-    sums = np.zeros((k, d), np.int64)
+    if len(x) and float(np.abs(x).max()) > scale:
+        raise ValueError(f"Lloyd's fixed-point sums take components within [-{scale}, {scale}]")
     counts = np.zeros(k, np.int64)
     objective = 0
+    sums = _FixedSums(k, d, device)
     for lo in range(0, len(x), SUM_ROWS):
         xs = np.ascontiguousarray(x[lo : lo + SUM_ROWS], dtype=np.float32)
         a = assign(xs, centroids, device=device, screen=screen)
         dist = a.centroid_dist.astype(np.float64)
-        objective += int(np.rint(dist * dist * FIXED_POINT).astype(np.int64).sum())
+        objective += int(np.rint(dist * dist / scale**2 * FIXED_POINT).astype(np.int64).sum())
         counts += np.bincount(a.cluster_id, minlength=k)
-        if _on_torch(device):
-            sums += _fixed_sums_torch(xs, a.cluster_id, k, device)
+        sums.add(xs / np.float32(scale) if scale != 1.0 else xs, a.cluster_id)
+    return LloydPartial(sums.result(), counts, objective)
+
+
+class _FixedSums:
+    """Per-centroid sums of round(x * 2^32) in int64 (each product exact in float64), kept
+    in one array: in numpy by sorted runs, or on a torch device by integer atomic adds,
+    exact in any order, copied to the host once."""
+
+    def __init__(self, k: int, d: int, device: str):
+        self.torch = _on_torch(device)
+        if self.torch:
+            import torch
+
+            self.where = "cpu" if device == "torch-cpu" else device
+            self.sums = torch.zeros((k, d), dtype=torch.int64, device=self.where)
         else:
-            sums += _fixed_sums(xs, a.cluster_id, k)
-    return LloydPartial(sums, counts, objective)
+            self.sums = np.zeros((k, d), np.int64)
+
+    def add(self, x: np.ndarray, labels: np.ndarray) -> None:
+        if not len(x):
+            return
+        if self.torch:
+            import torch
+
+            q = torch.round(torch.from_numpy(x).to(self.where).double() * FIXED_POINT).long()
+            self.sums.index_add_(0, torch.from_numpy(labels.astype(np.int64)).to(self.where), q)
+            return
+        q = np.rint(x.astype(np.float64) * FIXED_POINT).astype(np.int64)
+        order = np.argsort(labels, kind="stable")
+        sorted_labels = labels[order]
+        starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
+        self.sums[sorted_labels[starts]] += np.add.reduceat(q[order], starts, axis=0)
+
+    def result(self) -> np.ndarray:
+        return self.sums.cpu().numpy() if self.torch else self.sums
 
 
-def _fixed_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Per-label sums of round(x * 2^32) in int64 (each product is exact in float64)."""
-    q = np.rint(x.astype(np.float64) * FIXED_POINT).astype(np.int64)
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    starts = np.flatnonzero(np.r_[True, sorted_labels[1:] != sorted_labels[:-1]])
-    out = np.zeros((k, x.shape[1]), np.int64)
-    if len(x):
-        out[sorted_labels[starts]] = np.add.reduceat(q[order], starts, axis=0)
-    return out
-
-
-def _fixed_sums_torch(x: np.ndarray, labels: np.ndarray, k: int, device: str) -> np.ndarray:
-    """`_fixed_sums` on a torch device: integer atomic adds, exact in any order."""
-    import torch
-
-    where = "cpu" if device == "torch-cpu" else device
-    q = torch.round(torch.from_numpy(x).to(where).double() * FIXED_POINT).long()
-    out = torch.zeros((k, x.shape[1]), dtype=torch.int64, device=where)
-    out.index_add_(0, torch.from_numpy(labels.astype(np.int64)).to(where), q)
-    return out.cpu().numpy()
-
-
-def lloyd_update(total: LloydPartial, previous: np.ndarray, spherical: bool) -> np.ndarray:
+def lloyd_update(
+    total: LloydPartial, previous: np.ndarray, spherical: bool, scale: float = 1.0
+) -> np.ndarray:
     """The next centroids from the combined partials: each cluster's mean; an empty cluster
     (in id order) takes half of the largest one, both moved a little apart as faiss does; a
     function of the combined integers only, so the same at any worker count."""
     counts = total.counts.copy()
-    means = total.sums.astype(np.float64) / FIXED_POINT / np.maximum(counts, 1)[:, None]
+    means = total.sums.astype(np.float64) * (scale / FIXED_POINT) / np.maximum(counts, 1)[:, None]
     c = np.where(counts[:, None] > 0, means, previous).astype(np.float32)
     for empty in np.flatnonzero(total.counts == 0).tolist():
         big = int(np.argmax(counts))
@@ -175,14 +193,18 @@ def lloyd_train(
     screen: str = "fp32",
 ) -> np.ndarray:
     """Lloyd's k-means in one process from `init`: `niter` exact assignments and fixed-point
-    means. The distributed trainer (stages/cluster.py) computes the same iterations split over
+    means. The distributed trainer (stages/cluster/lloyd.py) computes the same iterations split over
     workers, and gives these very bits."""
     if len(x) > MAX_TRAIN_ROWS:
         raise ValueError(f"Lloyd training takes at most {MAX_TRAIN_ROWS:,} rows, got {len(x):,}")
+    # The fixed point's unit: a power of two (exact to divide by) bounding every component.
+    top = float(np.abs(x).max(initial=0.0))
+    scale = 2.0 ** max(0, int(np.ceil(np.log2(top)))) if top > 0 else 1.0
     c = np.ascontiguousarray(init, dtype=np.float32)
     for _ in range(niter):
-        partial = lloyd_partial(x, prepare_centroids(c), device=device, screen=screen)
-        c = lloyd_update(partial, c, spherical)
+        prepared = prepare_centroids(c)
+        partial = lloyd_partial(x, prepared, device=device, screen=screen, scale=scale)
+        c = lloyd_update(partial, c, spherical, scale)
     return c
 
 

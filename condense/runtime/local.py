@@ -75,11 +75,16 @@ class LocalPool:
     def run(self, items: list) -> list:
         if len(items) != self.size:
             raise ValueError(f"{len(items)} items for {self.size} workers")
+        self._setup()
+        return [worker.process(item) for worker, item in zip(self.workers, items, strict=True)]
+
+    def broadcast(self, item: Any) -> Iterator:
+        self._setup()
+        for worker in self.workers:
+            yield worker.process(item)
+
+    def _setup(self) -> None:
         if not self._ready:
             for worker in self.workers:
                 worker.setup()
             self._ready = True
-        return [worker.process(item) for worker, item in zip(self.workers, items, strict=True)]
-
-    def broadcast(self, item: Any) -> list:
-        return self.run([item] * self.size)

@@ -110,8 +110,8 @@ class WorkerPool(Protocol):
         """Worker i processes items[i]; their results, in the workers' order."""
         ...
 
-    def broadcast(self, item: Any) -> list:
-        """Every worker processes the same item (sent once); their results, in order."""
+    def broadcast(self, item: Any) -> Iterator:
+        """Every worker processes the same item (sent once); their results as they come."""
         ...
 
 

@@ -246,7 +246,12 @@ class RayExecutor:
         """`workers` actors of `processor` (its resources each), killed when the pool closes."""
         import ray
 
-        self._pool_size(processor, workers)  # a worker the cluster cannot hold: an error now
+        if self._pool_size(processor, workers) < workers:  # never a pool that waits forever
+            res = processor.resources
+            raise StageError(
+                f"{processor.label}: {workers} workers of {res.cpus:g} CPUs and {res.gpus:g} "
+                f"GPUs each do not fit the Ray cluster's {self.cpus()} CPUs and {self.gpus()} GPUs"
+            )
         actors = self._actors(processor, workers)
         try:
             yield RayPool(self, [ray.put(processor)], actors)
@@ -314,8 +319,13 @@ class RayPool:
             results.append(result)
         return results
 
-    def broadcast(self, item: Any) -> list:
+    def broadcast(self, item: Any) -> Iterator:
         import ray
 
         ref = ray.put(item)  # one copy in the object store, whatever the number of workers
-        return self.run([ref] * self.size)
+        pending = [a.process.remote(self.ref, i, ref) for i, a in enumerate(self.actors)]
+        while pending:  # in completion order: the caller holds one result at a time
+            done, pending = ray.wait(pending, num_returns=1)
+            _index, result, _node, io = ray.get(done[0])
+            self.executor._io += io
+            yield result

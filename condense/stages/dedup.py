@@ -429,16 +429,18 @@ class DedupStage(Stage):
         rows = part_rows(cluster_dir)
         sample_sizes = read_array(cluster_dir / SAMPLE_SIZES)
         plan = TaskPlan.of(sample_sizes, sum(rows.values()), cfg.rows_per_task)
+        groups = scatter_groups(rows, cfg.scatter_rows, ctx.executor.cpus())
+        cut = [g.part for g in groups]
         before = read_json(out_dir / PLAN) if ctx.resumed else None
-        if isinstance(before, dict) and before.pop("scatter_rows", None) != cfg.scatter_rows:
+        if isinstance(before, dict) and before.pop("groups", None) != cut:
             discard_scratch(out_dir, DEDUP_SCATTER, prefix="scatter-")  # cut otherwise
-        if ctx.resumed and before != plan.key():
+        if isinstance(before, dict) and before != plan.key():
             # Kept parts were cut by another packing (rows_per_task changed).
             ctx.log("[dedup] the task plan changed since the interrupted run: starting over")
             discard_parts(out_dir)
             discard_scratch(out_dir, DEDUP_SCATTER, prefix="scatter-")
-        atomic_write_json(out_dir / PLAN, {**plan.key(), "scatter_rows": cfg.scatter_rows})
-        return plan, scatter_groups(rows, cfg.scatter_rows, ctx.executor.cpus())
+        atomic_write_json(out_dir / PLAN, {**plan.key(), "groups": cut})
+        return plan, groups
 
     def _scatter(self, ctx: StageContext, plan: TaskPlan, groups, items) -> tuple[list, dict]:
         """The scatter files: the cluster stage's, when it wrote them for this plan and these

@@ -180,9 +180,11 @@ def write_scatter(table: pa.Table, cluster_id: np.ndarray, task_of: np.ndarray, 
     return len(index)
 
 
-def record_scatter(folder, plan: TaskPlan, groups: list[PartGroup], index_bytes: int) -> None:
-    """Mark a complete scatter: its plan, its groups and its files with their sizes."""
-    names = [scatter_file(folder, g.sources[0]).name for g in groups]
+def record_scatter(
+    folder, plan: TaskPlan, groups: list[PartGroup], names: list[str], index_bytes: int
+) -> None:
+    """Mark a complete scatter: its plan, its groups and its files (a group without rows has
+    none) with their sizes."""
     atomic_write_json(
         location(folder) / SCATTER_PLAN,
         {
@@ -206,6 +208,6 @@ def scatter_ready(folder, plan: TaskPlan, groups: list[PartGroup]) -> dict | Non
     ):
         return None
     return {
-        "paths": [scatter_file(folder, g.sources[0]) for g in groups],
+        "paths": [location(folder) / name for name in sorted(record["files"])],
         "index_bytes": int(record.get("index_bytes", 0)),
     }

@@ -121,8 +121,8 @@ STORE_THREADS = 16  # requests in flight when the driver reads many small object
 
 
 def _each(fn, items: list, remote: bool) -> list:
-    """fn over items, in order; in an object store with requests in flight at once (each is a
-    round trip), locally one after the other."""
+    """fn over items, in order; `remote` (an object store, or reads that release the GIL) with
+    STORE_THREADS in flight at once, else one after the other."""
     if not remote or len(items) < 2:
         return [fn(item) for item in items]
     from concurrent.futures import ThreadPoolExecutor
@@ -289,7 +289,7 @@ def read_table(path: Path | str | list, columns: list[str] | None = None) -> pa.
         f = parquet_file(p)
         return read_groups(f, list(range(f.metadata.num_row_groups)), columns)
 
-    tables = _each(read, paths, remote=any(is_url(p) for p in paths))
+    tables = _each(read, paths, remote=True)  # files in flight at once, in a store or not
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 

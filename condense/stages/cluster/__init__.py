@@ -19,7 +19,7 @@ import pyarrow as pa
 from pydantic import Field
 from threadpoolctl import threadpool_limits
 
-from condense.cores.kmeans import assign, prepare_centroids, train_kmeans
+from condense.cores.kmeans import MAX_TRAIN_ROWS, assign, prepare_centroids, train_kmeans
 from condense.cores.vectors import to_unit_float32
 from condense.errors import StageError
 from condense.runtime.processor import Processor, Resources, WorkItem, run_one
@@ -69,7 +69,8 @@ class ClusterConfig(StrictModel):
 
     k: int = Field(100, ge=1)  # number of clusters
     niter: int = Field(10, ge=1)  # k-means iterations per round
-    sample_size: int = Field(1_000_000, ge=1)  # training rows drawn per round (all rows when fewer)
+    # training rows drawn per round (all rows when fewer); Lloyd's fixed-point sums hold 2^30
+    sample_size: int = Field(1_000_000, ge=1, le=MAX_TRAIN_ROWS)
     rounds: int = Field(1, ge=1)  # fresh samples, each warm-started from the last centroids
     spherical: bool = False  # re-normalise centroids after each iteration (cosine k-means)
     seed: int = 0  # seeds the training samples (and faiss)
@@ -100,12 +101,12 @@ class Assigner(Processor):
     centroids: np.ndarray
     vectors: EmbedVectors  # where embed/'s image vectors are
     out_dir: str
+    task_of: np.ndarray  # dedup's task of every cluster (int32)
     device: str  # cpu, cuda, or auto (a GPU worker uses its GPU if it can)
     threads: int  # faiss/BLAS threads
     gpu: bool = False  # a GPU per worker, on a long-lived actor (its index built once)
     workers: int | None = None  # cluster.workers
     screen: str = "fp16"  # cluster.screen (a GPU's product precision)
-    task_of: np.ndarray | None = None  # dedup's task of every cluster: write the scatter
 
     @property
     def resources(self) -> Resources:
@@ -128,18 +129,20 @@ class Assigner(Processor):
         for source in item.sources:
             part, rows = self._assign(source)
             files.append(str(write_part(part, self.out_dir, source)))
-            if rows is not None:
+            if rows is not None:  # (a part whose every row embed dropped has none)
                 scattered.append(rows)
-        index_bytes = 0
+        index_bytes, scatter = 0, None
         if scattered:
             table = pa.concat_tables(scattered)
             path = scatter_file(location(self.out_dir) / CLUSTER_SCATTER, item.sources[0])
             ids = table.column(CLUSTER_ID).to_numpy()
             index_bytes = write_scatter(table, ids, self.task_of, path)
             files.append(str(path))
+            scatter = path.name
         return {
             "part": item.part,
             "files": files,
+            "scatter": scatter,
             "rows_in": item.rows,
             "rows_out": item.rows,
             "index_bytes": index_bytes,
@@ -147,33 +150,30 @@ class Assigner(Processor):
         }
 
     def _assign(self, source: str) -> tuple[pa.Table, pa.Table | None]:
-        """One part's cluster columns in its order; with the scatter, its rows as dedup
-        reads them (any order: a dedup task sorts its rows)."""
+        """One part's cluster columns, and its rows as the scatter holds them (None: it has
+        none), in its order."""
         # Chunk by chunk (row groups of embed/, or runs of the input's rows), each the next one
         # read while this one is assigned; the results put back in the part's order.
-        columns = [SAMPLE_ID, IMG_EMB] if self.task_of is None else [SAMPLE_ID, CLIP_SCORE, IMG_EMB]
+        columns = [SAMPLE_ID, CLIP_SCORE, IMG_EMB]
         positions, results = [], []
         with threadpool_limits(self.threads):  # BLAS threads of the CPU search
             for where, group in read_ahead(self.vectors.chunks(source, columns, EMBED_ROW_GROUP)):
                 vectors = to_unit_float32(arrow_to_vectors(group.column(IMG_EMB)))
                 found = assign(vectors, self.prepared, device=self.device, screen=self.screen)
                 results.append(
-                    group.select(
-                        [SAMPLE_ID] + ([] if self.task_of is None else [CLIP_SCORE, IMG_EMB])
-                    )
+                    group.select(columns)
                     .append_column(CLUSTER_ID, pa.array(found.cluster_id, pa.int32()))
                     .append_column(CENTROID_DIST, pa.array(found.centroid_dist, pa.float32()))
                     .append_column(CENTROID_COS, pa.array(found.centroid_cos, pa.float32()))
                 )
                 positions.append(where)
-        rows = pa.concat_tables(results) if results else None
-        if rows is None:
+        if not results or not sum(len(r) for r in results):
             return CLUSTER_SCHEMA.empty_table(), None
+        rows = pa.concat_tables(results)
         order = np.argsort(np.concatenate(positions), kind="stable")  # identity for row groups
         if not np.array_equal(order, np.arange(len(order))):
             rows = rows.take(pa.array(order))
-        part = rows.select(CLUSTER_SCHEMA.names).cast(CLUSTER_SCHEMA)
-        return part, (rows if self.task_of is not None else None)
+        return rows.select(CLUSTER_SCHEMA.names).cast(CLUSTER_SCHEMA), rows
 
 
 def _cpu_count() -> int:
@@ -321,15 +321,16 @@ class ClusterStage(Stage):
             centroids,
             EmbedVectors.of(embed_dir),
             str(out_dir),
+            plan.task_of(),
             device=cfg.device if use_gpu else "cpu",
             threads=1 if use_gpu else cfg.threads_per_worker,
             gpu=use_gpu,
             workers=cfg.workers,
             screen=cfg.screen,
-            task_of=plan.task_of(),
         )
         stats = write_parts(ctx, assigner, groups)
-        record_scatter(scatter_dir, plan, groups, sum(s["index_bytes"] for s in stats))
+        files = [s["scatter"] for s in stats if s.get("scatter")]
+        record_scatter(scatter_dir, plan, groups, files, sum(s["index_bytes"] for s in stats))
         rows_in = sum(s["rows_in"] for s in stats)
         extra = {
             "k": cfg.k,
@@ -358,6 +359,7 @@ class ClusterStage(Stage):
             cpus=1.0 if cpus >= 2 else 0.5,
             gpu=use_gpu,
         )
+        workers = min(workers, len(items))  # each worker a share of the parts
         shares = split_parts({item.source: item.rows for item in items}, workers)
         centroids, rounds = None, []
         with ctx.executor.pool(worker, workers) as pool:

@@ -13,8 +13,9 @@ sample for the whole round. The driver
 
 So the centroids are bit-identical at any worker count and however the parts are split, and
 equal to `lloyd_train` on the whole sample in one process. Each worker sends one k x d int64
-partial per iteration (0.6 GB at k = 100,000, d = 768), which the driver adds as it arrives:
-its memory holds two, whatever the number of workers.
+partial per iteration (0.6 GB at k = 100,000, d = 768), which the driver adds as it arrives
+(the pool yields them in completion order). A last pass against the final centroids counts
+the sample's rows per centroid, which pack dedup's tasks.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import numpy as np
 from condense.cores.hashing import smallest_hash_order
 from condense.cores.kmeans import (
     FIXED_POINT,
-    MAX_TRAIN_ROWS,
     LloydPartial,
     lloyd_partial,
     lloyd_update,
@@ -221,11 +221,9 @@ def train_round(
     """One k-means round on a pool of LloydWorkers (see the module's doc)."""
     started = time.perf_counter()
     cut, tied, sample_rows, kth = _find_sample(pool, shares, rows, size, seed, k)
-    held = pool.broadcast(KeepSample(part="keep", cut=cut, tied=tied))
-    if sum(held) != sample_rows or sample_rows > MAX_TRAIN_ROWS:
-        raise StageError(
-            f"cluster: the workers hold {sum(held):,} sample rows, not {sample_rows:,}"
-        )
+    held = sum(pool.broadcast(KeepSample(part="keep", cut=cut, tied=tied)))
+    if held != sample_rows:
+        raise StageError(f"cluster: the workers hold {held:,} sample rows, not {sample_rows:,}")
     if sample_rows < k:
         raise StageError(f"cluster: the training sample has {sample_rows} rows, fewer than k={k}")
     c = init if init is not None else _first_rows(pool, k, kth)
@@ -234,17 +232,24 @@ def train_round(
     total = None
     for it in range(niter):
         t = time.perf_counter()
-        total = None
-        for partial in pool.broadcast(Iterate(part=f"iter-{it}", centroids=c)):
-            total = partial if total is None else total + partial
+        total = _combined(pool, Iterate(part=f"iter-{it}", centroids=c))
         c = lloyd_update(total, c, spherical)
         objective.append(total.objective / FIXED_POINT / sample_rows)
         log(
             f"[cluster] {label} iteration {it + 1}/{niter}: mean squared distance "
             f"{objective[-1]:.6f} ({time.perf_counter() - t:.1f} s)"
         )
-    counts = total.counts if total is not None else np.zeros(k, np.int64)
+    # The sample's rows per final centroid, which pack dedup's tasks (as the faiss path does).
+    counts = _combined(pool, Iterate(part="sizes", centroids=c)).counts
     return RoundResult(c, counts, sample_seconds, objective)
+
+
+def _combined(pool, item: Iterate) -> LloydPartial:
+    """Every worker's partial, added as it arrives (integers: in any order)."""
+    total = None
+    for partial in pool.broadcast(item):
+        total = partial if total is None else total + partial
+    return total
 
 
 def _find_sample(pool, shares, rows: int, size: int, seed: int, k: int):
@@ -276,7 +281,7 @@ def _find_sample(pool, shares, rows: int, size: int, seed: int, k: int):
 def _first_rows(pool, k: int, last: int) -> np.ndarray:
     """The k held rows nearest the window's start (ties by sample_id), `last` being the k-th
     offset: the first centroids."""
-    got = pool.broadcast(FirstRows(part="first", last=last))
+    got = [g for g in pool.broadcast(FirstRows(part="first", last=last)) if len(g[0])]
     keys = np.concatenate([g[0] for g in got])
     ids = np.asarray([i for g in got for i in g[1]], dtype=object)
     order = smallest_hash_order(keys, ids)[:k]

@@ -73,9 +73,11 @@ def draw_sample(
     It is the `size` rows that follow window_start(seed) on the ring of id hashes (ties by
     sample_id): a uniform random sample, the same however the rows are split into parts.
     Embed parts are stored in id-hash order, so each part's share of the window is a run of
-    rows and only the row groups holding it are read (a 1% sample reads ~1% of embed/); read
-    in place, the input's rows at those positions are fetched. The window is set a few
-    standard deviations wider than needed, then trimmed.
+    rows and only the row groups holding it are read (a 1% sample reads ~1% of embed/'s
+    vectors). Read in place, the input's rows at those positions are fetched: locally only
+    their pages; in a store, rows less than 1 MiB apart in one range, so a sparse sample of
+    small rows may fetch much of each part's span. The window is set a few standard
+    deviations wider than needed, then trimmed.
     """
     from concurrent.futures import ThreadPoolExecutor
 

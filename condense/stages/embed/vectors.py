@@ -157,6 +157,8 @@ class EmbedVectors:
         source_rows = refs.column(SOURCE_ROW).to_numpy()
         order = np.argsort(source_rows, kind="stable")
         vf = self.files[self.parts[part]]
+        if vf.kind == PARQUET:  # its row groups decode whole: each is read once, in one chunk
+            rows = max(1, len(order))
         check_version(vf)
         for lo in range(0, len(order), rows):
             positions = order[lo : lo + rows]
@@ -170,6 +172,8 @@ class EmbedVectors:
         from condense.readers.parquet import parquet_take
 
         vf = self.files[self.parts[part]]
+        if not len(source_rows):
+            return np.zeros((0, self.dim), dtype=self.dtype)
         if check:
             check_version(vf)
         if vf.kind == NPY:
