@@ -145,7 +145,14 @@ def test_resume_with_other_settings_starts_over(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_output(ray_session, corpus, tmp_path, venv_env):
-    overrides = ["embed.rows_per_part=60", "cluster.k=6", "ray.num_cpus=2", "ray.progress=false"]
+    # One part per scatter group: the cluster stage's unit of work (and of resume) is a group.
+    overrides = [
+        "embed.rows_per_part=60",
+        "dedup.scatter_rows=60",
+        "cluster.k=6",
+        "ray.num_cpus=2",
+        "ray.progress=false",
+    ]
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"input": {"kind": "embeddings", "path": str(corpus)}}))
     killed = tmp_path / "killed"
@@ -202,7 +209,7 @@ def test_killed_run_resumes_to_the_same_output(ray_session, corpus, tmp_path, ve
     assert f"[run] taking over the lock of host {socket.gethostname()} pid {proc.pid}" in log[0]
     reference = tmp_path / "reference"
     run(cfg, reference)
-    for stage in ("embed", "cluster"):
+    for stage in ("embed", "cluster", "dedup"):  # dedup read the scatter the kill left
         pd.testing.assert_frame_equal(
             table(killed, stage), table(reference, stage), check_exact=True
         )
