@@ -309,23 +309,25 @@ class RayPool:
             raise ValueError(f"{len(items)} items for {self.size} workers")
         import ray
 
-        calls = [
-            a.process.remote(self.ref, i, item)
-            for i, (a, item) in enumerate(zip(self.actors, items, strict=True))
-        ]
-        results = []
-        for _index, result, _node, io in ray.get(calls):
-            self.executor._io += io
-            results.append(result)
-        return results
+        return [self._result(ray.get(call)) for call in self._submit(items)]
 
     def broadcast(self, item: Any) -> Iterator:
         import ray
 
         ref = ray.put(item)  # one copy in the object store, whatever the number of workers
-        pending = [a.process.remote(self.ref, i, ref) for i, a in enumerate(self.actors)]
+        pending = self._submit([ref] * self.size)
         while pending:  # in completion order: the caller holds one result at a time
             done, pending = ray.wait(pending, num_returns=1)
-            _index, result, _node, io = ray.get(done[0])
-            self.executor._io += io
-            yield result
+            yield self._result(ray.get(done[0]))
+
+    def _submit(self, items: list) -> list:
+        return [
+            a.process.remote(self.ref, i, item)
+            for i, (a, item) in enumerate(zip(self.actors, items, strict=True))
+        ]
+
+    def _result(self, returned: tuple) -> Any:
+        """A worker's result; the bytes it metered go to the executor's count."""
+        _index, result, _node, io = returned
+        self.executor._io += io
+        return result

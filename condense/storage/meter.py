@@ -85,18 +85,18 @@ def is_vector_type(arrow_type) -> bool:
     return False
 
 
-def count_table(table, written: bool = False) -> None:
-    """An Arrow table's buffers (an uncompressed scratch read or write), by column kind."""
-    vectors = sum(
+def vector_bytes(table) -> int:
+    """The bytes of an Arrow table's embedding columns."""
+    return sum(
         table.column(i).nbytes for i, field in enumerate(table.schema) if is_vector_type(field.type)
     )
-    other = table.nbytes - vectors
-    if written:
-        count(written=vectors, kind=VECTORS)
-        count(written=other)
-    else:
-        count(read=vectors, kind=VECTORS)
-        count(read=other)
+
+
+def count_table(table) -> None:
+    """An Arrow table read from uncompressed scratch: its buffers, by column kind."""
+    vectors = vector_bytes(table)
+    count(read=vectors, kind=VECTORS)
+    count(read=table.nbytes - vectors)
 
 
 def parquet_bytes(metadata, row_groups, columns) -> tuple[int, int]:

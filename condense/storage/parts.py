@@ -139,15 +139,9 @@ def write_scratch(path: Path, tables: Iterator[pa.Table] | list[pa.Table], schem
         with pa.ipc.new_file(f, schema) as writer:
             for table in tables:
                 writer.write_table(table)
-                vectors += _vector_bytes(table)
+                vectors += meter.vector_bytes(table)
         meter.count(written=vectors, kind=meter.VECTORS)
         meter.count(written=f.tell() - vectors)
-
-
-def _vector_bytes(table: pa.Table) -> int:
-    return sum(
-        table.column(i).nbytes for i, f in enumerate(table.schema) if meter.is_vector_type(f.type)
-    )
 
 
 def read_scratch(path: Path | str, first: int = 0, stop: int | None = None) -> pa.Table:
